@@ -1,0 +1,23 @@
+"""tinygpt: a minimal GPT-2 in JAX whose every intermediate can be read and edited."""
+
+from .api import Model, load
+from .config import Config, ConfigError
+from .model import InputError, forward, make_forward
+from .params import init_params
+from .sites import SITE_NAMES, SITES, SiteError
+from .trace import Trace
+
+__all__ = ["Config", "ConfigError", "Model", "load", "forward", "make_forward", "Trace", "SITES",
+           "SITE_NAMES", "SiteError", "InputError", "init_params"]
+
+
+def __getattr__(name):  # modules written beside the engine, imported on first use
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+
+        return Tokenizer
+    if name == "generate":
+        from .generate import generate
+
+        return generate
+    raise AttributeError(f"module 'tinygpt' has no attribute {name!r}")

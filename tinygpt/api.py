@@ -1,0 +1,45 @@
+"""The loaded model: config, params and tokenizer together, with conveniences for interactive use."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .model import forward
+
+
+@dataclasses.dataclass
+class Model:
+    config: Config
+    params: dict
+    tokenizer: Any = None  # tinygpt.Tokenizer, or None for checkpoints without vocab.json/merges.txt
+    source: str = ""
+
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids [1, seq] of `text` (needs a tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError(f"the model {self.source!r} has no tokenizer (no vocab.json/merges.txt); pass token ids")
+        return np.asarray([self.tokenizer.encode(text)], np.int32)
+
+    def __call__(self, tokens, **kwargs):
+        """`tinygpt.forward(self.params, tokens, self.config, **kwargs)`; `tokens` may be a string."""
+        if isinstance(tokens, str):
+            tokens = self.encode(tokens)
+        return forward(self.params, tokens, self.config, **kwargs)
+
+    def __repr__(self):
+        from .params import n_params
+
+        c = self.config
+        return (f"Model({self.source or 'unnamed'}: {c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, "
+                f"{n_params(self.params):,} params, dtype {self.params['wte'].dtype})")
+
+
+def load(name_or_path=None, **kwargs) -> Model:
+    """See `weights.load`: a hub id, a local directory, or None for the embedded default model."""
+    import weights
+
+    return weights.load(name_or_path, **kwargs)

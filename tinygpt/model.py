@@ -1,0 +1,262 @@
+"""The reference GPT-2 forward pass.
+
+One pure function per component, composed bottom-up; every intermediate goes through `site(name, value)`
+(see `tinygpt.trace`), which applies the caller's edits and keeps what the caller asked for. Shapes use
+the dimension names of `tinygpt.config`.
+
+Numerics, stated once: LayerNorm statistics and softmax in float32; attention scores in float32; GELU is
+GPT-2's tanh approximation (`gelu_new`); masks are applied with `jnp.where`; logits in float32. All
+matrix products run in the parameters' dtype (float32, bfloat16 or float16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .config import Config
+from .params import Params
+from .trace import Edits, SiteRecorder, Trace, normalize_edits, normalize_keep
+
+f32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------------------------- components
+
+
+def gelu_new(x):
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def ln_scale(x, eps):
+    """LayerNorm's divisor sqrt(var + eps), in float32.  [..., d_model] -> [..., 1]"""
+    return jnp.sqrt(jnp.var(x.astype(f32), axis=-1, keepdims=True) + eps)
+
+
+def ln_apply(x, scale, w, b):
+    """(x - mean) / scale * w + b, computed in float32, returned in x's dtype.  [..., d_model]"""
+    x32 = x.astype(f32)
+    normalized = (x32 - x32.mean(axis=-1, keepdims=True)) / scale
+    return (normalized * w.astype(f32) + b.astype(f32)).astype(x.dtype)
+
+
+def project_heads(x, W, b):
+    """Per-head projection. x [batch, seq, d_model], W [head, d_model, d_head] -> [batch, seq, head, d_head]"""
+    return jnp.einsum("bsm,hmd->bshd", x, W) + b
+
+
+def attention_scores(q, k):
+    """q.k / sqrt(d_head) in float32.  q [batch, seq, head, d_head], k [batch, key, head, d_head]
+    -> [batch, head, seq, key]"""
+    scores = jnp.einsum("bshd,bthd->bhst", q, k, preferred_element_type=f32)
+    return scores / jnp.sqrt(jnp.asarray(q.shape[-1], f32))
+
+
+def apply_mask(scores, mask):
+    """-inf where the query may not attend the key.  scores [batch, head, seq, key], mask [batch, 1, seq, key]"""
+    return jnp.where(mask, scores, -jnp.inf)
+
+
+def softmax(scores):
+    """Softmax over keys in float32 (every row has at least its own position unmasked)."""
+    return jax.nn.softmax(scores.astype(f32), axis=-1)
+
+
+def mix_values(pattern, v):
+    """z = pattern @ v.  pattern [batch, head, seq, key], v [batch, key, head, d_head] -> [batch, seq, head, d_head]"""
+    return jnp.einsum("bhst,bthd->bshd", pattern.astype(v.dtype), v)
+
+
+def head_outputs(z, W_O):
+    """Each head's write into the residual.  z [batch, seq, head, d_head], W_O [head, d_head, d_model]
+    -> [batch, seq, head, d_model]"""
+    return jnp.einsum("bshd,hdm->bshm", z, W_O)
+
+
+def attention_output(z, W_O, b_O):
+    """sum over heads of z @ W_O, plus b_O, as one contraction.  -> [batch, seq, d_model]"""
+    return jnp.einsum("bshd,hdm->bsm", z, W_O) + b_O
+
+
+def causal_mask(attention_mask):
+    """Which keys each query may attend.  attention_mask [batch, seq] (1 real, 0 padding) -> [batch, 1, seq, key]
+
+    A query sees real keys at or before its position; a padding query sees only itself, so every softmax
+    row is well defined and the pattern stays zero above the diagonal."""
+    seq = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), bool))  # [seq, key]
+    real_key = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1, 1, key]
+    return causal & (real_key | jnp.eye(seq, dtype=bool))
+
+
+def positions_from_mask(attention_mask):
+    """Position ids that skip left padding: a real token's position is the number of real tokens before it.
+    [batch, seq] -> [batch, seq]"""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def unembed(x, wte):
+    """Logits through the tied unembedding wte.T, in float32.  x [batch, seq, d_model] -> [batch, seq, vocab]"""
+    return jnp.einsum("bsm,vm->bsv", x, wte, preferred_element_type=f32)
+
+
+# --------------------------------------------------------------------------------------------------- block
+
+
+def block(resid, p, mask, site: SiteRecorder, eps: float):
+    """One transformer block. resid [batch, seq, d_model]; p holds one layer's parameters (no layer axis)."""
+    resid_pre = site("resid_pre", resid)
+
+    ln1_scale = site("ln1_scale", ln_scale(resid_pre, eps))
+    ln1 = site("ln1", ln_apply(resid_pre, ln1_scale, p["ln1_w"], p["ln1_b"]))
+    q = site("q", project_heads(ln1, p["W_Q"], p["b_Q"]))
+    k = site("k", project_heads(ln1, p["W_K"], p["b_K"]))
+    v = site("v", project_heads(ln1, p["W_V"], p["b_V"]))
+    attn_scores = site("attn_scores", apply_mask(attention_scores(q, k), mask))
+    attn_pattern = site("attn_pattern", softmax(attn_scores))
+    z = site("z", mix_values(attn_pattern, v))
+    if site.wants("head_out"):  # per-head writes cost head x memory: computed only when read or edited
+        head_out = site("head_out", head_outputs(z, p["W_O"]))
+        attn_out = site("attn_out", head_out.sum(axis=-2) + p["b_O"])
+    else:
+        attn_out = site("attn_out", attention_output(z, p["W_O"], p["b_O"]))
+    resid_mid = site("resid_mid", resid_pre + attn_out)
+
+    ln2_scale = site("ln2_scale", ln_scale(resid_mid, eps))
+    ln2 = site("ln2", ln_apply(resid_mid, ln2_scale, p["ln2_w"], p["ln2_b"]))
+    mlp_pre = site("mlp_pre", ln2 @ p["W_in"] + p["b_in"])
+    mlp_post = site("mlp_post", gelu_new(mlp_pre))
+    mlp_out = site("mlp_out", mlp_post @ p["W_out"] + p["b_out"])
+    resid_post = site("resid_post", resid_mid + mlp_out)
+    return resid_post
+
+
+def run_blocks(blocks: Params, resid, mask, config: Config, edits, keep, layers=None):
+    """`lax.scan` the stacked blocks over the residual stream; returns (final resid, kept per-layer sites
+    stacked as [layer, ...]). `layers` are the block indices the stacked params belong to (default all)."""
+    if layers is None:
+        layers = jnp.arange(config.n_layer)
+
+    def step(resid, xs):
+        p, layer = xs
+        site = SiteRecorder(edits, keep, layer)
+        resid = block(resid, p, mask, site, config.ln_eps)
+        return resid, site.kept
+
+    return lax.scan(step, resid, (blocks, layers))
+
+
+# ------------------------------------------------------------------------------------------------- forward
+
+
+def forward(
+    params: Params,
+    tokens,
+    config: Config,
+    *,
+    edits: Edits | None = None,
+    attention_mask=None,
+    keep=None,
+) -> Trace:
+    """GPT-2's forward pass, returning a `Trace` of every kept site.
+
+    params          the params pytree (`tinygpt.params`)
+    tokens          int [batch, seq] token ids
+    config          static `Config`
+    edits           {site: fn(value, layer) -> value} (or a sequence of fns, applied in order); `layer` is the
+                    block index (a traced int inside the scan) for per-layer sites, None for the others
+    attention_mask  [batch, seq], 1 for real tokens and 0 for (left) padding; positions skip the padding
+    keep            site names to return (default: all). Under `jit`, values neither kept nor needed are
+                    never computed or stored; logits are computed only when kept or edited.
+
+    Pure and traceable: jit it with `config` and `keep` static (see `tinygpt.make_forward`).
+    """
+    edits = normalize_edits(edits)
+    keep = normalize_keep(keep)
+    tokens, attention_mask = check_inputs(tokens, attention_mask, config)
+
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    else:
+        positions = positions_from_mask(attention_mask)
+    mask = causal_mask(attention_mask)  # [batch, 1, seq, key]
+
+    outer = SiteRecorder(edits, keep, None)
+    embed = outer("embed", params["wte"][tokens])  # [batch, seq, d_model]
+    pos_embed = outer("pos_embed", params["wpe"][positions])  # [batch, seq, d_model]
+    resid, per_layer = run_blocks(params["blocks"], embed + pos_embed, mask, config, edits, keep)
+
+    if any(outer.wants(n) for n in ("ln_final_scale", "ln_final", "logits")):
+        ln_final_scale = outer("ln_final_scale", ln_scale(resid, config.ln_eps))
+        ln_final = outer("ln_final", ln_apply(resid, ln_final_scale, params["lnf_w"], params["lnf_b"]))
+        if outer.wants("logits"):
+            outer("logits", unembed(ln_final, params["wte"]))
+    return Trace(**outer.kept, **per_layer)
+
+
+# ------------------------------------------------------------------------------------------- input checks
+
+
+class InputError(ValueError):
+    """Token ids or masks that the model cannot run on."""
+
+
+def check_inputs(tokens, attention_mask, config: Config):
+    """Shape and dtype checks always (they are static); value checks (ids in range) where the values are
+    concrete, so `forward` stays traceable under an outer jit/vmap."""
+    if isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
+    if not hasattr(tokens, "dtype") or not hasattr(tokens, "shape"):
+        raise InputError(f"tokens must be an integer array of shape [batch, seq], got {type(tokens).__name__}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise InputError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.ndim != 2:
+        hint = " (use tokens[None] for a single sequence)" if tokens.ndim == 1 else ""
+        raise InputError(f"tokens must have shape [batch, seq], got shape {tuple(tokens.shape)}{hint}")
+    batch, seq = tokens.shape
+    if seq == 0:
+        raise InputError("tokens is empty: need at least one position")
+    if seq > config.n_ctx:
+        raise InputError(f"sequence of {seq} tokens is longer than the model's context n_ctx={config.n_ctx}")
+    if _is_concrete(tokens):
+        values = np.asarray(tokens)
+        if values.size and (values.min() < 0 or values.max() >= config.vocab_size):
+            bad = int(values.min()) if values.min() < 0 else int(values.max())
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
+    tokens = jnp.asarray(tokens)
+    if attention_mask is not None:
+        if isinstance(attention_mask, (list, tuple)):
+            attention_mask = np.asarray(attention_mask)
+        if tuple(attention_mask.shape) != (batch, seq):
+            raise InputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, tokens have shape {(batch, seq)}"
+            )
+        attention_mask = jnp.asarray(attention_mask)
+    return tokens, attention_mask
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def make_forward(config: Config, *, keep=None, edits: Edits | None = None):
+    """A jit-compiled `(params, tokens, attention_mask=None) -> Trace` for a fixed config, keep and edits.
+    Inputs are checked (concretely) before entering the compiled function."""
+    keep_set = normalize_keep(keep)
+    edits_dict = normalize_edits(edits)
+
+    @jax.jit
+    def compiled(params, tokens, attention_mask):
+        return forward(params, tokens, config, edits=edits_dict, attention_mask=attention_mask, keep=keep_set)
+
+    def run(params, tokens, attention_mask=None):
+        tokens, attention_mask = check_inputs(tokens, attention_mask, config)
+        return compiled(params, tokens, attention_mask)
+
+    return run

@@ -1,0 +1,109 @@
+"""The table of named sites: every intermediate value of the forward pass, named once.
+
+Docs, `keep=`, `edits=`, errors and the CLI all read this table. Shapes are given for one forward call;
+per-layer sites are stacked over blocks in the trace, with a leading `layer` axis:
+`trace.resid_pre` has shape `[layer, batch, seq, d_model]`.
+
+The forward pass of one block, in site names (x is the residual stream):
+
+    resid_pre  = x
+    ln1_scale  = sqrt(var(resid_pre) + eps)
+    ln1        = (resid_pre - mean) / ln1_scale * ln1_w + ln1_b
+    q, k, v    = ln1 @ W_Q + b_Q, ln1 @ W_K + b_K, ln1 @ W_V + b_V          (per head)
+    attn_scores  = q . k / sqrt(d_head), -inf where the query may not see the key
+    attn_pattern = softmax(attn_scores) over keys                          (float32)
+    z          = attn_pattern @ v                                          (per head)
+    head_out   = z @ W_O                                                   (per head)
+    attn_out   = sum over heads of head_out + b_O
+    resid_mid  = resid_pre + attn_out
+    ln2_scale, ln2 as above on resid_mid
+    mlp_pre    = ln2 @ W_in + b_in
+    mlp_post   = gelu_new(mlp_pre)
+    mlp_out    = mlp_post @ W_out + b_out
+    resid_post = resid_mid + mlp_out
+
+and around the blocks: `embed = wte[tokens]`, `pos_embed = wpe[positions]`, the first block's resid_pre is
+embed + pos_embed; after the last block `ln_final_scale`, `ln_final` and `logits = ln_final @ wte.T`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    name: str
+    shape: tuple[str, ...]  # dimension names, without the leading `layer` axis of per-layer sites
+    per_layer: bool
+    meaning: str
+
+
+def _site(name, shape, per_layer, meaning):
+    return name, Site(name, tuple(shape.split()), per_layer, meaning)
+
+
+SITES: dict[str, Site] = dict(
+    [
+        _site("embed", "batch seq d_model", False, "token embedding wte[tokens]"),
+        _site("pos_embed", "batch seq d_model", False, "position embedding wpe[positions]"),
+        _site("resid_pre", "batch seq d_model", True, "residual stream entering the block"),
+        _site("ln1_scale", "batch seq 1", True, "sqrt(var + eps) of resid_pre (LayerNorm 1 divisor)"),
+        _site("ln1", "batch seq d_model", True, "LayerNorm 1 output, input of attention"),
+        _site("q", "batch seq head d_head", True, "queries, ln1 @ W_Q + b_Q"),
+        _site("k", "batch seq head d_head", True, "keys, ln1 @ W_K + b_K"),
+        _site("v", "batch seq head d_head", True, "values, ln1 @ W_V + b_V"),
+        _site("attn_scores", "batch head seq key", True, "q.k / sqrt(d_head), -inf where masked (float32)"),
+        _site("attn_pattern", "batch head seq key", True, "softmax of attn_scores over keys (float32)"),
+        _site("z", "batch seq head d_head", True, "attention-weighted values, pattern @ v"),
+        _site("head_out", "batch seq head d_model", True, "each head's write into the residual, z @ W_O"),
+        _site("attn_out", "batch seq d_model", True, "attention output, sum of head_out + b_O"),
+        _site("resid_mid", "batch seq d_model", True, "resid_pre + attn_out"),
+        _site("ln2_scale", "batch seq 1", True, "sqrt(var + eps) of resid_mid (LayerNorm 2 divisor)"),
+        _site("ln2", "batch seq d_model", True, "LayerNorm 2 output, input of the MLP"),
+        _site("mlp_pre", "batch seq d_mlp", True, "MLP pre-activation, ln2 @ W_in + b_in"),
+        _site("mlp_post", "batch seq d_mlp", True, "MLP activation, gelu_new(mlp_pre)"),
+        _site("mlp_out", "batch seq d_model", True, "MLP output, mlp_post @ W_out + b_out"),
+        _site("resid_post", "batch seq d_model", True, "residual stream leaving the block, resid_mid + mlp_out"),
+        _site("ln_final_scale", "batch seq 1", False, "sqrt(var + eps) of the last resid_post"),
+        _site("ln_final", "batch seq d_model", False, "final LayerNorm output"),
+        _site("logits", "batch seq vocab", False, "ln_final @ wte.T (float32)"),
+    ]
+)
+
+SITE_NAMES: tuple[str, ...] = tuple(SITES)
+LAYER_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.per_layer)
+GLOBAL_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if not s.per_layer)
+
+
+class SiteError(ValueError):
+    """An unknown site name in `keep=` or `edits=`."""
+
+
+def check_site_names(names: Iterable[str], argument: str) -> None:
+    """Raise SiteError naming the first unknown site (and listing the known ones)."""
+    for name in names:
+        if name not in SITES:
+            hint = _closest(name)
+            raise SiteError(
+                f"unknown site {name!r} in {argument}"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+                + f"; known sites: {', '.join(SITE_NAMES)}"
+            )
+
+
+def _closest(name: str) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(str(name), SITE_NAMES, n=1)
+    return match[0] if match else None
+
+
+def describe() -> str:
+    """The site table as text (used by docs and `tinygpt inspect --help`)."""
+    rows = []
+    for s in SITES.values():
+        shape = ("[layer, " if s.per_layer else "[") + ", ".join(s.shape) + "]"
+        rows.append(f"{s.name:<15} {shape:<38} {s.meaning}")
+    return "\n".join(rows)

@@ -1,0 +1,90 @@
+"""Finding a checkpoint: a local directory, or a Hugging Face hub repository (through huggingface_hub, with
+its cache, revisions and offline mode)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import WeightsError
+
+# Short names of the official GPT-2 checkpoints, as the hub redirects them.
+ALIASES = {
+    name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+} | {"distilgpt2": "distilbert/distilgpt2"}
+
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+
+
+class HubError(WeightsError):
+    """The hub could not provide the checkpoint (unknown id, unreachable, missing file)."""
+
+
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, cache_dir=None,
+            offline: bool | None = None) -> Path:
+    """A local directory holding the checkpoint's files. Local directories are returned as they are; hub
+    ids are downloaded (or found in the cache) with `huggingface_hub.snapshot_download`.
+
+    offline=True (or HF_HUB_OFFLINE=1) uses only the local cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise WeightsError(f"{name} is a file; pass the directory holding config.json and model.safetensors")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise WeightsError(f"no such directory: {name}")
+    return download(ALIASES.get(name, name), revision=revision, cache_dir=cache_dir, offline=offline)
+
+
+def download(repo_id: str, *, revision=None, cache_dir=None, offline=None) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+    where = "the local Hugging Face cache" + (f" ({cache_dir})" if cache_dir else "")
+    local_hint = (
+        "To run without the hub, pass a local directory holding config.json + model.safetensors "
+        "(+ vocab.json, merges.txt), e.g. tinygpt.load('/path/to/gpt2') or `--model /path/to/gpt2`; or "
+        f"download it once on a connected machine so it is in the cache, then set HF_HUB_OFFLINE=1."
+    )
+    try:
+        snapshot = huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            allow_patterns=CHECKPOINT_FILES,
+            local_files_only=offline,
+        )
+    except errors.RepositoryNotFoundError:
+        raise HubError(
+            f"unknown hub id {repo_id!r}: no such model repository on the Hugging Face hub (or it is private "
+            "or gated; log in with `hf auth login`)"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise HubError(f"hub repository {repo_id!r} has no revision {revision!r}") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
+        if offline:
+            raise HubError(
+                f"{repo_id!r} is not in {where} and offline mode is on (HF_HUB_OFFLINE / offline=True). "
+                + local_hint
+            ) from None
+        raise HubError(
+            f"could not reach the Hugging Face hub to download {repo_id!r} ({_reason(e)}), and it is not in "
+            f"{where}. " + local_hint
+        ) from None
+    except (OSError, ConnectionError) as e:  # network failures surface as OSError subclasses
+        raise HubError(f"could not reach the Hugging Face hub to download {repo_id!r} ({_reason(e)}). "
+                       + local_hint) from None
+    path = Path(snapshot)
+    for required in ("config.json", "model.safetensors"):
+        if not (path / required).is_file():
+            raise HubError(f"hub repository {repo_id!r} has no {required} (tinygpt reads safetensors checkpoints)")
+    return path
+
+
+def _reason(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    text = str(cause or e).strip().splitlines()
+    return text[0] if text else type(e).__name__
