@@ -110,13 +110,24 @@ def unembed(x, wte):
 
 def block(resid, p, mask, site: SiteRecorder, eps: float):
     """One transformer block. resid [batch, seq, d_model]; p holds one layer's parameters (no layer axis)."""
-    resid_pre = site("resid_pre", resid)
+    resid_pre, q, k, v = block_qkv(resid, p, site, eps)
+    return block_attend_mlp(resid_pre, q, k, v, mask, p, site, eps)
 
+
+def block_qkv(resid, p, site: SiteRecorder, eps: float):
+    """First half of a block: the residual entering it, LayerNorm 1, queries, keys and values."""
+    resid_pre = site("resid_pre", resid)
     ln1_scale = site("ln1_scale", ln_scale(resid_pre, eps))
     ln1 = site("ln1", ln_apply(resid_pre, ln1_scale, p["ln1_w"], p["ln1_b"]))
     q = site("q", project_heads(ln1, p["W_Q"], p["b_Q"]))
     k = site("k", project_heads(ln1, p["W_K"], p["b_K"]))
     v = site("v", project_heads(ln1, p["W_V"], p["b_V"]))
+    return resid_pre, q, k, v
+
+
+def block_attend_mlp(resid_pre, q, k, v, mask, p, site: SiteRecorder, eps: float):
+    """Second half of a block: attention of q over the keys/values k, v (this sequence's own in the forward;
+    a KV cache in generation), then the MLP. mask [batch, 1, seq, key] -> resid_post [batch, seq, d_model]"""
     attn_scores = site("attn_scores", apply_mask(attention_scores(q, k), mask))
     attn_pattern = site("attn_pattern", softmax(attn_scores))
     z = site("z", mix_values(attn_pattern, v))
@@ -149,6 +160,15 @@ def run_blocks(blocks: Params, resid, mask, config: Config, edits, keep, layers=
         return resid, site.kept
 
     return lax.scan(step, resid, (blocks, layers))
+
+
+def final_sites(resid, params, site: SiteRecorder, eps: float):
+    """The final LayerNorm and the unembedding, computed only when one of them is read or edited."""
+    if any(site.wants(n) for n in ("ln_final_scale", "ln_final", "logits")):
+        ln_final_scale = site("ln_final_scale", ln_scale(resid, eps))
+        ln_final = site("ln_final", ln_apply(resid, ln_final_scale, params["lnf_w"], params["lnf_b"]))
+        if site.wants("logits"):
+            site("logits", unembed(ln_final, params["wte"]))
 
 
 # ------------------------------------------------------------------------------------------------- forward
@@ -192,11 +212,7 @@ def forward(
     pos_embed = outer("pos_embed", params["wpe"][positions])  # [batch, seq, d_model]
     resid, per_layer = run_blocks(params["blocks"], embed + pos_embed, mask, config, edits, keep)
 
-    if any(outer.wants(n) for n in ("ln_final_scale", "ln_final", "logits")):
-        ln_final_scale = outer("ln_final_scale", ln_scale(resid, config.ln_eps))
-        ln_final = outer("ln_final", ln_apply(resid, ln_final_scale, params["lnf_w"], params["lnf_b"]))
-        if outer.wants("logits"):
-            outer("logits", unembed(ln_final, params["wte"]))
+    final_sites(resid, params, outer, config.ln_eps)
     return Trace(**outer.kept, **per_layer)
 
 

@@ -235,8 +235,9 @@ class Tokenizer:
         cache_size: int = 100_000,
     ) -> None:
         self._token_to_id: dict[str, int] = _validated_vocab(vocab)
+        self._merges: list[tuple[str, str]] = [tuple(pair) for pair in merges]
         self._merge_ranks: dict[tuple[str, str], int] = {}
-        for rank, pair in enumerate(merges):
+        for rank, pair in enumerate(self._merges):
             left, right = pair
             for piece in (left, right, left + right):
                 if piece not in self._token_to_id:
@@ -302,6 +303,17 @@ class Tokenizer:
 
         merges = _read_merges(merges_path)
         return cls(vocab, merges, special_tokens)
+
+    def save(self, directory: str | Path) -> None:
+        """Write `vocab.json` + `merges.txt` in GPT-2's format into `directory`."""
+        import json
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        vocab = dict(sorted(self._token_to_id.items(), key=lambda item: item[1]))
+        (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in self._merges]
+        (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     @classmethod
     def from_dir(cls, path: str | Path, special_tokens: Iterable[str] | None = None) -> "Tokenizer":
@@ -437,7 +449,7 @@ class Tokenizer:
             raise TypeError(f"token ids must be integers, got {token_id!r}") from None
         if not 0 <= index < self._vocab_size or self._id_to_bytes[index] is None:
             raise ValueError(
-                f"token id {token_id!r} is not in the vocabulary (vocab_size={self._vocab_size})"
+                f"token id {index} is not in the vocabulary (vocab_size={self._vocab_size})"
             )
         return index
 
