@@ -2,13 +2,14 @@
 
 from .api import Model, load
 from .config import Config, ConfigError
+from .generation import Generation, generate
 from .model import InputError, forward, make_forward
 from .params import init_params
 from .sites import SITE_NAMES, SITES, SiteError
 from .trace import Trace
 
 __all__ = ["Config", "ConfigError", "Model", "load", "forward", "make_forward", "Trace", "SITES",
-           "SITE_NAMES", "SiteError", "InputError", "init_params"]
+           "SITE_NAMES", "SiteError", "InputError", "init_params", "generate", "Generation", "Tokenizer"]
 
 
 def __getattr__(name):  # modules written beside the engine, imported on first use
@@ -16,8 +17,4 @@ def __getattr__(name):  # modules written beside the engine, imported on first u
         from .tokenizer import Tokenizer
 
         return Tokenizer
-    if name == "generate":
-        from .generate import generate
-
-        return generate
     raise AttributeError(f"module 'tinygpt' has no attribute {name!r}")

@@ -11,6 +11,7 @@ matrix products run in the parameters' dtype (float32, bfloat16 or float16).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -199,7 +200,12 @@ def forward(
     edits = normalize_edits(edits)
     keep = normalize_keep(keep)
     tokens, attention_mask = check_inputs(tokens, attention_mask, config)
+    if not edits and _at_top_level():  # called eagerly: reuse one compiled program per (config, keep, shape)
+        return _compiled_forward(config, keep)(params, tokens, attention_mask)
+    return _forward(params, tokens, attention_mask, config, edits, keep)
 
+
+def _forward(params, tokens, attention_mask, config: Config, edits, keep) -> Trace:
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -259,6 +265,22 @@ def check_inputs(tokens, attention_mask, config: Config):
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def _at_top_level() -> bool:
+    """True when no jax transformation (jit, vmap, grad, ...) is tracing, so a cached compiled forward may be
+    used. Forward with edits always runs as written: their closures may hold arrays that change between
+    calls, and a cache keyed on the function would silently reuse stale values."""
+    try:
+        from jax._src.core import trace_state_clean
+    except ImportError:  # private API moved: run as written (correct, only slower)
+        return False
+    return trace_state_clean()
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_forward(config: Config, keep: frozenset):
+    return jax.jit(lambda params, tokens, mask: _forward(params, tokens, mask, config, {}, keep))
 
 
 def make_forward(config: Config, *, keep=None, edits: Edits | None = None):

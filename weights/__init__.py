@@ -24,7 +24,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revi
     revision, cache_dir, offline   passed to huggingface_hub (offline also follows HF_HUB_OFFLINE)
     """
     from tinygpt.api import Model
+    from tinygpt.params import resolve_dtype
 
+    resolve_dtype(dtype)  # a bad dtype fails before anything is downloaded or read
     if name_or_path is None:
         if not (EMBEDDED_DIR / "model.safetensors").is_file():
             raise WeightsError(f"the embedded default model is missing from {EMBEDDED_DIR}")

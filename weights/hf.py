@@ -25,9 +25,28 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 IGNORED_NAMES = ("lm_head.weight",)
 
 
+def expected_block_tensors(config: Config) -> dict[str, tuple[int, ...]]:
+    """The tensors of one block (names after `h.{i}.`), with their shapes."""
+    D, M = config.d_model, config.d_mlp
+    return {
+        "ln_1.weight": (D,),
+        "ln_1.bias": (D,),
+        "attn.c_attn.weight": (D, 3 * D),
+        "attn.c_attn.bias": (3 * D,),
+        "attn.c_proj.weight": (D, D),
+        "attn.c_proj.bias": (D,),
+        "ln_2.weight": (D,),
+        "ln_2.bias": (D,),
+        "mlp.c_fc.weight": (D, M),
+        "mlp.c_fc.bias": (M,),
+        "mlp.c_proj.weight": (M, D),
+        "mlp.c_proj.bias": (D,),
+    }
+
+
 def expected_tensors(config: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor name (without prefix) a GPT-2 checkpoint of this config must hold, with its shape."""
-    D, M = config.d_model, config.d_mlp
+    D = config.d_model
     shapes = {
         "wte.weight": (config.vocab_size, D),
         "wpe.weight": (config.n_ctx, D),
@@ -35,22 +54,7 @@ def expected_tensors(config: Config) -> dict[str, tuple[int, ...]]:
         "ln_f.bias": (D,),
     }
     for i in range(config.n_layer):
-        shapes.update(
-            {
-                f"h.{i}.ln_1.weight": (D,),
-                f"h.{i}.ln_1.bias": (D,),
-                f"h.{i}.attn.c_attn.weight": (D, 3 * D),
-                f"h.{i}.attn.c_attn.bias": (3 * D,),
-                f"h.{i}.attn.c_proj.weight": (D, D),
-                f"h.{i}.attn.c_proj.bias": (D,),
-                f"h.{i}.ln_2.weight": (D,),
-                f"h.{i}.ln_2.bias": (D,),
-                f"h.{i}.mlp.c_fc.weight": (D, M),
-                f"h.{i}.mlp.c_fc.bias": (M,),
-                f"h.{i}.mlp.c_proj.weight": (M, D),
-                f"h.{i}.mlp.c_proj.bias": (D,),
-            }
-        )
+        shapes.update({f"h.{i}.{name}": shape for name, shape in expected_block_tensors(config).items()})
     return shapes
 
 
@@ -62,56 +66,46 @@ def is_ignored(name: str) -> bool:
     return name in IGNORED_NAMES or name.endswith(IGNORED_SUFFIXES)
 
 
-# Per-block conversion: one HF block's tensors -> the tinygpt per-layer arrays (no layer axis), and back.
+# Per-block conversion: one HF block's tensors <-> the tinygpt per-layer arrays (no layer axis).
+
+# HF block tensors (after `h.{i}.`) that hold exactly one tinygpt parameter's values in the same order (a
+# reshape at most: c_proj's rows are (head, d_head), so it is W_O [head, d_head, d_model] as it stands).
+# Only c_attn needs more: it is split into W_Q/W_K/W_V and b_Q/b_K/b_V (see `split_qkv`).
+BLOCK_NAMES = {
+    "ln_1.weight": "ln1_w",
+    "ln_1.bias": "ln1_b",
+    "attn.c_proj.weight": "W_O",
+    "attn.c_proj.bias": "b_O",
+    "ln_2.weight": "ln2_w",
+    "ln_2.bias": "ln2_b",
+    "mlp.c_fc.weight": "W_in",
+    "mlp.c_fc.bias": "b_in",
+    "mlp.c_proj.weight": "W_out",
+    "mlp.c_proj.bias": "b_out",
+}
 
 
-def block_from_hf(get, i: int, config: Config) -> dict[str, np.ndarray]:
-    """`get(name)` returns the numpy tensor of HF name `name` (unprefixed). Returns one layer's params."""
+def split_qkv(c_attn_w: np.ndarray, c_attn_b: np.ndarray, config: Config) -> dict[str, np.ndarray]:
+    """c_attn's weight [d_model, 3 * d_model] and bias [3 * d_model] -> W_Q/W_K/W_V [head, d_model, d_head]
+    and b_Q/b_K/b_V [head, d_head] (views)."""
     H, D, Dh = config.n_head, config.d_model, config.d_head
-    c_attn_w = get(f"h.{i}.attn.c_attn.weight")  # [d_model, 3 * d_model]
-    c_attn_b = get(f"h.{i}.attn.c_attn.bias")  # [3 * d_model]
     # [d_model, (qkv, head, d_head)] -> [qkv, head, d_model, d_head]
     W_qkv = c_attn_w.reshape(D, 3, H, Dh).transpose(1, 2, 0, 3)
     b_qkv = c_attn_b.reshape(3, H, Dh)
-    return {
-        "ln1_w": get(f"h.{i}.ln_1.weight"),
-        "ln1_b": get(f"h.{i}.ln_1.bias"),
-        "W_Q": W_qkv[0],
-        "b_Q": b_qkv[0],
-        "W_K": W_qkv[1],
-        "b_K": b_qkv[1],
-        "W_V": W_qkv[2],
-        "b_V": b_qkv[2],
-        "W_O": get(f"h.{i}.attn.c_proj.weight").reshape(H, Dh, D),  # rows are (head, d_head)
-        "b_O": get(f"h.{i}.attn.c_proj.bias"),
-        "ln2_w": get(f"h.{i}.ln_2.weight"),
-        "ln2_b": get(f"h.{i}.ln_2.bias"),
-        "W_in": get(f"h.{i}.mlp.c_fc.weight"),
-        "b_in": get(f"h.{i}.mlp.c_fc.bias"),
-        "W_out": get(f"h.{i}.mlp.c_proj.weight"),
-        "b_out": get(f"h.{i}.mlp.c_proj.bias"),
-    }
+    return {"W_Q": W_qkv[0], "W_K": W_qkv[1], "W_V": W_qkv[2], "b_Q": b_qkv[0], "b_K": b_qkv[1], "b_V": b_qkv[2]}
 
 
 def block_to_hf(p: dict[str, np.ndarray], i: int, config: Config) -> dict[str, np.ndarray]:
-    """Inverse of `block_from_hf`: one layer's params (no layer axis) -> HF tensors (unprefixed)."""
-    H, D, Dh = config.n_head, config.d_model, config.d_head
+    """One layer's params (no layer axis) -> HF tensors (unprefixed): the inverse of reading a block through
+    `BLOCK_NAMES` and `split_qkv`."""
+    D = config.d_model
     W_qkv = np.stack([p["W_Q"], p["W_K"], p["W_V"]])  # [3, head, d_model, d_head]
     b_qkv = np.stack([p["b_Q"], p["b_K"], p["b_V"]])  # [3, head, d_head]
-    return {
-        f"h.{i}.ln_1.weight": p["ln1_w"],
-        f"h.{i}.ln_1.bias": p["ln1_b"],
-        f"h.{i}.attn.c_attn.weight": W_qkv.transpose(2, 0, 1, 3).reshape(D, 3 * D),
-        f"h.{i}.attn.c_attn.bias": b_qkv.reshape(3 * D),
-        f"h.{i}.attn.c_proj.weight": p["W_O"].reshape(H * Dh, D),
-        f"h.{i}.attn.c_proj.bias": p["b_O"],
-        f"h.{i}.ln_2.weight": p["ln2_w"],
-        f"h.{i}.ln_2.bias": p["ln2_b"],
-        f"h.{i}.mlp.c_fc.weight": p["W_in"],
-        f"h.{i}.mlp.c_fc.bias": p["b_in"],
-        f"h.{i}.mlp.c_proj.weight": p["W_out"],
-        f"h.{i}.mlp.c_proj.bias": p["b_out"],
-    }
+    shapes = expected_block_tensors(config)
+    out = {f"h.{i}.{theirs}": p[ours].reshape(shapes[theirs]) for theirs, ours in BLOCK_NAMES.items()}
+    out[f"h.{i}.attn.c_attn.weight"] = W_qkv.transpose(2, 0, 1, 3).reshape(D, 3 * D)
+    out[f"h.{i}.attn.c_attn.bias"] = b_qkv.reshape(3 * D)
+    return out
 
 
 GLOBAL_NAMES = {"wte": "wte.weight", "wpe": "wpe.weight", "lnf_w": "ln_f.weight", "lnf_b": "ln_f.bias"}

@@ -39,10 +39,16 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None, cac
 
 def download(repo_id: str, *, revision=None, cache_dir=None, offline=None) -> Path:
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+        # The environment now, and huggingface_hub's own flag (read from HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
+        # when it was imported).
+        offline = constants.HF_HUB_OFFLINE or any(
+            os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+            for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        )
+    what = repr(repo_id) + (f" (revision {revision!r})" if revision else "")
     where = "the local Hugging Face cache" + (f" ({cache_dir})" if cache_dir else "")
     local_hint = (
         "To run without the hub, pass a local directory holding config.json + model.safetensors "
@@ -65,13 +71,17 @@ def download(repo_id: str, *, revision=None, cache_dir=None, offline=None) -> Pa
     except errors.RevisionNotFoundError:
         raise HubError(f"hub repository {repo_id!r} has no revision {revision!r}") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as e:
+        if isinstance(e, getattr(errors, "IncompleteSnapshotError", ())):  # not in older huggingface_hub
+            raise HubError(
+                f"the cached copy of {what} in {where} is incomplete and the hub cannot be used to finish it "
+                f"({(str(e).splitlines() or [type(e).__name__])[0]}). " + local_hint
+            ) from None
         if offline:
             raise HubError(
-                f"{repo_id!r} is not in {where} and offline mode is on (HF_HUB_OFFLINE / offline=True). "
-                + local_hint
+                f"{what} is not in {where} and offline mode is on (HF_HUB_OFFLINE / offline=True). " + local_hint
             ) from None
         raise HubError(
-            f"could not reach the Hugging Face hub to download {repo_id!r} ({_reason(e)}), and it is not in "
+            f"could not reach the Hugging Face hub to download {what} ({_reason(e)}), and it is not in "
             f"{where}. " + local_hint
         ) from None
     except (OSError, ConnectionError) as e:  # network failures surface as OSError subclasses
