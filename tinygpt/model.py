@@ -73,6 +73,16 @@ def mix_values(pattern, v):
     return jnp.einsum("bhst,bthd->bshd", pattern.astype(v.dtype), v)
 
 
+def fused_attention(q, k, v, mask):
+    """softmax(q.k / sqrt(d_head)) @ v without materialising the pattern: `jax.nn.dot_product_attention`
+    (cuDNN's flash attention on GPUs for 16-bit dtypes). Used when no one reads or edits the pattern.
+    q [batch, seq, head, d_head], k, v [batch, key, head, d_head], mask [batch, 1, seq, key]"""
+    implementation = None
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        implementation = "cudnn"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
 def head_outputs(z, W_O):
     """Each head's write into the residual.  z [batch, seq, head, d_head], W_O [head, d_head, d_model]
     -> [batch, seq, head, d_model]"""
@@ -129,9 +139,12 @@ def block_qkv(resid, p, site: SiteRecorder, eps: float):
 def block_attend_mlp(resid_pre, q, k, v, mask, p, site: SiteRecorder, eps: float):
     """Second half of a block: attention of q over the keys/values k, v (this sequence's own in the forward;
     a KV cache in generation), then the MLP. mask [batch, 1, seq, key] -> resid_post [batch, seq, d_model]"""
-    attn_scores = site("attn_scores", apply_mask(attention_scores(q, k), mask))
-    attn_pattern = site("attn_pattern", softmax(attn_scores))
-    z = site("z", mix_values(attn_pattern, v))
+    if site.wants("attn_scores") or site.wants("attn_pattern"):
+        attn_scores = site("attn_scores", apply_mask(attention_scores(q, k), mask))
+        attn_pattern = site("attn_pattern", softmax(attn_scores))
+        z = site("z", mix_values(attn_pattern, v))
+    else:  # nobody reads the pattern: fused attention (flash / cuDNN where available), same values
+        z = site("z", fused_attention(q, k, v, mask))
     if site.wants("head_out"):  # per-head writes cost head x memory: computed only when read or edited
         head_out = site("head_out", head_outputs(z, p["W_O"]))
         attn_out = site("attn_out", head_out.sum(axis=-2) + p["b_O"])
