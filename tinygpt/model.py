@@ -145,11 +145,13 @@ def block_attend_mlp(resid_pre, q, k, v, mask, p, site: SiteRecorder, eps: float
         z = site("z", mix_values(attn_pattern, v))
     else:  # nobody reads the pattern: fused attention (flash / cuDNN where available), same values
         z = site("z", fused_attention(q, k, v, mask))
+    attn_out = attention_output(z, p["W_O"], p["b_O"])
     if site.wants("head_out"):  # per-head writes cost head x memory: computed only when read or edited
-        head_out = site("head_out", head_outputs(z, p["W_O"]))
-        attn_out = site("attn_out", head_out.sum(axis=-2) + p["b_O"])
-    else:
-        attn_out = site("attn_out", attention_output(z, p["W_O"], p["b_O"]))
+        computed = head_outputs(z, p["W_O"])
+        head_out = site("head_out", computed)
+        if head_out is not computed:  # an edited head_out is what the residual receives
+            attn_out = head_out.sum(axis=-2) + p["b_O"]
+    attn_out = site("attn_out", attn_out)
     resid_mid = site("resid_mid", resid_pre + attn_out)
 
     ln2_scale = site("ln2_scale", ln_scale(resid_mid, eps))
@@ -247,6 +249,8 @@ def check_inputs(tokens, attention_mask, config: Config):
     concrete, so `forward` stays traceable under an outer jit/vmap."""
     if isinstance(tokens, (list, tuple)):
         tokens = np.asarray(tokens)
+        if tokens.size == 0:  # np.asarray([[]]) is float64: report it as empty, not as a dtype problem
+            tokens = tokens.astype(np.int32)
     if not hasattr(tokens, "dtype") or not hasattr(tokens, "shape"):
         raise InputError(f"tokens must be an integer array of shape [batch, seq], got {type(tokens).__name__}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
