@@ -1,0 +1,140 @@
+"""Attention heads at a glance: what each head's pattern does, summarised as a few numbers.
+
+For a pattern [layer, batch, head, seq, key] (`attn_pattern`, rows sum to one over the keys a query sees):
+
+    first     mean attention to the first position (key 0), over queries 1.. (query 0 can only see itself)
+    previous  mean attention to the previous position (key q - 1), over queries 1..
+    diagonal  mean attention to the query's own position (key q), over queries 1..
+    induction on a repeated sequence of random tokens r r (r of length n), the mean attention from each
+              query q in the second copy to key q - n + 1: the token that followed the previous occurrence
+              of the current token (Olsson et al., 2022). Copying heads score ~1; others ~1/q.
+
+Summaries are averaged over the batch. The induction score uses its own random tokens (seeded), not a prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+import tinygpt
+from tinygpt.config import Config
+
+
+
+def attention_patterns(params, config: Config, tokens, attention_mask=None):
+    """The attention pattern of every head.  tokens [batch, seq] -> [layer, batch, head, seq, key] float32"""
+    return tinygpt.forward(params, tokens, config, attention_mask=attention_mask, keep=("attn_pattern",)).attn_pattern
+
+
+def diagonal_mean(pattern, offset: int):
+    """Mean of pattern[..., q, q - offset] over the queries q >= max(offset, 1).
+    pattern [..., seq, key] -> [...]"""
+    seq = pattern.shape[-1]
+    queries = np.arange(max(offset, 1), seq)
+    return pattern[..., queries, queries - offset].mean(axis=-1)
+
+
+def first_token_score(pattern):
+    """Mean attention to key 0 over queries 1...  [..., seq, key] -> [...]"""
+    return pattern[..., 1:, 0].mean(axis=-1)
+
+
+def previous_token_score(pattern):
+    """Mean attention to key q - 1 over queries 1...  [..., seq, key] -> [...]"""
+    return diagonal_mean(pattern, 1)
+
+
+def self_score(pattern):
+    """Mean attention of each query to itself over queries 1...  [..., seq, key] -> [...]"""
+    return diagonal_mean(pattern, 0)
+
+
+def induction_score(pattern, n: int):
+    """Mean attention from query q to key q - n + 1, over the second copy q in [n, 2n) of a sequence that
+    repeats a block of n tokens.  [..., 2n, 2n] -> [...]"""
+    queries = np.arange(n, 2 * n)
+    return pattern[..., queries, queries - n + 1].mean(axis=-1)
+
+
+def repeated_random_tokens(config: Config, n: int, batch: int, seed: int = 0) -> np.ndarray:
+    """[batch, 2n] random tokens, each row a block of n tokens followed by the same block."""
+    block = np.random.default_rng(seed).integers(0, config.vocab_size, (batch, n))
+    return np.concatenate([block, block], axis=1).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _induction_scores(params, tokens, config: Config):
+    pattern = attention_patterns(params, config, tokens)  # [layer, batch, head, seq, key]
+    return induction_score(pattern, tokens.shape[1] // 2).mean(axis=1)  # [layer, head]
+
+
+def induction_scores(params, config: Config, *, n: int | None = None, batch: int = 4, seed: int = 0) -> np.ndarray:
+    """Induction score of every head on `batch` sequences of n random tokens repeated once (default n: half
+    the context, at most 50).  -> [layer, head]"""
+    n = min(config.n_ctx // 2, 50) if n is None else n
+    if not 2 <= n <= config.n_ctx // 2:
+        raise ValueError(f"the repeated block needs 2 <= n <= n_ctx / 2 = {config.n_ctx // 2} tokens, got {n}")
+    return np.asarray(_induction_scores(params, repeated_random_tokens(config, n, batch, seed), config))
+
+
+@dataclasses.dataclass
+class HeadSummary:
+    first: np.ndarray  # [layer, head] mean attention to the first position
+    previous: np.ndarray  # [layer, head] mean attention to the previous position
+    diagonal: np.ndarray  # [layer, head] mean attention to the query's own position
+    induction: np.ndarray  # [layer, head] induction score on repeated random tokens
+
+    def rows(self) -> list[dict]:
+        n_layer, n_head = self.first.shape
+        return [{"layer": layer, "head": head, "first": float(self.first[layer, head]),
+                 "previous": float(self.previous[layer, head]), "diagonal": float(self.diagonal[layer, head]),
+                 "induction": float(self.induction[layer, head])}
+                for layer in range(n_layer) for head in range(n_head)]
+
+
+def head_summary(params, config: Config, tokens, *, induction_n: int | None = None, seed: int = 0) -> HeadSummary:
+    """Per-head pattern summaries on tokens [batch, seq] (at least 2 positions, no padding), and each head's
+    induction score on repeated random tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError("head summaries need tokens [batch, seq] with at least 2 positions")
+    pattern = np.asarray(attention_patterns(params, config, tokens), np.float64)  # [layer, batch, head, seq, key]
+    mean_over_batch = lambda score: score.mean(axis=1)  # noqa: E731  [layer, batch, head] -> [layer, head]
+    return HeadSummary(
+        first=mean_over_batch(first_token_score(pattern)),
+        previous=mean_over_batch(previous_token_score(pattern)),
+        diagonal=mean_over_batch(self_score(pattern)),
+        induction=induction_scores(params, config, n=induction_n, seed=seed),
+    )
+
+
+def plot_patterns(pattern, labels, path, *, layers=None, title: str = "") -> None:
+    """Save a grid of attention patterns (rows: layers, columns: heads) of one sequence to `path`.
+    pattern [layer, head, seq, key]; labels: the token pieces along both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pattern = np.asarray(pattern)
+    layers = list(range(pattern.shape[0])) if layers is None else list(layers)
+    n_head, seq = pattern.shape[1], pattern.shape[2]
+    size = 1.2 + 0.18 * seq
+    fig, axes = plt.subplots(len(layers), n_head, figsize=(size * n_head, size * len(layers)), squeeze=False)
+    for row, layer in enumerate(layers):
+        for head in range(n_head):
+            ax = axes[row, head]
+            ax.imshow(pattern[layer, head], vmin=0.0, vmax=1.0, cmap="Blues")
+            ax.set_title(f"L{layer}H{head}", fontsize=8)
+            ticks = np.arange(seq) if seq <= 24 else np.arange(0, seq, max(1, seq // 12))
+            ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=6)
+            ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=6)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

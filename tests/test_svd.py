@@ -1,0 +1,89 @@
+"""Weight SVDs: the factored SVD of a product equals the SVD of the formed product; every matrix's SVD
+reconstructs it; singular directions are read through the (un)embedding as documented."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from probes import svd
+from probes.transforms import fold_layer_norm
+from test_lens import CFG, random_params, seeds
+
+
+@settings(max_examples=8)
+@given(seed=seeds, shape=st.sampled_from([(12, 4, 9), (5, 1, 10)]))  # few shapes: each compiles once
+def test_factored_svd_is_the_svd_of_the_product(seed, shape):
+    m, r, n = shape
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((m, r)).astype(np.float32)
+    B = rng.standard_normal((r, n)).astype(np.float32)
+    U, S, Vt = (np.asarray(x, np.float64) for x in svd.factored_svd(A, B))
+    assert U.shape == (m, r) and S.shape == (r,) and Vt.shape == (r, n)
+    product = A.astype(np.float64) @ B
+    np.testing.assert_allclose((U * S) @ Vt, product, rtol=1e-4, atol=1e-4 * np.abs(product).max())
+    np.testing.assert_allclose(S, np.linalg.svd(product, compute_uv=False)[:r], rtol=1e-4, atol=1e-5)
+    assert np.all(np.diff(S) <= 1e-6)  # largest first
+    np.testing.assert_allclose(U.T @ U, np.eye(r), atol=1e-5)
+    np.testing.assert_allclose(Vt @ Vt.T, np.eye(r), atol=1e-5)
+
+
+def dense(params, name, layer, head):
+    b = {k: np.asarray(v[layer], np.float64) for k, v in params["blocks"].items()}
+    if name == "OV":
+        return b["W_V"][head] @ b["W_O"][head]
+    if name == "QK":
+        return b["W_Q"][head] @ b["W_K"][head].T
+    return b[name][head] if svd.MATRICES[name][0] else b[name]
+
+
+@pytest.mark.parametrize("name", list(svd.MATRICES))
+def test_every_matrix_is_reconstructed_from_its_svd(name):
+    params = random_params(1)
+    per_head = svd.MATRICES[name][0]
+    layer, head = 1, (2 if per_head else None)
+    result = svd.weight_svd(params, CFG, name, layer, head)
+    W = dense(params, name, layer, head)
+    np.testing.assert_allclose((result.U * result.S) @ result.Vt, W, rtol=1e-4, atol=1e-4 * np.abs(W).max())
+    rank = min(CFG.d_head, *W.shape) if name in ("OV", "QK") else min(W.shape)
+    assert result.S.shape == (rank,)
+    np.testing.assert_allclose(result.S, np.linalg.svd(W, compute_uv=False)[:rank], rtol=1e-4, atol=1e-5)
+    spectrum = svd.spectra(params, CFG, name, layer)
+    assert spectrum.shape == ((CFG.n_head if per_head else 1), rank)
+    np.testing.assert_allclose(spectrum[head if per_head else 0], result.S, rtol=1e-5)
+
+
+def test_singular_directions_read_as_tokens():
+    params = fold_layer_norm(random_params(2))
+    result = svd.weight_svd(params, CFG, "OV", 0, 1)
+    rows = svd.singular_tokens(params, result, n_vectors=2, k=3)
+    assert [r["index"] for r in rows] == [0, 1]
+    wte = np.asarray(params["wte"], np.float64)
+    u, v = result.U[:, 0].astype(np.float64), result.Vt[0].astype(np.float64)
+    input_scores = wte @ u
+    assert [t for t, _ in rows[0]["input"]["positive"]] == list(np.argsort(-input_scores)[:3])
+    assert [t for t, _ in rows[0]["input"]["negative"]] == list(np.argsort(input_scores)[:3])
+    output_scores = (v - v.mean()) @ np.asarray(params["W_U"], np.float64)  # folded: lnf_w is inside W_U
+    assert [t for t, _ in rows[0]["output"]["positive"]] == list(np.argsort(-output_scores)[:3])
+    np.testing.assert_allclose([s for _, s in rows[0]["output"]["positive"]], np.sort(output_scores)[::-1][:3],
+                               rtol=1e-4)
+    # a d_head side has no token reading; QK's key side reads through the embedding
+    w_v = svd.singular_tokens(params, svd.weight_svd(params, CFG, "W_V", 0, 0), 1, 3)[0]
+    assert w_v["input"] is not None and w_v["output"] is None
+    qk = svd.weight_svd(params, CFG, "QK", 0, 0)
+    key_side = svd.singular_tokens(params, qk, 1, 3)[0]["output"]["positive"]
+    assert [t for t, _ in key_side] == list(np.argsort(-(wte @ qk.Vt[0]))[:3])
+
+
+def test_bad_matrix_head_or_layer_is_a_clear_error():
+    params = random_params(0)
+    with pytest.raises(ValueError, match="unknown matrix 'W_X'; choose one of W_Q"):
+        svd.weight_svd(params, CFG, "W_X", 0, 0)
+    with pytest.raises(ValueError, match="per head: give a head"):
+        svd.weight_svd(params, CFG, "OV", 0)
+    with pytest.raises(ValueError, match="MLP, which has no heads"):
+        svd.weight_svd(params, CFG, "W_in", 0, 1)
+    with pytest.raises(ValueError, match="layer 3 is out of range"):
+        svd.spectra(params, CFG, "W_out", 3)

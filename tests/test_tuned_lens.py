@@ -1,0 +1,86 @@
+"""Tuned lens: identity at initialisation (it is then the logit lens), training lowers KL(final || lens) on
+held-out tokens at every layer, translators round-trip through safetensors with their config checked; and
+on the embedded model, trained on training plays, it beats the logit lens at every layer on held-out plays."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinygpt
+from probes import tuned_lens as tl
+from probes.lens import logit_lens
+from test_lens import CFG, K, random_params, random_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = REPO / "weights" / "embedded" / "model.safetensors"
+SEQ, BATCH = 8, 4
+
+
+def stream(seed, n):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, n).astype(np.int32)
+
+
+def test_identity_translators_are_the_logit_lens():
+    params, tokens = random_params(1), random_tokens(1)
+    identity = tl.init_translators(CFG)
+    assert identity["A"].shape == (CFG.n_layer, CFG.d_model, CFG.d_model) and not np.any(identity["A"])
+    tuned = tl.tuned_lens(params, CFG, identity, tokens, target=2, k=K)
+    logit = logit_lens(params, CFG, tokens, target=2, k=K)
+    pre = logit.sites.index("resid_pre")
+    assert tuned.sites == ("resid_pre",)
+    np.testing.assert_array_equal(tuned.top_ids[0], logit.top_ids[pre])
+    np.testing.assert_allclose(tuned.kl[0], logit.kl[pre], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tuned.target_probs[0], logit.target_probs[pre], rtol=1e-5, atol=1e-7)
+    comparison = tl.evaluate_lenses(params, CFG, identity, stream(2, 80), seq=SEQ, batch=BATCH)
+    np.testing.assert_allclose(comparison.kl_tuned, comparison.kl_logit, rtol=1e-5)
+    assert comparison.n_tokens == 8 * (SEQ - 1)  # 10 windows, the 2 beyond a whole batch dropped
+
+
+def test_training_beats_the_logit_lens_on_held_out_tokens_and_round_trips(tmp_path):
+    params = random_params(3)
+    trained = tl.train_tuned_lens(params, CFG, stream(4, 2000), steps=150, batch=BATCH, seq=SEQ, lr=3e-3)
+    assert trained.losses.shape == (150,)
+    assert trained.losses[-20:].mean() < 0.8 * trained.losses[:5].mean()
+    held_out = tl.evaluate_lenses(params, CFG, trained.translators, stream(5, 400), seq=SEQ, batch=BATCH)
+    assert np.all(held_out.kl_tuned < held_out.kl_logit), (held_out.kl_tuned, held_out.kl_logit)
+    assert np.all(held_out.ppl_logit > 1) and held_out.ppl_model > 1
+    assert [r["layer"] for r in held_out.rows()] == list(range(CFG.n_layer))
+
+    path = tmp_path / "lens.safetensors"
+    tl.save_translators(path, trained.translators, CFG, steps=150)
+    loaded = tl.load_translators(path, CFG)
+    for name in ("A", "b"):
+        np.testing.assert_array_equal(loaded[name], trained.translators[name])
+    other = dataclasses.replace(CFG, n_ctx=32)
+    with pytest.raises(tl.TunedLensError, match="trained for another model: n_ctx=16 \\(model: 32\\)"):
+        tl.load_translators(path, other)
+
+
+def test_bad_files_and_streams_are_clear_errors(tmp_path):
+    with pytest.raises(tl.TunedLensError, match="no tuned lens at"):
+        tl.load_translators(tmp_path / "missing.safetensors", CFG)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(tl.TunedLensError, match="is not a tuned-lens safetensors file"):
+        tl.load_translators(tmp_path / "junk.safetensors", CFG)
+    with pytest.raises(tl.TunedLensError, match="fewer than one window of 8"):
+        tl.train_tuned_lens(random_params(0), CFG, stream(0, 5), steps=1, seq=SEQ)
+    with pytest.raises(tl.TunedLensError, match="between 2 and the model's context n_ctx=16"):
+        tl.evaluate_lenses(random_params(0), CFG, tl.init_translators(CFG), stream(0, 100), seq=17)
+
+
+@pytest.mark.skipif(not EMBEDDED.is_file(), reason=f"the embedded model is not built yet ({EMBEDDED} is missing)")
+def test_tuned_lens_beats_the_logit_lens_on_the_embedded_models_held_out_plays():
+    from weights import corpus
+
+    model = tinygpt.load()
+    train_plays, held_out_plays = corpus.split()
+    train_stream = tl.token_stream(model.tokenizer, train_plays.values(), max_chars=60_000)
+    held_out_stream = tl.token_stream(model.tokenizer, held_out_plays.values(), max_chars=30_000)
+    trained = tl.train_tuned_lens(model.params, model.config, train_stream, steps=150, batch=4, seq=32, lr=2e-3)
+    result = tl.evaluate_lenses(model.params, model.config, trained.translators, held_out_stream, seq=64, batch=8,
+                                max_windows=32)
+    assert np.all(result.kl_tuned < result.kl_logit), (result.kl_tuned, result.kl_logit)
