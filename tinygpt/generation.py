@@ -22,6 +22,7 @@ from jax.experimental import io_callback
 
 from .config import Config
 from .model import (
+    _at_top_level,
     block_attend_mlp,
     block_qkv,
     check_inputs,
@@ -143,6 +144,11 @@ def generate(
         )
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    if not _at_top_level():  # inside an outer jit/vmap: trace inline (a cache keyed on closures over tracers
+        # would only grow)
+        return _generate(params, tokens, attention_mask, jax.random.PRNGKey(seed), config, max_new_tokens,
+                         sampling, normalize_edits(edits), normalize_keep(keep) if keep else frozenset(),
+                         return_logits, on_token)
     run = _compiled(config, max_new_tokens, sampling, _Static(normalize_edits(edits)),
                     normalize_keep(keep) if keep else frozenset(), return_logits, _Static(on_token))
     return run(params, tokens, attention_mask, jax.random.PRNGKey(seed))

@@ -112,8 +112,8 @@ def positions_from_mask(attention_mask):
 
 
 def unembed(x, wte):
-    """Logits through the tied unembedding wte.T, in float32.  x [batch, seq, d_model] -> [batch, seq, vocab]"""
-    return jnp.einsum("bsm,vm->bsv", x, wte, preferred_element_type=f32)
+    """Logits through the tied unembedding wte.T, in float32.  x [..., d_model] -> [..., vocab]"""
+    return jnp.einsum("...m,vm->...v", x, wte, preferred_element_type=f32)
 
 
 # --------------------------------------------------------------------------------------------------- block
