@@ -1,0 +1,184 @@
+"""Neuron polysemanticity: does an MLP neuron respond to one thing, or to many unrelated ones?
+
+For the neuron (layer, index) over the token windows of a corpus:
+
+- its top-k activating tokens (by mlp_post), each with the context before it;
+- the entropy (bits) of the token types at those k positions, and of the tokens just before them: 0 when the
+  neuron fires on a single token type, log2(k) when every top context has a different one. For scale, the
+  same entropy of k tokens drawn at random from the corpus (`random_entropy`);
+- with a sparse autoencoder (`probes.sae`), the features that explain the neuron, ranked by the Pearson
+  correlation of the feature's activation with the neuron's over the whole corpus. When the SAE reads this
+  layer's mlp_post, each feature's share of the neuron's activation on the top contexts
+  (sum of f_i W_dec[i, neuron] / s over the sum of the activations); when it reads the residual stream, the
+  cosine of the feature's decoder direction with the neuron's key, the direction the neuron reads:
+  ln2_w * W_in[:, neuron], centred (LayerNorm subtracts the mean, so x . v = x . (v - mean v)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from tinygpt.config import Config
+
+from .harvest import check_layer, site_chunks, site_width
+from .sae import SAE, SAEConfig, encode
+
+RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
+
+
+@dataclasses.dataclass
+class Context:
+    window: int
+    position: int
+    activation: float
+    token: int
+    previous: int | None  # the token before (None at a window's first position)
+    context: list[int]  # up to `context` tokens ending with `token`
+
+
+@dataclasses.dataclass
+class FeatureMatch:
+    feature: int
+    correlation: float  # Pearson correlation of the feature's activation with the neuron's, over the corpus
+    share: float | None  # its share of the neuron's activation on the top contexts (SAEs on this mlp_post)
+    key_cosine: float | None  # cosine of its decoder row with the neuron's key (SAEs on the residual stream)
+
+
+@dataclasses.dataclass
+class NeuronReport:
+    layer: int
+    neuron: int
+    n_tokens: int
+    max_activation: float
+    fire_rate: float  # fraction of tokens with activation > 0
+    top: list[Context]
+    token_entropy: float  # bits, over the token types at the top contexts
+    previous_entropy: float  # bits, over the tokens just before them
+    distinct_tokens: int
+    distinct_previous: int
+    random_entropy: float  # bits, the same entropy for as many random corpus tokens
+    features: list[FeatureMatch]
+
+
+def type_entropy(ids) -> float:
+    """Entropy in bits of the empirical distribution of the ids' types."""
+    _, counts = np.unique(np.asarray(ids), return_counts=True)
+    p = counts / counts.sum()
+    return float((p * np.log2(1 / p)).sum())
+
+
+def random_entropy(tokens, k: int, samples: int = 200, seed: int = 0) -> float:
+    """Mean `type_entropy` of k tokens drawn without replacement from tokens [n]."""
+    rng = np.random.default_rng(seed)
+    tokens = np.asarray(tokens).reshape(-1)
+    return float(np.mean([type_entropy(rng.choice(tokens, min(k, len(tokens)), replace=False))
+                          for _ in range(samples)]))
+
+
+def neuron_key(params, layer: int, neuron: int) -> np.ndarray:
+    """The residual direction the neuron reads: ln2_w * W_in[:, neuron], centred.  -> [d_model]"""
+    key = np.asarray(params["blocks"]["ln2_w"][layer] * params["blocks"]["W_in"][layer][:, neuron], np.float64)
+    return key - key.mean()
+
+
+_encode = jax.jit(encode, static_argnames="config")
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _correlation_sums(sae_params, x, a, config: SAEConfig):
+    """Sums over rows for correlating feature activations f(x) [n, d_sae] with the neuron a [n]."""
+    f = encode(sae_params, x, config)  # [n, d_sae]
+    return f.sum(0), (f**2).sum(0), f.T @ a
+
+
+def neuron_report(params, config: Config, windows, layer: int, neuron: int, *, k: int = 20, context: int = 8,
+                  sae: SAE | None = None, n_features: int = 5, batch: int = 8) -> NeuronReport:
+    """Top contexts, token-type entropies and (with an SAE) explaining features of MLP neuron (layer, neuron)
+    over token windows [n_windows, seq]."""
+    layer = check_layer(config, "mlp_post", layer)
+    if not 0 <= neuron < config.d_mlp:
+        raise ValueError(f"neuron {neuron} is outside [0, d_mlp={config.d_mlp})")
+    windows = np.asarray(windows, np.int32)
+    if sae is not None:
+        if sae.config.site is None:
+            raise ValueError("the SAE does not record the site it was trained on (SAEConfig.site)")
+        check_layer(config, sae.config.site, sae.config.layer)
+        if site_width(config, sae.config.site) != sae.config.d_in:
+            raise ValueError(f"the SAE reads {sae.config.d_in}-wide vectors, but {sae.config.site} of this model "
+                             f"is {site_width(config, sae.config.site)} wide: it belongs to another model")
+    same_site = sae is not None and (sae.config.site, sae.config.layer) == ("mlp_post", layer)
+
+    neuron_chunks = site_chunks(params, config, windows, "mlp_post", layer, batch=batch)
+    sae_chunks = (site_chunks(params, config, windows, sae.config.site, sae.config.layer, batch=batch)
+                  if sae is not None and not same_site else None)
+    activations = np.zeros(windows.shape, np.float32)  # [n_windows, seq]
+    sums = None
+    for first, values in neuron_chunks:  # values [batch, seq, d_mlp]
+        a = values[..., neuron]  # [batch, seq]
+        activations[first: first + len(values)] = a
+        if sae is not None:
+            x = values if same_site else next(sae_chunks)[1]  # [batch, seq, d_in]
+            chunk_sums = _correlation_sums(sae.params, x.reshape(-1, x.shape[-1]), a.reshape(-1), sae.config)
+            sums = [np.asarray(s, np.float64) + (0 if sums is None else sums[i]) for i, s in enumerate(chunk_sums)]
+
+    flat = activations.reshape(-1)
+    top_rows = np.argsort(-flat, kind="stable")[:k]
+    seq = windows.shape[1]
+    top = []
+    for row in top_rows:
+        w, p = divmod(int(row), seq)
+        top.append(Context(window=w, position=p, activation=float(flat[row]), token=int(windows[w, p]),
+                           previous=int(windows[w, p - 1]) if p > 0 else None,
+                           context=windows[w, max(0, p - context + 1): p + 1].tolist()))
+    previous = [c.previous for c in top if c.previous is not None]
+
+    features = []
+    if sae is not None:
+        features = _explaining_features(params, config, windows, layer, neuron, sae, sums, flat, top, n_features,
+                                        same_site, batch)
+    return NeuronReport(layer=layer, neuron=neuron, n_tokens=len(flat), max_activation=float(flat.max()),
+                        fire_rate=float((flat > 0).mean()), top=top, token_entropy=type_entropy([c.token for c in top]),
+                        previous_entropy=type_entropy(previous) if previous else 0.0,
+                        distinct_tokens=len({c.token for c in top}), distinct_previous=len(set(previous)),
+                        random_entropy=random_entropy(windows, len(top)), features=features)
+
+
+def vectors_at(params, config: Config, windows, site: str, layer: int | None, contexts: list[Context],
+               batch: int) -> np.ndarray:
+    """The site's activation vectors at the contexts' (window, position).  -> [len(contexts), width]"""
+    chosen = np.unique([c.window for c in contexts])  # [n_chosen]
+    values = np.concatenate([v for _, v in site_chunks(params, config, windows[chosen], site, layer, batch=batch)])
+    slot = {int(w): i for i, w in enumerate(chosen)}
+    return np.stack([values[slot[c.window], c.position] for c in contexts])
+
+
+def _explaining_features(params, config, windows, layer, neuron, sae: SAE, sums, flat, top, n_features, same_site,
+                         batch) -> list[FeatureMatch]:
+    """The SAE features most correlated with the neuron, with their share of its top activations or the
+    cosine of their decoder rows with its key."""
+    n = len(flat)
+    f_sum, f_squares, f_times_a = sums
+    a = flat.astype(np.float64)
+    covariance = f_times_a / n - (f_sum / n) * a.mean()  # [d_sae]
+    f_std = np.sqrt(np.maximum(f_squares / n - (f_sum / n) ** 2, 0.0))
+    correlation = np.where(f_std > 0, covariance / np.maximum(f_std * a.std(), 1e-30), 0.0)  # [d_sae]
+    best = np.argsort(-correlation, kind="stable")[:n_features]
+
+    share = None
+    if same_site:  # f_i W_dec[i, neuron] / s summed over the top contexts, over the neuron's activation there
+        x = vectors_at(params, config, windows, "mlp_post", layer, top, batch)  # [k, d_mlp]
+        f = np.asarray(_encode(sae.params, x, sae.config), np.float64)  # [k, d_sae]
+        contributions = f.sum(0) * np.asarray(sae.params["W_dec"][:, neuron]) / sae.config.input_scale  # [d_sae]
+        share = contributions / sum(c.activation for c in top)
+    key_cosine = None
+    if sae.config.site in RESID_SITES:
+        key = neuron_key(params, layer, neuron)
+        decoder = np.asarray(sae.params["W_dec"], np.float64)  # [d_sae, d_model], unit rows
+        key_cosine = decoder @ key / np.linalg.norm(key)
+    return [FeatureMatch(feature=int(i), correlation=float(correlation[i]),
+                         share=None if share is None else float(share[i]),
+                         key_cosine=None if key_cosine is None else float(key_cosine[i])) for i in best]

@@ -1,0 +1,505 @@
+"""Sparse autoencoders: a dictionary of directions whose sparse combinations reconstruct a site's activations.
+
+    f     = encode(x)  = relu((x * s - b_dec) @ W_enc + b_enc)          "relu": ReLU codes, an L1 penalty on f
+                      (only the k largest pre-activations kept)          "topk": exactly k codes at most, no L1
+    x_hat = decode(f)  = (f @ W_dec + b_dec) / s
+
+W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]. Row i of W_dec is feature i's
+direction; the rows are kept unit-norm (renormalised after every step, and the gradient's component along
+each row removed before the step, so the L1 penalty cannot be dodged by shrinking codes and growing rows).
+`s` (config.input_scale) is a constant fixed from the training data so that E ||x s||^2 = d_in, which makes
+l1_coeff mean the same thing at every site and model.
+
+Loss per input: ||x s - x_hat s||^2 (summed over d_in) + l1_coeff * sum_i f_i   (the L1 term only for "relu").
+
+Training (`train_sae`): Adam (optax) with linear warmup and cosine decay; batches drawn without replacement
+from an activation store (`probes.harvest`); the steps run as jit-compiled `lax.scan`s of `log_every` steps.
+A latent that has not fired for `dead_steps` steps is dead; every `resample_every` steps dead latents are
+resampled as in Anthropic's "Towards Monosemanticity": each is pointed at an input the SAE reconstructs
+badly (drawn with probability proportional to its squared error, squared), its encoder column scaled to 0.2 x
+the mean alive encoder norm, its bias and its Adam moments zeroed.
+
+Metrics: L0 (mean number of active latents per token), the fraction of variance explained, the fraction of
+dead latents, and the loss recovered when the reconstruction replaces the site in the forward pass:
+(CE_ablated - CE_sae) / (CE_ablated - CE_clean), with the site zero-ablated (and mean-ablated) as baselines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tinygpt.config import Config
+from tinygpt.model import forward
+
+KINDS = ("relu", "topk")
+
+
+class SAEError(ValueError):
+    """A bad SAE configuration, a file that is not an SAE, or activations of the wrong width."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    kind: str = "relu"  # "relu" (ReLU + L1) or "topk"
+    l1_coeff: float = 2.0  # weight of sum_i f_i in the loss ("relu")
+    k: int = 32  # active latents per input ("topk")
+    lr: float = 1e-3
+    batch_size: int = 1024
+    steps: int = 2000
+    warmup_steps: int = 100
+    dead_steps: int = 250  # a latent silent for this many steps is dead
+    resample_every: int = 500  # resample dead latents every this many steps (0: never)
+    input_scale: float = 1.0  # inputs are multiplied by this (set from the data by train_sae)
+    seed: int = 0
+    site: str | None = None  # where the activations came from (provenance; None for other data)
+    layer: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise SAEError(f"SAE kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("d_in", "d_sae", "k", "batch_size", "steps", "dead_steps"):
+            if getattr(self, name) < 1:
+                raise SAEError(f"SAEConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.kind == "topk" and self.k > self.d_sae:
+            raise SAEError(f"k={self.k} exceeds the number of latents d_sae={self.d_sae}")
+        if self.l1_coeff < 0 or self.lr <= 0 or self.input_scale <= 0:
+            raise SAEError("l1_coeff must be >= 0, lr and input_scale > 0")
+
+
+@dataclasses.dataclass
+class SAE:
+    config: SAEConfig
+    params: dict  # W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+
+
+# --------------------------------------------------------------------------------------------- the model
+
+
+def init_sae(config: SAEConfig, seed: int = 0, data_mean=None) -> dict:
+    """Unit-norm random decoder rows, the encoder tied to the decoder's transpose, b_dec at the (scaled)
+    data mean when given."""
+    W_dec = np.random.default_rng(seed).standard_normal((config.d_sae, config.d_in))  # [d_sae, d_in]
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    b_dec = np.zeros(config.d_in) if data_mean is None else np.asarray(data_mean) * config.input_scale
+    params = {"W_enc": W_dec.T, "b_enc": np.zeros(config.d_sae), "W_dec": W_dec, "b_dec": b_dec}
+    return {name: jnp.asarray(value, jnp.float32) for name, value in params.items()}
+
+
+def unit_rows(W):
+    """Each row divided by its L2 norm.  [n, d] -> [n, d]"""
+    return W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-8)
+
+
+def pre_activations(params, x, config: SAEConfig):
+    """(x s - b_dec) @ W_enc + b_enc.  x [..., d_in] -> [..., d_sae]"""
+    return (x * config.input_scale - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+
+
+def encode(params, x, config: SAEConfig):
+    """Feature activations f >= 0.  x [..., d_in] -> [..., d_sae]"""
+    pre = pre_activations(params, x, config)  # [..., d_sae]
+    if config.kind == "topk":
+        threshold = jax.lax.stop_gradient(kth_largest(pre, config.k))  # [..., 1]
+        return jnp.where(pre >= threshold, jax.nn.relu(pre), 0.0)
+    return jax.nn.relu(pre)
+
+
+def kth_largest(x, k: int, iterations: int = 32):
+    """A threshold t per row with exactly the k largest values of the row >= t.  [..., n] -> [..., 1]
+
+    Bisection between the row's min and max: keep the half where at least k values lie above. It selects
+    the same entries as `jax.lax.top_k(x, k)` (unless the k-th and (k+1)-th values are closer than
+    (max - min) / 2**32 or one float step), and runs several times faster than XLA's top_k on CPU."""
+    low, high = x.min(-1, keepdims=True), x.max(-1, keepdims=True)  # [..., 1]
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low + high) / 2
+        enough_above = (x >= middle).sum(-1, keepdims=True) >= k
+        return jnp.where(enough_above, middle, low), jnp.where(enough_above, high, middle)
+
+    low, _ = jax.lax.fori_loop(0, iterations, halve, (low, high))
+    return low
+
+
+def decode(params, f, config: SAEConfig):
+    """Reconstruction in the input's units.  f [..., d_sae] -> [..., d_in]"""
+    return (f @ params["W_dec"] + params["b_dec"]) / config.input_scale
+
+
+def reconstruct(params, x, config: SAEConfig):
+    """decode(encode(x)).  [..., d_in] -> [..., d_in]"""
+    return decode(params, encode(params, x, config), config)
+
+
+def sae_loss(params, x, config: SAEConfig):
+    """Mean over the batch of ||x s - x_hat s||^2 + l1_coeff * sum_i f_i (L1 only for "relu").
+    x [batch, d_in] -> (loss, (f [batch, d_sae], squared error [batch]))"""
+    f = encode(params, x, config)  # [batch, d_sae]
+    error = (decode(params, f, config) - x) * config.input_scale  # [batch, d_in]
+    squared_error = (error**2).sum(-1)  # [batch]
+    sparsity = f.sum(-1) if config.kind == "relu" else jnp.zeros_like(squared_error)  # [batch]
+    loss = squared_error.mean() + config.l1_coeff * sparsity.mean()
+    return loss, (f, squared_error)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def remove_parallel_component(grad_W_dec, W_dec):
+    """The gradient of each unit-norm decoder row minus its component along the row.  [d_sae, d_in]"""
+    parallel = (grad_W_dec * W_dec).sum(-1, keepdims=True)  # [d_sae, 1]
+    return grad_W_dec - parallel * W_dec
+
+
+def make_optimizer(config: SAEConfig) -> optax.GradientTransformation:
+    """Adam; the learning rate warms up linearly (over at most half the steps), then decays to 10% (cosine)."""
+    warmup = min(config.warmup_steps, config.steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, config.steps, end_value=0.1 * config.lr)
+    return optax.adam(schedule)
+
+
+def make_train_step(config: SAEConfig, optimizer):
+    """One training step, a pure function: (params, opt_state, steps_since_fired [d_sae], x [batch, d_in])
+    -> (params, opt_state, steps_since_fired, metrics). steps_since_fired counts, per latent, the steps since it
+    was last active on any row of a batch."""
+
+    def step(params, opt_state, steps_since_fired, x):
+        (loss, (f, squared_error)), grads = jax.value_and_grad(sae_loss, has_aux=True)(params, x, config)
+        grads = {**grads, "W_dec": remove_parallel_component(grads["W_dec"], params["W_dec"])}
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params = {**params, "W_dec": unit_rows(params["W_dec"])}
+        fired = (f > 0).any(axis=0)  # [d_sae]
+        steps_since_fired = jnp.where(fired, 0, steps_since_fired + 1)
+        metrics = {"loss": loss, "mse": squared_error.mean() / config.d_in, "l0": (f > 0).sum(-1).mean(),
+                   "dead_fraction": (steps_since_fired >= config.dead_steps).mean()}
+        return params, opt_state, steps_since_fired, metrics
+
+    return step
+
+
+def make_train_steps(config: SAEConfig, optimizer):
+    """A jit-compiled run of consecutive steps, one per batch of xs [steps, batch, d_in] (a `lax.scan`):
+    (params, opt_state, steps_since_fired, xs) -> (params, opt_state, steps_since_fired, metrics averaged
+    over the steps)."""
+    step = make_train_step(config, optimizer)
+
+    @jax.jit
+    def run(params, opt_state, steps_since_fired, xs):
+        def scan_step(carry, x):
+            params, opt_state, steps_since_fired, metrics = step(*carry, x)
+            return (params, opt_state, steps_since_fired), metrics
+
+        carry, metrics = jax.lax.scan(scan_step, (params, opt_state, steps_since_fired), xs)  # metrics [steps]
+        return *carry, jax.tree.map(jnp.mean, metrics)
+
+    return run
+
+
+def resample_dead(params, opt_state, steps_since_fired, x, rng: np.random.Generator, *, optimizer,
+                  config: SAEConfig):
+    """Re-initialise the dead latents (silent for config.dead_steps steps or more) towards inputs x [n, d_in]
+    that the SAE reconstructs badly (drawn with probability proportional to their squared error, squared),
+    and zero their Adam moments and silence counts. Returns (params, opt_state, steps_since_fired)."""
+    dead = np.asarray(steps_since_fired) >= config.dead_steps  # [d_sae]
+    if not dead.any():
+        return params, opt_state, steps_since_fired
+    weight = np.asarray(_squared_errors(params, x, config), np.float64) ** 2  # [n]
+    chosen = rng.choice(len(x), size=config.d_sae, p=weight / weight.sum() if weight.sum() > 0 else None)
+    params, opt_state = _point_latents_at(params, opt_state, dead, x[chosen], optimizer=optimizer, config=config)
+    return params, opt_state, np.where(dead, 0, steps_since_fired)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _squared_errors(params, x, config: SAEConfig):
+    return sae_loss(params, x, config)[1][1]  # [n]
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "config"))
+def _point_latents_at(params, opt_state, dead, inputs, *, optimizer, config: SAEConfig):
+    """Latent i, if dead, gets decoder row = the unit direction of inputs[i] (scaled, minus b_dec), encoder
+    column = that direction x 0.2 x the mean encoder norm of the alive latents, b_enc = 0, Adam moments 0.
+    dead bool [d_sae], inputs [d_sae, d_in]."""
+    directions = unit_rows(inputs * config.input_scale - params["b_dec"])  # [d_sae, d_in]
+    encoder_norms = jnp.linalg.norm(params["W_enc"], axis=0)  # [d_sae]
+    alive_mean_norm = jnp.where(dead, 0.0, encoder_norms).sum() / jnp.maximum((~dead).sum(), 1)
+    params = {
+        "W_enc": jnp.where(dead[None, :], directions.T * 0.2 * alive_mean_norm, params["W_enc"]),
+        "b_enc": jnp.where(dead, 0.0, params["b_enc"]),
+        "W_dec": jnp.where(dead[:, None], directions, params["W_dec"]),
+        "b_dec": params["b_dec"],
+    }
+
+    def zero_dead(moments):  # an Adam moment, shaped like params
+        return {"W_enc": jnp.where(dead[None, :], 0.0, moments["W_enc"]),
+                "b_enc": jnp.where(dead, 0.0, moments["b_enc"]),
+                "W_dec": jnp.where(dead[:, None], 0.0, moments["W_dec"]),
+                "b_dec": moments["b_dec"]}
+
+    opt_state = optax.tree_utils.tree_map_params(optimizer, zero_dead, opt_state,
+                                                 is_leaf=lambda t: isinstance(t, dict) and "W_dec" in t)
+    return params, opt_state
+
+
+def input_scale_for(acts, n_sample: int = 20000, seed: int = 0) -> float:
+    """The constant s with E ||x s||^2 = d_in, estimated on a sample of rows."""
+    rows = np.sort(np.random.default_rng(seed).choice(len(acts), min(n_sample, len(acts)), replace=False))
+    sample = np.asarray(acts[rows], np.float64)
+    return float(np.sqrt(sample.shape[1] / (sample**2).sum(-1).mean()))
+
+
+def batches(acts, batch_size: int, rng: np.random.Generator):
+    """Endless batches of rows [batch_size, d_in], each epoch a new permutation (rows read in sorted order,
+    which keeps memory-mapped reads sequential-ish)."""
+    if len(acts) < batch_size:
+        raise SAEError(f"{len(acts)} activation rows are fewer than one batch of {batch_size}")
+    while True:
+        order = rng.permutation(len(acts))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield np.asarray(acts[np.sort(order[start: start + batch_size])], np.float32)
+
+
+def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool = True, log_every: int = 100):
+    """Train an SAE on activation rows acts [n, d_in] (an array or a memory-mapped harvest).
+
+    The steps run in rounds of `log_every` (one compiled `lax.scan` each); after a round its mean metrics are
+    logged, and dead latents are resampled when the round crossed a multiple of
+    config.resample_every (and at least that many steps remain).
+    Returns (SAE, history: a list of {step, loss, mse, l0, dead_fraction}, averaged over each round)."""
+    if acts.ndim != 2 or acts.shape[1] != config.d_in:
+        raise SAEError(f"activations have shape {tuple(acts.shape)}, expected [n, d_in={config.d_in}]")
+    if normalize:
+        config = dataclasses.replace(config, input_scale=input_scale_for(acts, seed=config.seed))
+    rng = np.random.default_rng(config.seed)
+    sample = np.asarray(acts[np.sort(rng.choice(len(acts), min(len(acts), 20000), replace=False))], np.float32)
+    params = init_sae(config, config.seed, data_mean=sample.mean(0))
+    optimizer = make_optimizer(config)
+    opt_state = optimizer.init(params)
+    run_steps = make_train_steps(config, optimizer)
+    steps_since_fired = np.zeros(config.d_sae, np.int32)
+    data = batches(acts, config.batch_size, rng)
+    history = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, desc=f"SAE {config.kind}", disable=not progress)
+    done = 0
+    while done < config.steps:
+        round_steps = min(log_every, config.steps - done)
+        xs = np.stack([next(data) for _ in range(round_steps)])  # [round_steps, batch, d_in]
+        params, opt_state, steps_since_fired, metrics = run_steps(params, opt_state, steps_since_fired, xs)
+        previous, done = done, done + round_steps
+        crossed = config.resample_every and done // config.resample_every > previous // config.resample_every
+        if crossed and config.steps - done >= config.resample_every:
+            params, opt_state, steps_since_fired = resample_dead(params, opt_state, steps_since_fired, sample, rng,
+                                                                 optimizer=optimizer, config=config)
+        history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
+        bar.update(round_steps)
+        bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.1f}",
+                        dead=f"{history[-1]['dead_fraction']:.2f}")
+    bar.close()
+    return SAE(config, params), history
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+@dataclasses.dataclass
+class SAEMetrics:
+    l0: float  # mean number of active latents per row
+    fve: float  # fraction of variance explained: 1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2
+    mse: float  # mean squared error per element, in the input's units
+    dead_fraction: float  # latents that never fire on these rows
+    n_rows: int
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _batch_statistics(params, x, valid, config: SAEConfig):
+    """Over the valid rows of x [batch, d_in]: the number of active latents, the summed squared error, and
+    which latents fired [d_sae]."""
+    f = encode(params, x, config)  # [batch, d_sae]
+    active = (f > 0) & valid[:, None]  # [batch, d_sae]
+    error = (decode(params, f, config) - x) * valid[:, None]  # [batch, d_in]
+    return active.sum(), (error**2).sum(), active.any(axis=0)
+
+
+def evaluate(sae: SAE, acts, *, batch_size: int = 4096) -> SAEMetrics:
+    """L0, fraction of variance explained, MSE and dead fraction over acts [n, d_in]."""
+    if acts.ndim != 2 or acts.shape[1] != sae.config.d_in:
+        raise SAEError(f"activations have shape {tuple(acts.shape)}, the SAE expects [n, {sae.config.d_in}]")
+    n, d = acts.shape
+    chunks = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    mean = sum(np.asarray(acts[a:b], np.float64).sum(0) for a, b in chunks) / n  # [d_in]
+    active = squared_error = total_variance = 0.0
+    fired = np.zeros(sae.config.d_sae, bool)
+    for a, b in chunks:
+        x = np.zeros((batch_size, d), np.float32)  # one shape for every chunk: the tail is padded
+        x[: b - a] = acts[a:b]
+        valid = np.arange(batch_size) < b - a
+        n_active, error, fired_here = _batch_statistics(sae.params, x, valid, sae.config)
+        active += float(n_active)
+        squared_error += float(error)
+        fired |= np.asarray(fired_here)
+        total_variance += float(((x[: b - a] - mean) ** 2).sum())
+    return SAEMetrics(l0=active / n, fve=1.0 - squared_error / total_variance, mse=squared_error / (n * d),
+                      dead_fraction=float(1.0 - fired.mean()), n_rows=n)
+
+
+@dataclasses.dataclass
+class LossRecovered:
+    ce_clean: float  # next-token cross-entropy (nats) of the unedited model
+    ce_sae: float  # with the site replaced by the SAE's reconstruction
+    ce_zero: float  # with the site zero-ablated
+    ce_mean: float  # with the site replaced by its mean activation
+    recovered: float  # (ce_zero - ce_sae) / (ce_zero - ce_clean)
+    recovered_vs_mean: float  # (ce_mean - ce_sae) / (ce_mean - ce_clean)
+
+
+def splice_edit(site_value_fn, layer: int | None):
+    """An edit that replaces the site's value by site_value_fn(value) at block `layer` (every call for global
+    sites). The replacement sees the value flattened to [batch, seq, width]."""
+
+    def edit(value, current_layer):
+        flat = value.reshape(*value.shape[:2], -1)  # [batch, seq, width]
+        new = site_value_fn(flat).reshape(value.shape)
+        return new if layer is None else jnp.where(current_layer == layer, new, value)
+
+    return edit
+
+
+def next_token_loss(params, tokens, config: Config, edits=None):
+    """Mean next-token cross-entropy (nats) of each window.  tokens [batch, seq] -> [batch]"""
+    logits = forward(params, tokens, config, edits=edits, keep=("logits",)).logits  # [batch, seq, vocab]
+    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [batch, seq - 1, vocab]
+    targets = tokens[:, 1:]  # [batch, seq - 1]
+    return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0].mean(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _spliced_losses_fn(config: Config, sae_config: SAEConfig, site: str, layer: int | None):
+    """jit (params, sae_params, mean [width], tokens [batch, seq]) -> {mode: CE per window [batch]} for the
+    clean model and the site replaced by the SAE's reconstruction, zeros, or its mean."""
+
+    @jax.jit
+    def run(params, sae_params, mean, tokens):
+        replacements = {
+            "sae": lambda x: reconstruct(sae_params, x, sae_config),
+            "zero": jnp.zeros_like,
+            "mean": lambda x: jnp.broadcast_to(mean, x.shape),
+        }
+        losses = {"clean": next_token_loss(params, tokens, config)}
+        for mode, replace in replacements.items():
+            losses[mode] = next_token_loss(params, tokens, config, {site: splice_edit(replace, layer)})
+        return losses
+
+    return run
+
+
+def loss_recovered(params, config: Config, sae: SAE, windows, *, mean_activation=None, batch: int = 8,
+                   site: str | None = None, layer: int | None = None) -> LossRecovered:
+    """Cross-entropy on token windows [n, seq] with the SAE's reconstruction spliced in at its site (from the
+    SAE config, or `site`/`layer`), against the clean model and zero / mean ablation of the site."""
+    site = site or sae.config.site
+    layer = sae.config.layer if layer is None else layer
+    if site is None:
+        raise SAEError("the SAE does not record its site: pass site= (and layer=)")
+    windows = np.asarray(windows, np.int32)
+    mean = jnp.zeros(sae.config.d_in) if mean_activation is None else jnp.asarray(mean_activation, jnp.float32)
+    run = _spliced_losses_fn(config, sae.config, site, layer)
+    per_window = {"clean": [], "sae": [], "zero": [], "mean": []}
+    for start in range(0, len(windows), batch):
+        chunk = windows[start: start + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])  # one shape
+        for mode, losses in run(params, sae.params, mean, padded).items():
+            per_window[mode].append(np.asarray(losses)[: len(chunk)])
+    ce = {mode: float(np.concatenate(losses).mean()) for mode, losses in per_window.items()}
+    return LossRecovered(ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"], ce_mean=ce["mean"],
+                         recovered=(ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+                         recovered_vs_mean=(ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"]))
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+METADATA_KEY = "tinygpt_sae_config"
+
+
+def save_sae(sae: SAE, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """safetensors file of the four tensors, the SAEConfig (and `extra`, e.g. the model) as JSON metadata."""
+    from safetensors.numpy import save_file
+
+    tensors = {name: np.asarray(value, np.float32) for name, value in sae.params.items()}
+    metadata = {METADATA_KEY: json.dumps(dataclasses.asdict(sae.config))}
+    if extra:
+        metadata["tinygpt_sae_extra"] = json.dumps(extra)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_sae(path: str | os.PathLike) -> SAE:
+    """An SAE written by `save_sae`; checks the tensors against the config."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SAEError(f"SAE file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        raise SAEError(f"{path} is not a safetensors file: {e}") from None
+    if METADATA_KEY not in metadata:
+        raise SAEError(f"{path} is not an SAE saved by tinygpt (no {METADATA_KEY} in its metadata)")
+    config = SAEConfig(**json.loads(metadata[METADATA_KEY]))
+    shapes = {"W_enc": (config.d_in, config.d_sae), "b_enc": (config.d_sae,), "W_dec": (config.d_sae, config.d_in),
+              "b_dec": (config.d_in,)}
+    for name, shape in shapes.items():
+        if name not in tensors or tensors[name].shape != shape:
+            got = tensors[name].shape if name in tensors else "missing"
+            raise SAEError(f"{path}: tensor {name} is {got}, its config implies {shape}")
+    return SAE(config, {name: jnp.asarray(tensors[name]) for name in shapes})
+
+
+def sae_extra(path: str | os.PathLike) -> dict:
+    """The `extra` metadata saved with an SAE (empty when none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        return json.loads((f.metadata() or {}).get("tinygpt_sae_extra", "{}"))
+
+
+# ------------------------------------------------------------------------------------- synthetic ground truth
+
+
+def synthetic_superposition(n_features: int, d: int, n_samples: int, *, p_active: float = 0.05, seed: int = 0):
+    """Data made of known sparse features in superposition: a dictionary of n_features random unit
+    directions in d < n_features dims, and inputs x = codes @ dictionary where each feature is active
+    independently with probability p_active, with a magnitude uniform in [0.5, 1.5].
+    Returns (x [n_samples, d] float32, dictionary [n_features, d], codes [n_samples, n_features])."""
+    rng = np.random.default_rng(seed)
+    dictionary = rng.standard_normal((n_features, d))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    active = rng.random((n_samples, n_features)) < p_active
+    codes = active * rng.uniform(0.5, 1.5, (n_samples, n_features))
+    return (codes @ dictionary).astype(np.float32), dictionary.astype(np.float32), codes.astype(np.float32)
+
+
+def max_cosines(true_dictionary, learned_dictionary) -> np.ndarray:
+    """For every true feature, the largest cosine with any learned direction (1.0: recovered exactly).
+    true [n_true, d], learned [n_learned, d] -> [n_true]"""
+    true = np.asarray(true_dictionary, np.float64)
+    learned = np.asarray(learned_dictionary, np.float64)
+    true = true / np.linalg.norm(true, axis=1, keepdims=True)
+    learned = learned / np.maximum(np.linalg.norm(learned, axis=1, keepdims=True), 1e-12)
+    return (true @ learned.T).max(axis=1)
