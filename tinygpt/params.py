@@ -20,6 +20,7 @@ over them. The unembedding is `wte.T`: tied, never copied.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -75,6 +76,16 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 def init_params(config: Config, key: jax.Array, dtype="float32") -> Params:
+    """Random parameters with GPT-2's initialisation (see `_init_params`), as one compiled program."""
+    return _init_jit(config, str(resolve_dtype(dtype)))(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _init_jit(config: Config, dtype: str):
+    return jax.jit(lambda key: _init_params(config, key, dtype))
+
+
+def _init_params(config: Config, key: jax.Array, dtype="float32") -> Params:
     """Random parameters with GPT-2's initialisation (normal std 0.02, residual projections scaled by
     1/sqrt(2 * n_layer), LayerNorm weights one, biases zero)."""
     shapes = param_shapes(config)
@@ -83,12 +94,15 @@ def init_params(config: Config, key: jax.Array, dtype="float32") -> Params:
     normal_std = {"wte": std, "wpe": 0.01, "W_Q": std, "W_K": std, "W_V": std, "W_in": std,
                   "W_O": proj_std, "W_out": proj_std}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
+    # One normal draw for every random weight (a single random-number op compiles far faster than one per
+    # parameter), cut into the weights in pytree order.
+    sizes = [int(np.prod(shape)) for path, shape in leaves if path[-1].key in normal_std]
+    draws = jnp.split(jax.random.normal(key, (sum(sizes),), jnp.float32), np.cumsum(sizes)[:-1])
     out = []
-    for (path, shape), k in zip(leaves, keys):
+    for path, shape in leaves:
         name = path[-1].key
         if name in normal_std:
-            out.append((normal_std[name] * jax.random.normal(k, shape, jnp.float32)).astype(dt))
+            out.append((normal_std[name] * draws.pop(0).reshape(shape)).astype(dt))
         elif name.endswith("_w"):
             out.append(jnp.ones(shape, dt))
         else:
