@@ -1,0 +1,193 @@
+"""Causal tracing (Meng et al. 2022, ROME): where in the network is the state that recalls a fact?
+
+1. Clean run: the prompt ("The Eiffel Tower is in the city of"); the answer is its most likely next token
+   (" Paris") unless given.
+2. Corrupted runs: Gaussian noise is added to the token embeddings of the subject ("The Eiffel Tower"), std
+   `noise` x the std of the subject tokens' embeddings (ROME uses 3x), one seeded sample per row.
+3. Restored runs: each corrupted run with the clean value of one site put back at one (layer, position):
+   the residual stream (window 1), or the MLP / attention output at the layers of a window around it
+   (ROME's window, 10 by default).
+
+Reported, P(answer) averaged over the noise samples: clean (`clean_prob`), corrupted (`corrupt_prob`),
+restored at each (layer, position) (`scores[kind]`); the total effect is clean - corrupt, the indirect effect
+of a state is restored - corrupt.
+
+The restored runs of one kind are one compiled sweep (`tinygpt.sweep.sweep_positions`): a run restored at
+layer l starts from the corrupted run's cached input of its first restored layer, recomputes only positions
+from the restored one on, and positions before the subject are not run (the noise has not reached them:
+restoring there changes nothing). The noise samples are the rows of one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from probes import metrics
+from tinygpt import forward
+from tinygpt.config import Config
+from tinygpt.model import unembed
+from tinygpt.sweep import base_logits, cache_run, sweep_positions
+
+KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+RESIDUAL_KINDS = ("resid_pre", "resid_post")  # restored alone (window 1), as in ROME
+
+
+@dataclasses.dataclass
+class CausalTrace:
+    tokens: np.ndarray  # [seq] the prompt
+    subject: np.ndarray  # positions of the subject's tokens
+    answer: int  # the token whose probability is traced
+    clean_prob: float  # P(answer) on the clean prompt
+    corrupt_prob: float  # P(answer) with the subject noised (mean over samples)
+    scores: dict  # kind -> [layer, seq] P(answer) with the clean state restored there (mean over samples)
+    noise_std: float  # std of the added noise
+    samples: int
+    window: int  # layers restored around each layer for mlp_out / attn_out (1 for the residual kinds)
+    seed: int
+
+    @property
+    def total_effect(self) -> float:
+        """P(answer) clean - corrupted."""
+        return self.clean_prob - self.corrupt_prob
+
+    def indirect_effect(self, kind: str) -> np.ndarray:
+        """P(answer) restored - corrupted, [layer, seq]."""
+        return self.scores[kind] - self.corrupt_prob
+
+
+def check_subject(subject_positions, seq: int) -> tuple[int, ...]:
+    subject = tuple(sorted({int(p) for p in np.atleast_1d(subject_positions)}))
+    if not subject:
+        raise ValueError("the subject must cover at least one token position")
+    if subject[0] < 0 or subject[-1] >= seq:
+        raise ValueError(f"subject positions {list(subject)} are outside the prompt of {seq} tokens")
+    return subject
+
+
+def subject_noise(params, tokens, subject_positions, *, samples: int = 10, noise: float = 3.0,
+                  noise_std: float | None = None, seed: int = 0):
+    """(noise [samples, n_subject, d_model], std): seeded Gaussian noise for the subject's embeddings, std
+    `noise_std`, or `noise` x the std of the subject tokens' embedding values."""
+    tokens = np.asarray(tokens).reshape(-1)
+    subject = check_subject(subject_positions, len(tokens))
+    if noise_std is None:
+        noise_std = noise * float(jnp.std(params["wte"][tokens[list(subject)]]))
+    unit = jax.random.normal(jax.random.PRNGKey(seed), (samples, len(subject), params["wte"].shape[1]))
+    return noise_std * unit, noise_std
+
+
+def noise_edit(noise, subject, seq: int):
+    """The `embed` edit adding noise [samples, n_subject, d_model] at the subject positions of each row."""
+    full = jnp.zeros((noise.shape[0], seq, noise.shape[2]), noise.dtype).at[:, jnp.asarray(subject)].set(noise)
+
+    def edit(embed, layer):
+        return embed + full.astype(embed.dtype)
+
+    return edit
+
+
+def trace_scores(params, tokens, noise, answer, *, config: Config, subject: tuple, kinds: tuple, window: int,
+                 buckets: int, chunk_size: int | None):
+    """(scores {kind: [layer, seq]}, clean P(answer), corrupted P(answer)): traceable; see `causal_trace`."""
+    samples, seq = noise.shape[0], tokens.shape[0]
+    clean = forward(params, tokens[None], config, keep=kinds + ("ln_final",))
+    clean_logits = unembed(clean.ln_final[:, -1:], params["wte"])[:, 0]  # [1, vocab]
+    corrupt_tokens = jnp.broadcast_to(tokens, (samples, seq))
+    cache = cache_run(params, corrupt_tokens, config, edits={"embed": noise_edit(noise, subject, seq)})
+
+    def score(logits):  # [samples, 1, vocab] -> mean P(answer) over the samples
+        return metrics.prob(logits[:, 0], answer).mean()
+
+    windows = {kind: 1 if kind in RESIDUAL_KINDS else window for kind in kinds}
+    scores = sweep_positions(params, config, cache, {kind: clean[kind] for kind in kinds}, score,
+                             layers=jnp.arange(config.n_layer), positions=np.arange(seq), windows=windows,
+                             unchanged_before=subject[0], buckets=buckets, chunk_size=chunk_size)
+    corrupt = score(base_logits(params, cache))
+    return dict(zip(kinds, scores)), metrics.prob(clean_logits, answer)[0], corrupt
+
+
+compiled_trace = jax.jit(trace_scores, static_argnames=("config", "subject", "kinds", "window", "buckets",
+                                                        "chunk_size"))
+
+
+def causal_trace(params, tokens, config: Config, subject_positions, *, answer: int | None = None,
+                 kinds=("resid_pre", "mlp_out", "attn_out"), samples: int = 10, noise: float = 3.0,
+                 noise_std: float | None = None, seed: int = 0, window: int = 10, buckets: int = 2,
+                 chunk_size: int | None = None) -> CausalTrace:
+    """ROME's causal trace of one prompt (see the module doc).
+
+    tokens             int [seq] (or [1, seq]) the prompt
+    subject_positions  the positions of the subject's tokens
+    answer             the traced token (default: the clean run's most likely next token)
+    kinds              sites restored: "resid_pre", "resid_post", "mlp_out", "attn_out"
+    samples, noise, noise_std, seed   the corruption (noise_std overrides noise x the embeddings' std)
+    window             layers restored together for mlp_out / attn_out, centred on each layer"""
+    tokens = np.asarray(tokens)
+    if tokens.ndim == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.ndim != 1:
+        raise ValueError(f"causal tracing takes one prompt (token ids [seq]), got shape {tokens.shape}")
+    subject = check_subject(subject_positions, len(tokens))
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown kind {unknown[0] if unknown else None!r}; choose from {', '.join(KINDS)}")
+    if samples < 1 or window < 1:
+        raise ValueError("samples and window must be at least 1")
+    if answer is None:
+        answer = int(jnp.argmax(forward(params, tokens[None], config, keep=("logits",)).logits[0, -1]))
+    if not 0 <= answer < config.vocab_size:
+        raise ValueError(f"answer token {answer} is outside the vocabulary [0, {config.vocab_size})")
+    noise_values, std = subject_noise(params, tokens, subject, samples=samples, noise=noise, noise_std=noise_std,
+                                      seed=seed)
+    scores, clean_prob, corrupt_prob = compiled_trace(
+        params, jnp.asarray(tokens), noise_values, jnp.asarray(answer), config=config, subject=subject, kinds=kinds,
+        window=window, buckets=buckets, chunk_size=chunk_size)
+    return CausalTrace(tokens, np.asarray(subject), int(answer), float(clean_prob), float(corrupt_prob),
+                       {k: np.asarray(scores[k]) for k in kinds}, float(std), samples, window, seed)
+
+
+def find_subject(tokenizer, tokens, subject: str) -> list[int]:
+    """Positions of the tokens covering the last occurrence of `subject` in the prompt (matched on the
+    tokens' bytes, so a character split across tokens is found too)."""
+    token_bytes = [tokenizer.token_bytes(int(t)) for t in np.asarray(tokens).reshape(-1)]
+    data, target = b"".join(token_bytes), subject.encode("utf-8")
+    start = data.rfind(target)
+    if not target or start < 0:
+        raise ValueError(f"subject {subject!r} does not occur in the prompt {data.decode('utf-8', 'replace')!r}")
+    end = start + len(target)
+    ends = np.cumsum([len(b) for b in token_bytes])  # byte offset where each token ends
+    begins = ends - np.asarray([len(b) for b in token_bytes])
+    return [i for i in range(len(token_bytes)) if begins[i] < end and ends[i] > start]
+
+
+def plot_trace(result: CausalTrace, labels: list[str], path: str) -> None:
+    """ROME's figure: one heatmap per kind, tokens down (the subject's marked *), layers across, colour
+    P(answer) with the state restored; written to `path` (PNG) with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"resid_pre": "residual (block input)", "resid_post": "residual (block output)",
+             "mlp_out": "MLP output", "attn_out": "attention output"}
+    cmaps = {"resid_pre": "Purples", "resid_post": "Purples", "mlp_out": "Greens", "attn_out": "Reds"}
+    rows = [f"{label}*" if i in set(result.subject.tolist()) else label for i, label in enumerate(labels)]
+    kinds = list(result.scores)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 0.32 * len(rows) + 1.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        image = ax.pcolormesh(result.scores[kind].T, cmap=cmaps[kind], vmin=result.corrupt_prob)
+        ax.invert_yaxis()
+        ax.set_yticks(np.arange(len(rows)) + 0.5, rows, fontsize=8)
+        n_layer = result.scores[kind].shape[0]
+        ax.set_xticks(np.arange(0, n_layer, max(1, n_layer // 12)) + 0.5, np.arange(0, n_layer, max(1, n_layer // 12)))
+        ax.set_xlabel("layer" + ("" if kind in RESIDUAL_KINDS else f" (window {result.window})"))
+        ax.set_title(f"restoring {names[kind]}", fontsize=9)
+        fig.colorbar(image, ax=ax).set_label("P(answer)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

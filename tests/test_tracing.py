@@ -1,0 +1,145 @@
+"""probes.tracing: the vectorised causal trace equals ROME's loop (one batch of clean + noised rows per restored
+(layer, position), restoring from the clean row in the batch), its invariants, the noise, subject finding,
+and `tinygpt trace`.
+
+On the committed tiny checkpoint; the CLI test traces the same prompt with the same arguments as the probe
+tests, so the compiled trace is shared.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tinygpt
+from conftest import GOLDEN_DIR
+from probes import tracing
+from tinygpt.tokenizer import Tokenizer, bytes_to_unicode
+
+TOL = 1e-5
+MODEL_DIR = str(GOLDEN_DIR / "tiny")
+PROMPT = np.array([5, 17, 3, 40, 22, 9, 31, 12], np.int32)
+SUBJECT = [2, 3]
+KINDS = ("resid_pre", "mlp_out", "attn_out")
+WINDOW = 2
+SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tinygpt.load(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def trace(model):
+    return tracing.causal_trace(model.params, PROMPT, model.config, SUBJECT, kinds=KINDS, samples=SAMPLES,
+                                window=WINDOW)
+
+
+CONFIG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=16, vocab_size=61)
+
+
+@jax.jit
+def rome_run(params, noise, answer, kind, layer, position):
+    """ROME's trace_with_patch for one (kind, layer, position): row 0 clean, rows 1.. noised at the subject;
+    the site KINDS[kind] of rows 1.. at `position` is overwritten by row 0's, at the layers of ROME's window
+    around `layer` (window 1 for the residual stream); returns the mean P(answer) of rows 1.."""
+    seq = PROMPT.shape[0]
+    tokens = jnp.broadcast_to(PROMPT, (SAMPLES + 1, seq))
+    full_noise = jnp.zeros((SAMPLES + 1, seq, CONFIG.d_model)).at[1:, jnp.asarray(SUBJECT)].set(noise)
+
+    def restore(i, site):
+        width = 1 if site == "resid_pre" else WINDOW
+        lo = jnp.maximum(0, layer - width // 2)
+        hi = jnp.minimum(CONFIG.n_layer, layer - (-width // 2))
+
+        def edit(value, at_layer):
+            active = (kind == i) & (at_layer >= lo) & (at_layer < hi)
+            return jnp.where(active, value.at[1:, position].set(value[0, position]), value)
+
+        return edit
+
+    edits = {"embed": lambda e, at_layer: e + full_noise}
+    edits.update({site: restore(i, site) for i, site in enumerate(KINDS)})
+    logits = tinygpt.forward(params, tokens, CONFIG, edits=edits, keep=("logits",)).logits
+    return jax.nn.softmax(logits[1:, -1])[:, answer].mean()
+
+
+def test_trace_equals_romes_loop(model, trace):
+    assert model.config == CONFIG
+    noise, _ = tracing.subject_noise(model.params, PROMPT, SUBJECT, samples=SAMPLES)
+    for k, kind in enumerate(KINDS):
+        expected = np.array([[rome_run(model.params, noise, trace.answer, k, layer, p) for p in range(len(PROMPT))]
+                             for layer in range(CONFIG.n_layer)])
+        np.testing.assert_allclose(trace.scores[kind], expected, atol=TOL, rtol=0, err_msg=kind)
+
+
+def test_trace_invariants(model, trace):
+    clean = model(PROMPT[None]).logits[0, -1]
+    assert trace.answer == int(jnp.argmax(clean))
+    assert trace.clean_prob == pytest.approx(float(jax.nn.softmax(clean)[trace.answer]), abs=TOL)
+    assert trace.total_effect == pytest.approx(trace.clean_prob - trace.corrupt_prob)
+    for kind in KINDS:
+        assert trace.scores[kind].shape == (3, len(PROMPT))
+        # before the subject the noise has not arrived: restoring there changes nothing
+        np.testing.assert_allclose(trace.scores[kind][:, :SUBJECT[0]], trace.corrupt_prob, atol=TOL)
+        np.testing.assert_allclose(trace.indirect_effect(kind), trace.scores[kind] - trace.corrupt_prob)
+    # restoring the last subject token's input moves the answer's probability
+    assert trace.scores["resid_pre"][0, 3] != pytest.approx(trace.corrupt_prob, abs=1e-4)
+
+
+def test_noise_is_seeded_and_scaled(model):
+    noise, std = tracing.subject_noise(model.params, PROMPT, SUBJECT, samples=10, noise=3.0, seed=7)
+    again, _ = tracing.subject_noise(model.params, PROMPT, SUBJECT, samples=10, noise=3.0, seed=7)
+    other, _ = tracing.subject_noise(model.params, PROMPT, SUBJECT, samples=10, noise=3.0, seed=8)
+    assert noise.shape == (10, 2, 24)
+    np.testing.assert_array_equal(noise, again)
+    assert not np.allclose(noise, other)
+    assert std == pytest.approx(3.0 * float(np.std(np.asarray(model.params["wte"])[PROMPT[SUBJECT]])), rel=1e-5)
+    _, fixed = tracing.subject_noise(model.params, PROMPT, SUBJECT, noise_std=0.5)
+    assert fixed == 0.5
+
+
+def test_find_subject_on_token_bytes():
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = {ch: i for i, ch in enumerate(byte_chars)}
+    merges = [("T", "h"), ("Th", "e"), ("Ġ", "E"), ("ĠE", "i"), ("ĠEi", "f")]
+    for i, (a, b) in enumerate(merges):
+        vocab[a + b] = 256 + i
+    tokenizer = Tokenizer(vocab, merges)
+    ids = tokenizer.encode("The Eiffel Tower is in")
+    positions = tracing.find_subject(tokenizer, ids, "Eiffel Tower")
+    assert "".join(tokenizer.pieces([ids[p] for p in positions])).strip() == "Eiffel Tower"
+    assert tokenizer.pieces([ids[positions[0]]])[0] == " Eif"  # a token only partly inside is included
+    with pytest.raises(ValueError, match="does not occur"):
+        tracing.find_subject(tokenizer, ids, "Louvre")
+
+
+def test_errors(model):
+    with pytest.raises(ValueError, match="outside the prompt"):
+        tracing.causal_trace(model.params, PROMPT, model.config, [8])
+    with pytest.raises(ValueError, match="unknown kind 'mlp'"):
+        tracing.causal_trace(model.params, PROMPT, model.config, [1], kinds=("mlp",))
+    with pytest.raises(ValueError, match="one prompt"):
+        tracing.causal_trace(model.params, np.stack([PROMPT, PROMPT]), model.config, [1])
+
+
+def test_cli_trace(capsys, tmp_path):
+    from tinygpt.cli import main
+
+    plot = tmp_path / "trace.png"
+    argv = ["trace", "--model", MODEL_DIR, "--tokens", ",".join(map(str, PROMPT)), "--subject-positions", "2,3",
+            "--samples", str(SAMPLES), "--window", str(WINDOW)]
+    assert main(argv + ["--json", "--plot", str(plot)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"clean_prob", "corrupt_prob", "total_effect", "scores", "indirect_effect", "answer", "noise_std",
+            "subject_positions"} <= out.keys()
+    assert set(out["scores"]) == set(KINDS) and np.shape(out["scores"]["mlp_out"]) == (3, 8)
+    assert plot.stat().st_size > 0
+    assert main(argv) == 0 and "largest indirect effect" in capsys.readouterr().out
+    assert main(["trace", "--model", MODEL_DIR, "--tokens", "1,2,3"]) == 2
+    assert "--subject" in capsys.readouterr().err

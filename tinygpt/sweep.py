@@ -1,0 +1,354 @@
+"""Intervention sweeps: the same forward run many times, each time with one thing changed (a head, a neuron,
+a (layer, position)), as one compiled program.
+
+Every swept run is "the base run, with each patched site replaced by its `source` where `where` holds, at
+the layers lo <= layer < hi" (a `Patch` per site). `patched_forward` is that run done plainly: one full
+forward with edits. `sweep_units` and `sweep_positions` compute the same numbers (to float rounding) for
+every (layer, unit) or (layer, position) at once, doing only the work that differs between runs:
+
+    prefix reuse   the layers before `lo` are the base run's, so a run starts from the cached resid_pre[lo].
+                   `lo` is a traced int: one compiled loop serves every start layer.
+    suffix reuse   a patch at position p leaves every position before p untouched at every layer (attention is
+                   causal): the run recomputes positions >= first (first <= p) only and reads the earlier
+                   positions' keys and values from the base run's cache. Swept positions are grouped into a
+                   few buckets, each with one `first` (one shape, so one compiled loop per bucket).
+    read only      the last block's attention and MLP, the final LayerNorm and the unembedding are computed
+                   only at the positions the score reads.
+    vmapped        runs are vmapped over the swept unit or position, `chunk_size` at a time (lax.map over
+                   chunks), inside a lax.map over layers; all of it traces into one program under `jax.jit`.
+
+Arrays are indexed by absolute position throughout; the functions that run part of the sequence slice them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .config import Config
+from .model import block_attend_mlp, block_qkv, causal_mask, forward, ln_apply, ln_scale, unembed
+from .sites import SITES, check_site_names
+from .trace import SiteRecorder, normalize_edits
+
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one vmapped chunk of runs may hold
+
+
+# --------------------------------------------------------------------------------------------- the base run
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """What every swept run reads from the base run."""
+
+    resid_pre: jax.Array  # [layer, batch, seq, d_model]  residual entering each block
+    k: jax.Array  # [layer, batch, seq, head, d_head]
+    v: jax.Array  # [layer, batch, seq, head, d_head]
+    ln_final: jax.Array  # [batch, seq, d_model]  the base run's final LayerNorm output
+    attention_mask: jax.Array  # [batch, seq]  1 real, 0 padding
+
+
+def cache_run(params, tokens, config: Config, *, attention_mask=None, edits=None) -> Cache:
+    """The base run: one forward keeping the residual entering each block, each block's keys and values,
+    and the final LayerNorm output.
+
+    `edits` may change the embedding sites only (embed, pos_embed), e.g. noise on the subject tokens in
+    causal tracing: the swept runs start from cached block inputs, which already hold them."""
+    edits = normalize_edits(edits)
+    later = [name for name in edits if name not in ("embed", "pos_embed")]
+    if later:
+        raise ValueError(f"a sweep's base run may edit embed / pos_embed only (its runs start from cached block "
+                         f"inputs); got an edit at {later[0]!r}")
+    if attention_mask is None:
+        attention_mask = jnp.ones(jnp.shape(tokens), jnp.int32)
+    trace = forward(params, tokens, config, edits=edits, attention_mask=attention_mask,
+                    keep=("resid_pre", "k", "v", "ln_final"))
+    return Cache(trace.resid_pre, trace.k, trace.v, trace.ln_final, jnp.asarray(attention_mask))
+
+
+def base_logits(params, cache: Cache, *, read=(-1,)):
+    """The base run's logits at the `read` positions.  -> [batch, n_read, vocab]"""
+    read = read_positions(read, cache.attention_mask.shape[1])
+    return unembed(cache.ln_final[:, read], params["wte"])
+
+
+# ------------------------------------------------------------------------------------------------ patches
+
+
+class Patch(NamedTuple):
+    """Replace a site's value by `source` where `where` holds, at the layers lo <= layer < hi.
+
+    where   bool, the site's shape without the layer axis, each axis its full size or 1 (broadcast):
+            e.g. [1, 1, head, 1] for one head of `z`, [1, seq, 1] for one position of `resid_pre`
+    source  the site's shape with the leading layer axis, each other axis full or 1:
+            e.g. zeros [layer, 1, 1, 1, 1], or the clean run's `resid_pre` [layer, 1, seq, d_model]
+    """
+
+    lo: jax.Array  # int, first patched layer
+    hi: jax.Array  # int, one past the last patched layer
+    where: jax.Array
+    source: jax.Array
+
+
+Patches = Mapping[str, Patch]  # site -> its patch
+
+
+def seq_axis(site: str) -> int:
+    """Index of the query-position axis in a site's value (without the layer axis)."""
+    return SITES[site].shape.index("seq")
+
+
+def at_positions(x, positions: np.ndarray, axis: int):
+    """x restricted to the absolute `positions` along `axis` (an axis of size 1 broadcasts and is kept)."""
+    if x.shape[axis] == 1:
+        return x
+    return jnp.take(x, positions, axis=axis)
+
+
+def patch_edit(site: str, patch: Patch, positions: np.ndarray):
+    """The edit `(value, layer) -> value` applying `patch` to a value of `site` that covers the absolute
+    `positions` on its seq axis."""
+    where = at_positions(patch.where, positions, seq_axis(site))
+    source = at_positions(patch.source, positions, seq_axis(site) + 1)
+
+    def edit(value, layer):
+        active = (layer >= patch.lo) & (layer < patch.hi)
+        return jnp.where(active & where, source[layer], value)
+
+    return edit
+
+
+def patch_edits(patches: Patches, positions: np.ndarray) -> dict:
+    return {site: (patch_edit(site, patch, positions),) for site, patch in patches.items()}
+
+
+def check_patch_site(site: str) -> None:
+    check_site_names([site], "site")
+    if not SITES[site].per_layer:
+        raise ValueError(f"sweeps patch per-layer sites; {site!r} is global (patch resid_pre at layer 0 instead)")
+
+
+def read_positions(read, seq: int) -> np.ndarray:
+    """Absolute positions from ints (negative counts from the end), checked against seq."""
+    read = np.atleast_1d(np.asarray(read, np.int64))
+    if read.size == 0 or read.min() < -seq or read.max() >= seq:
+        raise ValueError(f"positions {read.tolist()} are outside a sequence of {seq} tokens")
+    return np.where(read < 0, read + seq, read)
+
+
+# ------------------------------------------------------------------------------------------ one patched run
+
+
+def patched_forward(params, tokens, config: Config, patches: Patches, *, attention_mask=None, edits=None,
+                    read=(-1,)):
+    """One patched run done plainly: the full forward with the patches as edits (after `edits`), logits at
+    the `read` positions.  -> [batch, n_read, vocab]
+
+    This is the definition every sweep is tested against."""
+    for site in patches:
+        check_patch_site(site)
+    seq = jnp.shape(tokens)[1]
+    read = read_positions(read, seq)
+    all_edits = dict(normalize_edits(edits))
+    for site, edit in patch_edits(patches, np.arange(seq)).items():
+        all_edits[site] = all_edits.get(site, ()) + edit
+    trace = forward(params, tokens, config, edits=all_edits, attention_mask=attention_mask, keep=("ln_final",))
+    return unembed(trace.ln_final[:, read], params["wte"])
+
+
+def block_suffix(resid, p, k_prefix, v_prefix, mask, out_index, site_in: SiteRecorder, site_out: SiteRecorder,
+                 eps: float):
+    """One block over positions first.. of the sequence, attending also to the earlier positions' cached keys
+    and values. resid [batch, S, d_model] (S = seq - first), k_prefix, v_prefix [batch, first, head, d_head],
+    mask [batch, 1, S, key]. The attention and MLP are computed only at `out_index` (indices into the S
+    positions), or at all S when it is None.  -> [batch, S or len(out_index), d_model]"""
+    resid_pre, q, k, v = block_qkv(resid, p, site_in, eps)
+    k = jnp.concatenate([k_prefix, k], axis=1)  # [batch, key, head, d_head]
+    v = jnp.concatenate([v_prefix, v], axis=1)  # [batch, key, head, d_head]
+    if out_index is not None:
+        resid_pre, q, mask = resid_pre[:, out_index], q[:, out_index], mask[:, :, out_index]
+    return block_attend_mlp(resid_pre, q, k, v, mask, p, site_out, eps)
+
+
+def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first: int = 0, read=(-1,)):
+    """The patched run from the cache: blocks min(lo).. on positions first.. only, the last block's attention
+    and MLP at the `read` positions only; logits there.  -> [batch, n_read, vocab]
+
+    Equal to `patched_forward` (to float rounding) when the patches change nothing before position `first`.
+    `first` and `read` are static; the patches may be traced (and vmapped)."""
+    for site in patches:
+        check_patch_site(site)
+    blocks, eps, last = params["blocks"], config.ln_eps, config.n_layer - 1
+    seq = cache.attention_mask.shape[1]
+    read = read_positions(read, seq)
+    if read.min() < first:
+        raise ValueError(f"read positions {read.tolist()} precede the first recomputed position {first}")
+    edits_suffix = patch_edits(patches, np.arange(first, seq))
+    edits_read = patch_edits(patches, read)
+    mask = causal_mask(cache.attention_mask)[:, :, first:]  # [batch, 1, seq - first, key]
+
+    def layer_params(layer):
+        return jax.tree.map(lambda w: w[layer], blocks)
+
+    def prefix_kv(layer):
+        return cache.k[layer][:, :first], cache.v[layer][:, :first]  # [batch, first, head, d_head]
+
+    def step(layer, resid):
+        site = SiteRecorder(edits_suffix, frozenset(), layer)
+        return block_suffix(resid, layer_params(layer), *prefix_kv(layer), mask, None, site, site, eps)
+
+    start = jnp.minimum(last, jnp.min(jnp.stack([jnp.asarray(p.lo) for p in patches.values()])))
+    resid = cache.resid_pre[start][:, first:]  # [batch, seq - first, d_model]
+    resid = lax.fori_loop(start, last, step, resid)
+    site_in = SiteRecorder(edits_suffix, frozenset(), last)
+    site_out = SiteRecorder(edits_read, frozenset(), last)
+    resid = block_suffix(resid, layer_params(last), *prefix_kv(last), mask, read - first, site_in, site_out, eps)
+    ln_final = ln_apply(resid, ln_scale(resid, eps), params["lnf_w"], params["lnf_b"])  # [batch, n_read, d_model]
+    return unembed(ln_final, params["wte"])  # [batch, n_read, vocab]
+
+
+# ------------------------------------------------------------------------------------------------ the sweeps
+
+
+def chunked_vmap(fn: Callable, xs, chunk_size: int):
+    """`jax.vmap(fn)(xs)` computed `chunk_size` entries at a time (lax.map over chunks); xs' leading axis is
+    padded with its last entry to a whole number of chunks, so every chunk has one shape."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if chunk_size >= n:
+        return jax.vmap(fn)(xs)
+    n_chunks = -(-n // chunk_size)
+
+    def to_chunks(x):
+        padded = jnp.concatenate([x, jnp.repeat(x[-1:], n_chunks * chunk_size - n, axis=0)])
+        return padded.reshape(n_chunks, chunk_size, *x.shape[1:])
+
+    out = lax.map(jax.vmap(fn), jax.tree.map(to_chunks, xs))
+    return jax.tree.map(lambda y: y.reshape(n_chunks * chunk_size, *y.shape[2:])[:n], out)
+
+
+def sweep_grid(run: Callable, outer, inner, chunk_size: int):
+    """run(o, i) for every o in `outer` (lax.map: sequential, so `o` may set a loop bound) and i in `inner`
+    (chunked vmap); outer and inner are arrays or pytrees of arrays.  -> [len(outer), len(inner), ...]"""
+    return lax.map(lambda o: chunked_vmap(lambda i: run(o, i), inner, chunk_size), outer)
+
+
+def run_bytes(config: Config, batch: int, seq: int, n_read: int = 1) -> int:
+    """Rough peak activation bytes of one run (float32): a block's widest intermediates, attention scores,
+    and the logits read."""
+    per_position = 2 * config.d_mlp + 10 * config.d_model + 2 * config.n_head * seq
+    return 4 * batch * (seq * per_position + 2 * n_read * config.vocab_size)
+
+
+def chunk_size_for(config: Config, batch: int, seq: int, n_runs: int, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                   n_read: int = 1) -> int:
+    """How many runs one vmapped chunk may hold within `memory_budget` bytes (at least 1, at most n_runs)."""
+    return int(max(1, min(n_runs, memory_budget // run_bytes(config, batch, seq, n_read))))
+
+
+def axis_size(site: str, axis: str, config: Config, seq: int) -> int:
+    """Size of the named axis of a site's value; ValueError when the site has no such axis to index."""
+    sizes = {"seq": seq, "key": seq, "head": config.n_head, "d_model": config.d_model, "d_head": config.d_head,
+             "d_mlp": config.d_mlp}
+    shape = SITES[site].shape
+    if axis not in shape or axis not in sizes:
+        axes = [a for a in shape if a in sizes]
+        raise ValueError(f"site {site!r} has no axis {axis!r} to sweep; its axes are {', '.join(axes)}")
+    return sizes[axis]
+
+
+def unit_where(site: str, axis: str | None, unit, config: Config, seq: int):
+    """bool mask selecting index `unit` on the named `axis` of a site's value, size 1 on the other axes
+    (axis None: the whole value)."""
+    shape = SITES[site].shape
+    if axis is None:
+        return jnp.ones((1,) * len(shape), bool)
+    size = axis_size(site, axis, config, seq)
+    index = shape.index(axis)
+    hot = jnp.arange(size) == unit
+    return hot.reshape([size if i == index else 1 for i in range(len(shape))])
+
+
+def sweep_units(params, config: Config, cache: Cache, site: str, axis: str | None, source, score: Callable, *,
+                layers, units, read=(-1,), chunk_size: int | None = None):
+    """score(logits) of every run that replaces unit `u` (an index on `axis`: "head", "d_mlp", "d_model",
+    "seq", ...; None for the whole site) of `site` at layer `l` by `source`, at every position, for every l in
+    `layers` and u in `units`.  score: logits [batch, n_read, vocab] -> any array.
+    -> [len(layers), len(units), ...score's shape]"""
+    check_patch_site(site)
+    batch, seq = cache.attention_mask.shape
+    if chunk_size is None:
+        chunk_size = chunk_size_for(config, batch, seq, len(units), n_read=len(np.atleast_1d(read)))
+
+    def run(layer, unit):
+        patch = Patch(layer, layer + 1, unit_where(site, axis, unit, config, seq), source)
+        return score(run_patched(params, config, cache, {site: patch}, read=read))
+
+    return sweep_grid(run, jnp.asarray(layers), jnp.asarray(units), chunk_size)
+
+
+def window_layers(layer, window: int, n_layer: int):
+    """ROME's window of restored layers around `layer`: [layer - window//2, layer + ceil(window/2)), clipped."""
+    lo = jnp.maximum(0, layer - window // 2)
+    hi = jnp.minimum(n_layer, layer - (-window // 2))
+    return lo, hi
+
+
+def position_buckets(positions: np.ndarray, n_buckets: int) -> list[np.ndarray]:
+    """Sorted distinct positions split into at most n_buckets contiguous groups of near-equal size."""
+    positions = np.unique(positions)
+    return [b for b in np.array_split(positions, max(1, min(n_buckets, len(positions)))) if len(b)]
+
+
+def sweep_positions(params, config: Config, cache: Cache, sources: Mapping, score: Callable, *, layers,
+                    positions, windows: Mapping | int = 1, unchanged_before: int = 0, buckets: int = 2,
+                    read=(-1,), chunk_size: int | None = None):
+    """For each site of `sources` (site -> its replacement values [layer, batch|1, seq, ...]), each l in
+    `layers` and each p in `positions`: score(logits) of the run that replaces the site at position p by its
+    source at the layers of the window around l (window 1: layer l alone).
+    -> [len(sources), len(layers), len(positions), ...score's shape]
+
+    windows           window per site (a dict), or one for all
+    unchanged_before  positions before it hold the same values in the base run and in the sources (e.g.
+                      tokens before the first corrupted one): patching there changes nothing, so their runs
+                      are the base run, not rerun
+    buckets           swept positions are split into this many groups; a group recomputes positions from its
+                      first one on (more groups: less work, one more compiled loop each)
+    All sites share one compiled loop per bucket: the site patched is a traced index."""
+    sites = tuple(sources)
+    for site in sites:
+        check_patch_site(site)
+    windows = {site: windows if isinstance(windows, int) else windows[site] for site in sites}
+    batch, seq = cache.attention_mask.shape
+    read = read_positions(read, seq)
+    positions = read_positions(positions, seq)
+    n_layer = config.n_layer
+    layers = jnp.asarray(layers)
+    kinds = jnp.repeat(jnp.arange(len(sites)), len(layers))  # the outer loop: (site, layer) pairs
+    outer = (kinds, jnp.tile(layers, len(sites)))
+
+    def run(first, kind_layer, position):
+        kind, layer = kind_layer
+        patches = {}
+        for i, site in enumerate(sites):
+            lo, hi = window_layers(layer, windows[site], n_layer)
+            chosen = kind == i  # the other sites' patches never become active
+            where = unit_where(site, "seq", position, config, seq)
+            patches[site] = Patch(jnp.where(chosen, lo, n_layer), jnp.where(chosen, hi, n_layer), where,
+                                  sources[site])
+        return score(run_patched(params, config, cache, patches, first=first, read=read))
+
+    base = score(base_logits(params, cache, read=read))
+    columns = {}
+    for group in position_buckets(positions[positions >= unchanged_before], buckets):
+        first = int(min(group[0], read.min()))
+        size = chunk_size or chunk_size_for(config, batch, seq - first, len(group), n_read=len(read))
+        values = sweep_grid(lambda o, p, first=first: run(first, o, p), outer, jnp.asarray(group), size)
+        columns.update({int(p): values[:, i] for i, p in enumerate(group)})
+    unchanged = jnp.broadcast_to(base, (len(sites) * len(layers),) + jnp.shape(base))
+    values = jnp.stack([columns.get(int(p), unchanged) for p in positions], axis=1)
+    return values.reshape((len(sites), len(layers)) + values.shape[1:])
