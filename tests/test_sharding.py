@@ -109,6 +109,10 @@ def sharded_runs(out_path: str) -> None:
     one_device = jax.jit(lambda p: ablation_scores(jnp.asarray(heads[:8]), p, tokens6, targets, config)).lower(
         jax.device_put(inputs()[1], jax.devices()[0])).compile()
     flops_share = _flops(compiled) / _flops(one_device)
+    # the probes' sweeps split their swept axis over every device (tinygpt.sweep.sweep_grid)
+    from probes.ablation import ablation_sweep
+
+    out["probe/head_sweep"] = ablation_sweep(params, tokens6, config, metric="log_prob", answer=3).values
     errors = {}
     try:
         sharding.shard_batch(tokens6[:5], mesh)
@@ -235,3 +239,14 @@ def test_bad_arguments():
 
 if __name__ == "__main__":
     sharded_runs(sys.argv[1])
+
+
+def test_probe_head_sweep_on_four_devices_equals_one_device(sharded, single):
+    """tinygpt.sweep shards a probe's swept axis when several devices exist: same scores as on one."""
+    from probes.ablation import ablation_sweep
+
+    values, _ = sharded
+    config, params, _, tokens6, *_ = single
+    reference = ablation_sweep(params, tokens6, config, metric="log_prob", answer=3).values
+    np.testing.assert_allclose(values["probe/head_sweep"], reference, rtol=1e-5, atol=1e-5)
+    assert np.ptp(reference) > 0

@@ -32,6 +32,7 @@ from jax import lax
 
 from .config import Config
 from .model import block_attend_mlp, block_qkv, causal_mask, forward, ln_apply, ln_scale, unembed
+from .sharding import sharded_sweep
 from .sites import SITES, check_site_names
 from .trace import SiteRecorder, normalize_edits
 
@@ -233,8 +234,15 @@ def chunked_vmap(fn: Callable, xs, chunk_size: int):
 
 def sweep_grid(run: Callable, outer, inner, chunk_size: int):
     """run(o, i) for every o in `outer` (lax.map: sequential, so `o` may set a loop bound) and i in `inner`
-    (chunked vmap); outer and inner are arrays or pytrees of arrays.  -> [len(outer), len(inner), ...]"""
-    return lax.map(lambda o: chunked_vmap(lambda i: run(o, i), inner, chunk_size), outer)
+    (chunked vmap); outer and inner are arrays or pytrees of arrays.  -> [len(outer), len(inner), ...]
+
+    With several devices the `inner` (swept) axis is split over all of them (`tinygpt.sharding`)."""
+    def grid(part):
+        return lax.map(lambda o: chunked_vmap(lambda i: run(o, i), part, chunk_size), outer)
+
+    if jax.device_count() == 1:
+        return grid(inner)
+    return sharded_sweep(grid, inner, out_axis=1)
 
 
 def run_bytes(config: Config, batch: int, seq: int, n_read: int = 1) -> int:
