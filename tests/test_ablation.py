@@ -183,7 +183,7 @@ def test_cli_ablate(capsys):
     out = cli_json(capsys, "ablate", "--tokens", tokens, "--heads", "1", "--layers", "0,2")
     assert {"kl_last", "kl_mean", "top_before", "top_after", "promoted", "suppressed"} <= out.keys()
     assert out["site"] == "z" and out["layers"] == [0, 2] and out["kl_last"] >= 0
-    out = cli_json(capsys, "ablate", "--tokens", tokens, "--sweep", "heads", "--answer-token", str(ANSWER))
+    out = cli_json(capsys, "ablate", "--tokens", tokens, "--sweep", "heads", "--answer-id", str(ANSWER))
     assert out["metric"] == "log_prob" and np.shape(out["values"]) == (3, 3)
     assert {"baseline", "effect", "top", "layers", "units"} <= out.keys()
     out = cli_json(capsys, "ablate", "--tokens", tokens, "--layers", "1", "--neurons", "6", "--neuron-action",

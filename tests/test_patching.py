@@ -148,7 +148,7 @@ def test_errors(model):
 def test_cli_patch(capsys, tmp_path):
     ids = lambda t: ",".join(map(str, t[0]))  # noqa: E731
     argv = ["patch", "--model", MODEL_DIR, "--clean-tokens", ids(CLEAN), "--corrupt-tokens", ids(CORRUPT),
-            "--answer-token", str(ANSWER), "--wrong-token", str(WRONG), "--site", "resid_pre"]
+            "--answer-id", str(ANSWER), "--wrong-id", str(WRONG), "--site", "resid_pre"]
     plot = tmp_path / "patch.png"
     assert main(argv + ["--json", "--plot", str(plot)]) == 0
     out = json.loads(capsys.readouterr().out)

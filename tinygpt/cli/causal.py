@@ -12,11 +12,13 @@ from .common import (
     add_json_arg,
     add_model_args,
     add_prompt_args,
+    add_token_arg,
     load_model,
     pieces,
     print_json,
     prompt_ids,
     table,
+    token_arg,
 )
 
 CAUSAL_METRICS = ("logit_diff", "log_prob", "prob", "kl")
@@ -50,28 +52,6 @@ def check_range(values: list[int] | None, size: int, flag: str, what: str) -> No
             raise CLIError(f"{flag} {v} is out of range: the model has {size} {what} (0..{size - 1})")
 
 
-def add_answer_args(parser, name: str, what: str) -> None:
-    parser.add_argument(f"--{name}", default=None, metavar="TEXT", help=f"{what}, as text of one token")
-    parser.add_argument(f"--{name}-token", type=int, default=None, metavar="ID", help=f"{what}, as a token id")
-
-
-def token_arg(model, text: str | None, token_id: int | None, flag: str) -> int | None:
-    """One token id from --FLAG TEXT (which must be a single token) or --FLAG-token ID."""
-    if text is not None and token_id is not None:
-        raise CLIError(f"give either {flag} or {flag}-token, not both")
-    if token_id is not None:
-        if not 0 <= token_id < model.config.vocab_size:
-            raise CLIError(f"{flag}-token {token_id} is outside the vocabulary [0, {model.config.vocab_size})")
-        return token_id
-    if text is None:
-        return None
-    if model.tokenizer is None:
-        raise CLIError(f"model {model.source!r} has no tokenizer; use {flag}-token ID")
-    ids = model.tokenizer.encode(text)
-    if len(ids) != 1:
-        raise CLIError(f"{flag} {text!r} is {len(ids)} tokens {model.tokenizer.pieces(ids)}; give one token (mind "
-                       f"the leading space, e.g. ' Paris') or {flag}-token ID")
-    return ids[0]
 
 
 def piece(model, token_id: int) -> str:
@@ -142,8 +122,8 @@ def register_ablate(subparsers) -> None:
     p.add_argument("--sweep", default=None, choices=["heads", "neurons"], help="ablate every head / neuron in turn")
     p.add_argument("--metric", default=None, choices=CAUSAL_METRICS,
                    help="sweep metric at the last position (default: log_prob with --answer, else kl)")
-    add_answer_args(p, "answer", "the answer token for the sweep metric")
-    add_answer_args(p, "wrong", "the wrong token for logit_diff")
+    add_token_arg(p, "answer", "the answer token for the sweep metric")
+    add_token_arg(p, "wrong", "the wrong token for logit_diff")
     p.add_argument("--top", type=int, default=10, help="tokens / units to list (default 10)")
     p.add_argument("--plot", default=None, metavar="PATH.png", help="sweeps: save a layer x unit heatmap")
     add_json_arg(p)
@@ -275,8 +255,8 @@ def ablate_neuron(model, args, tokens, layers, selection) -> None:
 def ablate_sweep(model, args, tokens, layers, reference, reference_mask, per_position) -> None:
     from probes import ablation
 
-    answer = token_arg(model, args.answer, args.answer_token, "--answer")
-    wrong = token_arg(model, args.wrong, args.wrong_token, "--wrong")
+    answer = token_arg(model, args.answer, args.answer_id, "answer")
+    wrong = token_arg(model, args.wrong, args.wrong_id, "wrong")
     metric = args.metric or ("log_prob" if answer is not None else "kl")
     site, axis = {"heads": ("z", "head"), "neurons": ("mlp_post", "d_mlp")}[args.sweep]
     site = args.site or site
@@ -323,8 +303,8 @@ def register_patch(subparsers) -> None:
     p.add_argument("--clean-tokens", default=None, metavar="IDS", help="the clean prompt as token ids")
     p.add_argument("--corrupt-tokens", default=None, metavar="IDS", help="the corrupted prompt as token ids")
     add_model_args(p)
-    add_answer_args(p, "answer", "the answer token (default: the clean run's top token)")
-    add_answer_args(p, "wrong", "the wrong token for logit_diff (default: the corrupted run's top token)")
+    add_token_arg(p, "answer", "the answer token (default: the clean run's top token)")
+    add_token_arg(p, "wrong", "the wrong token for logit_diff (default: the corrupted run's top token)")
     p.add_argument("--site", default=None, metavar="SITE,..",
                    help="sites (default: resid_pre,attn_out,mlp_out by position; z by head; mlp_post by neuron)")
     p.add_argument("--by", default="position", choices=["position", "head", "neuron", "dim", "layer"],
@@ -359,8 +339,8 @@ def cmd_patch(args) -> None:
     sites = [s for s in (args.site or default_site).split(",") if s]
     tokens = np.asarray([clean, corrupt])
     logits = tinygpt.forward(model.params, tokens, config, keep=("logits",)).logits[:, -1]
-    answer = token_arg(model, args.answer, args.answer_token, "--answer")
-    wrong = token_arg(model, args.wrong, args.wrong_token, "--wrong")
+    answer = token_arg(model, args.answer, args.answer_id, "answer")
+    wrong = token_arg(model, args.wrong, args.wrong_id, "wrong")
     answer = int(jax.numpy.argmax(logits[0])) if answer is None else answer
     wrong = int(jax.numpy.argmax(logits[1])) if wrong is None else wrong
     if args.metric == "logit_diff" and answer == wrong:
@@ -431,7 +411,7 @@ def register_trace(subparsers) -> None:
     p.add_argument("--subject", default=None, metavar="TEXT", help="the subject, as it appears in PROMPT")
     p.add_argument("--subject-positions", default=None, metavar="P,..",
                    help="the subject's token positions (with --tokens)")
-    add_answer_args(p, "answer", "the traced answer (default: the clean run's top token)")
+    add_token_arg(p, "answer", "the traced answer (default: the clean run's top token)")
     p.add_argument("--kinds", default="resid_pre,mlp_out,attn_out", metavar="KIND,..",
                    help="restored sites, of resid_pre, resid_post, mlp_out, attn_out (default: "
                         "resid_pre,mlp_out,attn_out)")
@@ -463,7 +443,7 @@ def cmd_trace(args) -> None:
     else:
         subject = int_list(args.subject_positions, "--subject-positions")
         check_range(subject, len(ids), "--subject-positions", "positions in the prompt")
-    answer = token_arg(model, args.answer, args.answer_token, "--answer")
+    answer = token_arg(model, args.answer, args.answer_id, "answer")
     kinds = [k for k in args.kinds.split(",") if k]
     if args.samples < 1 or args.window < 1:
         raise CLIError("--samples and --window must be at least 1")

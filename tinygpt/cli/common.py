@@ -77,6 +77,31 @@ def prompt_ids(model, prompt: str | None, tokens: str | None, *, what: str = "PR
     return ids
 
 
+def add_token_arg(parser, name: str, what: str) -> None:
+    """--NAME TEXT (one token of the model's tokenizer) or --NAME-id ID."""
+    parser.add_argument(f"--{name}", default=None, metavar="TEXT", help=f"{what}, as text that is one token")
+    parser.add_argument(f"--{name}-id", type=int, default=None, metavar="ID", help=f"{what}, as a token id")
+
+
+def token_arg(model, text: str | None, token_id: int | None, flag: str) -> int | None:
+    """The single token id given as --FLAG TEXT or --FLAG-id ID (None when neither is given)."""
+    if text is not None and token_id is not None:
+        raise CLIError(f"give either --{flag} or --{flag}-id, not both")
+    if token_id is not None:
+        if not 0 <= token_id < model.config.vocab_size:
+            raise CLIError(f"--{flag}-id {token_id} is outside the vocabulary [0, {model.config.vocab_size})")
+        return token_id
+    if text is None:
+        return None
+    if model.tokenizer is None:
+        raise CLIError(f"model {model.source!r} has no tokenizer: use --{flag}-id ID")
+    ids = model.tokenizer.encode(text)
+    if len(ids) != 1:
+        raise CLIError(f"--{flag} {text!r} is {len(ids)} tokens {model.tokenizer.pieces(ids)}; give one token "
+                       f"(mind the leading space) or --{flag}-id")
+    return ids[0]
+
+
 def pieces(model, ids) -> list[str]:
     ids = [int(i) for i in ids]
     if model.tokenizer is None:

@@ -13,6 +13,7 @@ from .common import (
     add_json_arg,
     add_model_args,
     add_prompt_args,
+    add_token_arg,
     decode,
     load_model,
     parse_token_list,
@@ -20,6 +21,7 @@ from .common import (
     print_json,
     prompt_ids,
     table,
+    token_arg,
 )
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
@@ -39,29 +41,6 @@ def register(subparsers) -> None:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def add_token_arg(parser, name: str, what: str) -> None:
-    """--NAME TEXT (one token of the model's tokenizer) or --NAME-id ID."""
-    parser.add_argument(f"--{name}", default=None, metavar="TEXT", help=f"{what}, as text that is one token")
-    parser.add_argument(f"--{name}-id", type=int, default=None, metavar="ID", help=f"{what}, as a token id")
-
-
-def token_arg(model, text: str | None, token_id: int | None, flag: str) -> int | None:
-    """The single token id given as --FLAG TEXT or --FLAG-id ID (None when neither is given)."""
-    if text is not None and token_id is not None:
-        raise CLIError(f"give either --{flag} or --{flag}-id, not both")
-    if token_id is not None:
-        if not 0 <= token_id < model.config.vocab_size:
-            raise CLIError(f"--{flag}-id {token_id} is outside the vocabulary [0, {model.config.vocab_size})")
-        return token_id
-    if text is None:
-        return None
-    if model.tokenizer is None:
-        raise CLIError(f"model {model.source!r} has no tokenizer: use --{flag}-id ID")
-    ids = model.tokenizer.encode(text)
-    if len(ids) != 1:
-        raise CLIError(f"--{flag} {text!r} is {len(ids)} tokens {model.tokenizer.pieces(ids)}; give one token "
-                       f"(mind the leading space) or --{flag}-id")
-    return ids[0]
 
 
 def layer_list(text: str | None, config, flag: str = "--layers") -> list[int] | None:
