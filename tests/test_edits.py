@@ -16,8 +16,8 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import tinygpt
-from tinygpt.params import param_shapes
 from tinygpt.sites import GLOBAL_SITES, LAYER_SITES, SITE_NAMES
+from random_weights import random_params as _random_params  # noqa: E402
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=10, vocab_size=53)
 BATCH, SEQ = 2, 7
@@ -32,24 +32,8 @@ eager_settings = settings(max_examples=6, phases=[Phase.explicit, Phase.reuse, P
 
 def random_params(seed):
     """Random weights with O(1) activations, non-uniform attention and non-zero biases."""
-    rng = np.random.default_rng(seed)
-    D, M = CFG.d_model, CFG.d_mlp
-    std = {"wte": 1.0, "wpe": 1.0, "W_Q": 2 / np.sqrt(D), "W_K": 2 / np.sqrt(D), "W_V": 1 / np.sqrt(D),
-           "W_O": 1 / np.sqrt(D), "W_in": 1 / np.sqrt(D), "W_out": 1 / np.sqrt(M)}
+    return _random_params(CFG, seed)
 
-    def draw(name, shape):
-        if name in std:
-            x = std[name] * rng.standard_normal(shape)
-        elif name.endswith("_w"):
-            x = 1 + 0.2 * rng.standard_normal(shape)
-        else:
-            x = 0.2 * rng.standard_normal(shape)
-        return jnp.asarray(x, jnp.float32)
-
-    def walk(shapes):
-        return {n: walk(s) if isinstance(s, dict) else draw(n, s) for n, s in shapes.items()}
-
-    return walk(param_shapes(CFG))
 
 
 def random_tokens(seed):

@@ -8,7 +8,6 @@ arguments, so each compiles once per shape.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 
 import tinygpt
 from probes.lens import LENS_SITES, lens_logits, logit_lens
-from tinygpt.params import param_shapes
+from random_weights import random_params as _random_params  # noqa: E402
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=16, vocab_size=61)
 BATCH, SEQ = 2, 7
@@ -27,26 +26,9 @@ KEEP = None
 
 
 def random_params(seed, config=CFG):
-    """Random weights with O(1) activations, non-uniform attention, non-trivial LayerNorm weights and non-zero
-    biases (so that no identity holds by accident of zeros or ones)."""
-    rng = np.random.default_rng(seed)
-    D, M = config.d_model, config.d_mlp
-    std = {"wte": 1.0, "wpe": 1.0, "W_Q": 2 / np.sqrt(D), "W_K": 2 / np.sqrt(D), "W_V": 1 / np.sqrt(D),
-           "W_O": 1 / np.sqrt(D), "W_in": 1 / np.sqrt(D), "W_out": 1 / np.sqrt(M)}
+    """Random weights with non-trivial LayerNorm weights and biases (see tests/random_weights.py)."""
+    return _random_params(config, seed, spread=0.3)
 
-    def draw(name, shape):
-        if name in std:
-            x = std[name] * rng.standard_normal(shape)
-        elif name.endswith("_w"):
-            x = 1 + 0.3 * rng.standard_normal(shape)
-        else:
-            x = 0.3 * rng.standard_normal(shape)
-        return jnp.asarray(x, jnp.float32)
-
-    def walk(shapes):
-        return {n: walk(s) if isinstance(s, dict) else draw(n, s) for n, s in shapes.items()}
-
-    return walk(param_shapes(config))
 
 
 def random_tokens(seed, batch=BATCH, seq=SEQ, config=CFG):
