@@ -62,7 +62,9 @@ def test_left_padded_batch_equals_single_runs(model):
     for i, p in enumerate(prompts):
         single = generate(params, config, p[None], 8, temperature=0, return_logits=True)
         np.testing.assert_array_equal(batched.tokens[i], single.tokens[0])
-        np.testing.assert_allclose(batched.logits[i], single.logits[0], atol=1e-5, rtol=0)
+        # float32 rounding differs between batch sizes (XLA picks other kernels) and this peaked model (weights
+        # x6) amplifies it: 2e-5 seen; its full float32 forward is itself 3e-5 from a float64 evaluation
+        np.testing.assert_allclose(batched.logits[i], single.logits[0], atol=5e-5, rtol=0)
     # padded-batch logits equal the full forward on the padded sequences (positions skip the padding)
     out = batched
     full_mask = np.concatenate([mask, np.ones((3, 8), np.int32)], 1)
@@ -111,12 +113,14 @@ def test_traces_of_prompt_and_steps_are_readable(model):
     out = generate(params, config, prompt, 6, temperature=0, keep=keep)
     full = tinygpt.forward(params, out.sequences, config, keep=keep)
     np.testing.assert_allclose(out.prompt_trace.resid_post, full.resid_post[:, :, :5], atol=1e-5)
-    # step i feeds generated token i (position 5 + i); its trace is [step, layer, batch, 1, ...]
+    # step i feeds generated token i (position 5 + i); its trace is [step, layer, batch, 1, ...]. The decode
+    # step's single-token kernels round differently from the full forward's: up to 2e-5 on this peaked model
+    # (weights x6), whose float32 forward is itself 3e-5 from a float64 evaluation.
     steps = out.step_trace
     assert steps.resid_post.shape == (5, config.n_layer, 2, 1, config.d_model)
     for i in range(5):
-        np.testing.assert_allclose(steps.resid_post[i, :, :, 0], full.resid_post[:, :, 5 + i], atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(steps.mlp_post[i, :, :, 0], full.mlp_post[:, :, 5 + i], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(steps.resid_post[i, :, :, 0], full.resid_post[:, :, 5 + i], atol=5e-5, rtol=1e-5)
+        np.testing.assert_allclose(steps.mlp_post[i, :, :, 0], full.mlp_post[:, :, 5 + i], atol=5e-5, rtol=1e-5)
         np.testing.assert_allclose(steps.embed[i, :, 0], full.embed[:, 5 + i], atol=1e-6)
         pattern = steps.attn_pattern[i, :, :, :, 0, : 6 + i]  # over the keys filled so far
         np.testing.assert_allclose(pattern, full.attn_pattern[:, :, :, 5 + i, : 6 + i], atol=1e-5)

@@ -51,6 +51,18 @@ def project_heads(x, W, b):
     return jnp.einsum("bsm,hmd->bshd", x, W) + b
 
 
+def project_heads_batched(x, W, b):
+    """`project_heads` as a matmul batched over heads, reading W [head, d_model, d_head] where it lies.
+    The reference contraction makes XLA transpose W to [d_model, head, d_head] first, which costs nothing
+    next to a long sequence's matmul but dominates a step of one token per sequence (the KV-cache decode);
+    this form broadcasts the few tokens over heads instead. Same values.
+    x [batch, seq, d_model] -> [batch, seq, head, d_head]"""
+    batch, seq, d_model = x.shape
+    tokens = jnp.broadcast_to(x.reshape(1, batch * seq, d_model), (W.shape[0], batch * seq, d_model))
+    per_head = lax.dot_general(tokens, W, (((2,), (1,)), ((0,), (0,))))  # [head, batch * seq, d_head]
+    return jnp.moveaxis(per_head, 0, 1).reshape(batch, seq, W.shape[0], W.shape[2]) + b
+
+
 def attention_scores(q, k):
     """q.k / sqrt(d_head) in float32.  q [batch, seq, head, d_head], k [batch, key, head, d_head]
     -> [batch, head, seq, key]"""
@@ -90,8 +102,10 @@ def head_outputs(z, W_O):
 
 
 def attention_output(z, W_O, b_O):
-    """sum over heads of z @ W_O, plus b_O, as one contraction.  -> [batch, seq, d_model]"""
-    return jnp.einsum("bshd,hdm->bsm", z, W_O) + b_O
+    """sum over heads of z @ W_O, plus b_O, as one matmul of the heads side by side [head * d_head] with W_O
+    stacked the same way (both reshapes are free: the head axes are adjacent).  -> [batch, seq, d_model]"""
+    batch, seq, n_head, d_head = z.shape
+    return z.reshape(batch, seq, n_head * d_head) @ W_O.reshape(n_head * d_head, -1) + b_O
 
 
 def causal_mask(attention_mask):
@@ -125,14 +139,15 @@ def block(resid, p, mask, site: SiteRecorder, eps: float):
     return block_attend_mlp(resid_pre, q, k, v, mask, p, site, eps)
 
 
-def block_qkv(resid, p, site: SiteRecorder, eps: float):
-    """First half of a block: the residual entering it, LayerNorm 1, queries, keys and values."""
+def block_qkv(resid, p, site: SiteRecorder, eps: float, project=project_heads):
+    """First half of a block: the residual entering it, LayerNorm 1, queries, keys and values.
+    `project` is `project_heads` or, for a single-token decode step, `project_heads_batched` (same values)."""
     resid_pre = site("resid_pre", resid)
     ln1_scale = site("ln1_scale", ln_scale(resid_pre, eps))
     ln1 = site("ln1", ln_apply(resid_pre, ln1_scale, p["ln1_w"], p["ln1_b"]))
-    q = site("q", project_heads(ln1, p["W_Q"], p["b_Q"]))
-    k = site("k", project_heads(ln1, p["W_K"], p["b_K"]))
-    v = site("v", project_heads(ln1, p["W_V"], p["b_V"]))
+    q = site("q", project(ln1, p["W_Q"], p["b_Q"]))
+    k = site("k", project(ln1, p["W_K"], p["b_K"]))
+    v = site("v", project(ln1, p["W_V"], p["b_V"]))
     return resid_pre, q, k, v
 
 

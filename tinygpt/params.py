@@ -138,3 +138,28 @@ def cast(params: Params, dtype) -> Params:
 
 def n_params(params: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def layer_views(blocks: Params) -> tuple[Params, ...]:
+    """The stacked blocks as one params dict per layer (no layer axis), for code that runs the layers one
+    by one with a Python loop (the KV-cache decode step).
+
+    Inside a compiled `lax.scan`, taking layer l of a stacked weight is a dynamic slice that XLA's CPU
+    backend copies, so a scanned single-token step moves every weight twice. Views taken here, outside
+    the compiled program, cost nothing on the CPU backend: each one aliases its slice of the stacked
+    buffer. On other backends (and for arrays numpy cannot view, or inside a jax transformation) they are
+    ordinary slices, i.e. one copy of the block weights while they are alive."""
+    n_layer = jax.tree_util.tree_leaves(blocks)[0].shape[0]
+    return tuple(jax.tree_util.tree_map(lambda x: _layer_view(x, layer), blocks) for layer in range(n_layer))
+
+
+def _layer_view(x, layer: int):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and _on_cpu(x):
+        host = np.asarray(x)  # the CPU buffer itself, read-only, no copy
+        if not host.flags.owndata:
+            return jax.device_put(host[layer], x.sharding, may_alias=True)
+    return x[layer]
+
+
+def _on_cpu(x: jax.Array) -> bool:
+    return all(device.platform == "cpu" for device in x.devices())
