@@ -162,4 +162,6 @@ def _layer_view(x, layer: int):
 
 
 def _on_cpu(x: jax.Array) -> bool:
-    return all(device.platform == "cpu" for device in x.devices())
+    """A single-device array on the CPU backend (sharded arrays are sliced instead)."""
+    devices = x.devices()
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
