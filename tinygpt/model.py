@@ -85,14 +85,45 @@ def mix_values(pattern, v):
     return jnp.einsum("bhst,bthd->bshd", pattern.astype(v.dtype), v)
 
 
+# Queries attended at once by `chunked_attention`. GPT-2 small, batch 8 x seq 1024, resid_post only, on CPU:
+# whole-process peak 1.41 GB at 128 (1.47 at 256, 2.33 unchunked); 64 saves 0.06 GB but is slower.
+ATTENTION_CHUNK = 128
+
+
+def chunked_attention(q, k, v, mask, chunk: int = ATTENTION_CHUNK):
+    """softmax(q.k / sqrt(d_head)) @ v written for one query and mapped over the queries `chunk` at a time:
+    `lax.map` vmaps each chunk and runs the chunks one after another (the last one ragged), so the float32
+    temporaries are [batch, head, chunk, key], not [batch, head, seq, key]. Each query's row is computed as in
+    the reference path (`attention_scores`, `apply_mask`, `softmax`, `mix_values`), so any mask is exact:
+    causal, padded, or queries that are the last seq of the key positions. Keys and values are laid out
+    [batch, head, d_head, key] once, outside the loop (XLA would otherwise transpose them in every chunk).
+    On CPU this is also faster than the whole-sequence einsums of the reference path, whose softmax XLA
+    fuses into the value product.
+    q [batch, seq, head, d_head], k, v [batch, key, head, d_head], mask [batch, 1, seq, key]
+    -> [batch, seq, head, d_head]"""
+    k_t = k.transpose(0, 2, 3, 1)  # [batch, head, d_head, key]
+    v_t = v.transpose(0, 2, 3, 1)  # [batch, head, d_head, key]
+    scale = jnp.sqrt(jnp.asarray(q.shape[-1], f32))
+
+    def one_query(query_and_mask):  # q [batch, head, d_head], mask [batch, 1, key]
+        q, mask = query_and_mask
+        scores = jnp.einsum("bhd,bhdt->bht", q, k_t, preferred_element_type=f32) / scale  # [batch, head, key]
+        pattern = softmax(apply_mask(scores, mask))  # [batch, head, key]
+        return jnp.einsum("bht,bhdt->bhd", pattern.astype(v.dtype), v_t)  # [batch, head, d_head]
+
+    queries = (q.swapaxes(0, 1), mask.transpose(2, 0, 1, 3))  # [seq, batch, head, d_head], [seq, batch, 1, key]
+    z = lax.map(one_query, queries, batch_size=chunk)  # [seq, batch, head, d_head]
+    return z.swapaxes(0, 1)
+
+
 def fused_attention(q, k, v, mask):
-    """softmax(q.k / sqrt(d_head)) @ v without materialising the pattern: `jax.nn.dot_product_attention`
-    (cuDNN's flash attention on GPUs for 16-bit dtypes). Used when no one reads or edits the pattern.
+    """softmax(q.k / sqrt(d_head)) @ v without materialising the whole pattern: cuDNN's flash attention
+    (`jax.nn.dot_product_attention`) on GPUs for 16-bit dtypes, `chunked_attention` elsewhere. Used when
+    no one reads or edits the pattern.
     q [batch, seq, head, d_head], k, v [batch, key, head, d_head], mask [batch, 1, seq, key]"""
-    implementation = None
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        implementation = "cudnn"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return chunked_attention(q, k, v, mask)
 
 
 def head_outputs(z, W_O):
