@@ -117,12 +117,14 @@ def chunked_attention(q, k, v, mask, chunk: int = ATTENTION_CHUNK):
 
 
 def fused_attention(q, k, v, mask):
-    """softmax(q.k / sqrt(d_head)) @ v without materialising the whole pattern: cuDNN's flash attention
-    (`jax.nn.dot_product_attention`) on GPUs for 16-bit dtypes, `chunked_attention` elsewhere. Used when
-    no one reads or edits the pattern.
+    """softmax(q.k / sqrt(d_head)) @ v without materialising the whole pattern, used when no one reads or
+    edits the pattern. On GPUs `jax.nn.dot_product_attention` (cuDNN's flash attention for 16-bit dtypes,
+    XLA's fused kernel otherwise: one large batched launch beats a sequential loop there); elsewhere
+    `chunked_attention`, whose temporaries stay [batch, head, chunk, key].
     q [batch, seq, head, d_head], k, v [batch, key, head, d_head], mask [batch, 1, seq, key]"""
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    if jax.default_backend() == "gpu":
+        implementation = "cudnn" if q.dtype in (jnp.bfloat16, jnp.float16) else None
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     return chunked_attention(q, k, v, mask)
 
 
