@@ -24,10 +24,10 @@ from tinygpt import sharding
 from .harness import interleaved
 
 
-def head_sweep(params, tokens, targets, config, mesh):
-    """tinygpt.sweep's head-ablation sweep with its heads split over the mesh's devices: `sharded_sweep`
-    around `sweep_units`, the units (heads) being the swept axis (axis 1 of its [layer, head, batch]
-    result). Every device reuses the prefix and reads the last position only, as on one device."""
+def head_sweep(params, tokens, targets, config):
+    """tinygpt.sweep's head-ablation sweep: `sweep_units` splits its swept axis (the heads) over every
+    device itself (`tinygpt.sweep.sweep_grid` calls `sharding.sharded_sweep` when there are several).
+    Every device reuses the prefix and reads the last position only, as on one device."""
     from tinygpt import sweep
 
     zeros = jnp.zeros((config.n_layer, 1, 1, 1, 1), params["wte"].dtype)
@@ -37,10 +37,8 @@ def head_sweep(params, tokens, targets, config, mesh):
         return jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
 
     cache = sweep.cache_run(params, tokens, config)
-    return sharding.sharded_sweep(
-        lambda heads: sweep.sweep_units(params, config, cache, "z", "head", zeros, score,
-                                        layers=jnp.arange(config.n_layer), units=heads),
-        jnp.arange(config.n_head), mesh=mesh, out_axis=1)
+    return sweep.sweep_units(params, config, cache, "z", "head", zeros, score,
+                             layers=jnp.arange(config.n_layer), units=jnp.arange(config.n_head))
 
 
 def main(argv: list[str]) -> None:
@@ -54,7 +52,7 @@ def main(argv: list[str]) -> None:
     tokens = rng.integers(0, config.vocab_size, (batch, seq)).astype(np.int32)
     sweep_tokens = rng.integers(0, config.vocab_size, (sweep_batch, sweep_seq)).astype(np.int32)
     targets = rng.integers(0, config.vocab_size, (sweep_batch,)).astype(np.int32)
-    sharded_head_sweep = jax.jit(lambda params, tokens, targets: head_sweep(params, tokens, targets, config, mesh))
+    sharded_head_sweep = jax.jit(lambda params, tokens, targets: head_sweep(params, tokens, targets, config))
 
     def forward():
         return jax.block_until_ready(sharding.sharded_forward(params, tokens, config, keep=("resid_post",), mesh=mesh))
