@@ -198,9 +198,9 @@ def _generate(params, layers, tokens, attention_mask, key, config, max_new_token
     full_logits = "logits" in keep or "logits" in edits
     prompt = forward(params, tokens, config, edits=edits, attention_mask=attention_mask,
                      keep=keep | {"k", "v", "logits" if full_logits else "ln_final"})
-    pad = [(0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
-    cache_k, cache_v = jnp.pad(prompt.k, pad), jnp.pad(prompt.v, pad)  # [layer, batch, total, head, d_head]
-    cache = tuple((cache_k[layer], cache_v[layer]) for layer in range(config.n_layer))
+    pad = [(0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
+    # per block (k, v) [batch, total, head, d_head]: the prompt's, then room for the new tokens
+    cache = tuple((jnp.pad(prompt.k[layer], pad), jnp.pad(prompt.v[layer], pad)) for layer in range(config.n_layer))
     key_valid = jnp.pad(attention_mask.astype(bool), [(0, 0), (0, max_new_tokens)])  # [batch, total]
     next_position = positions_from_mask(attention_mask)[:, -1] + 1  # [batch]
 

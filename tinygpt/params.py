@@ -21,6 +21,7 @@ over them. The unembedding is `wte.T`: tied, never copied.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -157,8 +158,17 @@ def _layer_view(x, layer: int):
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and _on_cpu(x):
         host = np.asarray(x)  # the CPU buffer itself, read-only, no copy
         if not host.flags.owndata:
-            return jax.device_put(host[layer], x.sharding, may_alias=True)
+            return host_to_jax(host[layer], x.sharding)
     return x[layer]
+
+
+_MAY_ALIAS = "may_alias" in inspect.signature(jax.device_put).parameters  # jax >= 0.5
+
+
+def host_to_jax(x: np.ndarray, device=None) -> jax.Array:
+    """A numpy buffer as a jax array on `device` (default: the default device): on the CPU backend the jax
+    array aliases the buffer when it is 64-byte aligned (no copy); elsewhere it is copied to the device."""
+    return jax.device_put(x, device, may_alias=True) if _MAY_ALIAS else jax.device_put(x, device)
 
 
 def _on_cpu(x: jax.Array) -> bool:

@@ -8,7 +8,6 @@ it (CPU). Peak memory is about one copy of the weights, plus one tensor when a c
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config, ConfigError
-from tinygpt.params import check_params, param_shapes, resolve_dtype
+from tinygpt.params import check_params, host_to_jax, param_shapes, resolve_dtype
 
 from . import hf
 from .errors import WeightsError
@@ -161,8 +160,8 @@ def _read_params(st: SafetensorsFile, config: Config, target: np.dtype) -> dict:
             c_attn_w, c_attn_b = st.read(f, f"h.{i}.attn.c_attn.weight"), st.read(f, f"h.{i}.attn.c_attn.bias")
             for name, value in hf.split_qkv(c_attn_w, c_attn_b, config).items():
                 blocks[name][i] = value
-    params = {name: _to_jax(params.pop(name)) for name in list(params)}
-    params["blocks"] = {name: _to_jax(blocks.pop(name)) for name in list(blocks)}
+    params = {name: host_to_jax(params.pop(name)) for name in list(params)}
+    params["blocks"] = {name: host_to_jax(blocks.pop(name)) for name in list(blocks)}
     return params
 
 
@@ -170,20 +169,11 @@ _ALIGNMENT = 64  # XLA's CPU backend aliases host buffers with this alignment in
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """np.empty, but 64-byte aligned (numpy only guarantees 16), so `_to_jax` can alias it."""
+    """np.empty, but 64-byte aligned (numpy only guarantees 16), so `host_to_jax` can alias it."""
     nbytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
     offset = -raw.ctypes.data % _ALIGNMENT
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
-_MAY_ALIAS = "may_alias" in inspect.signature(jax.device_put).parameters  # jax >= 0.5
-
-
-def _to_jax(x: np.ndarray) -> jax.Array:
-    """A numpy buffer nothing else references as a jax array on the default device: on CPU the jax array
-    takes over the buffer (no copy); elsewhere it is copied to the device and the buffer freed."""
-    return jax.device_put(x, may_alias=True) if _MAY_ALIAS else jax.device_put(x)
 
 
 # ------------------------------------------------------------------------------------------------- writing
