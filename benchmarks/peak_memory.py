@@ -3,7 +3,8 @@
     python -m benchmarks.peak_memory load  {tinygpt,hf,tl} DIR
     python -m benchmarks.peak_memory trace {tinygpt,tl} DIR BATCH SEQ SITES
 
-SITES is "all", "tl" (every site TransformerLens caches) or a comma-separated list of tinygpt sites.
+SITES is "all", "tl" (every site TransformerLens caches) or a comma-separated list of tinygpt sites, with
+":compact" appended for a compact trace (derived sites computed on read, `tinygpt.forward(compact=True)`).
 Prints one JSON object: the process's peak RSS over the measured region (`peak_mb`), the RSS before it
 (`before_mb`), their difference (`delta_mb`) and, for a forward, the size of the trace it returned
 (`held_mb`), in MB (2^20 bytes). For a forward, the region starts
@@ -82,10 +83,12 @@ def measure_trace(who: str, directory: Path, batch: int, seq: int, sites: str) -
         import tinygpt
         from tinygpt.sites import SITE_NAMES
 
+        sites, compact = (sites[: -len(":compact")], True) if sites.endswith(":compact") else (sites, False)
         keep = {"all": SITE_NAMES, "tl": tuple(s for s in SITE_NAMES if s != "head_out")}.get(sites)
         keep = keep if keep is not None else tuple(sites.split(","))
         model = tinygpt.load(directory)
-        forward = jax.jit(lambda p, t: tinygpt.forward(p, t, model.config, keep=keep))
+        # a compact trace returned from jit carries a copy of W_O (for head_out): counted in the figure
+        forward = jax.jit(lambda p, t: tinygpt.forward(p, t, model.config, keep=keep, compact=compact))
         compiled = forward.lower(model.params, tokens).compile()
         with PeakRSS() as rss:
             trace = jax.block_until_ready(compiled(model.params, tokens))

@@ -36,7 +36,6 @@ center_unembedding
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax.numpy as jnp
 
@@ -144,8 +143,7 @@ def forward(params: Params, tokens, config, *, edits=None, attention_mask=None, 
     logits = logits + params["b_U"].astype(f32)  # [batch, seq, vocab]
     for fn in logit_edits:
         logits = jnp.asarray(fn(logits, None), f32)
-    return dataclasses.replace(
-        trace,
+    return trace.replace(
         logits=logits if "logits" in keep else None,
         ln_final=ln_final if "ln_final" in keep else None,
     )

@@ -84,6 +84,10 @@ def sharded_runs(out_path: str) -> None:
     for site in KEEP:
         record(f"forward8/{site}", getattr(trace8, site))
         record(f"forward6/{site}", getattr(trace6, site))
+    compact6 = sharding.sharded_forward(params, tokens6, config, attention_mask=mask6, mesh=mesh, compact=True)
+    out["compact6/derived"] = np.asarray(compact6.derived())
+    for site in compact6.kept():  # derived sites computed from the split stored ones (the padding cut first)
+        record(f"compact6/{site}", getattr(compact6, site))
 
     def sweep_fn(chunk, params, tokens, targets):
         return ablation_scores(chunk, params, tokens, targets, config)
@@ -183,6 +187,22 @@ def test_sharded_forward_equals_single_device_forward(sharded, single):
             assert values[f"{name}/{site}"].shape == expected.shape, (name, site)
             np.testing.assert_allclose(values[f"{name}/{site}"], expected, rtol=1e-5, atol=1e-5,
                                        err_msg=f"{name} {site}")
+
+
+def test_sharded_compact_trace_equals_single_device_forward(sharded, single):
+    """A compact trace of every site, sharded over an uneven batch: the derived sites (computed from the
+    split, cut stored sites and the replicated weights) equal the single-device forward's."""
+    import tinygpt
+    from tinygpt.sites import SITE_NAMES
+
+    values, _ = sharded
+    config, params, _, tokens6, mask6, *_ = single
+    assert set(values["compact6/derived"]) == {"ln1", "attn_pattern", "head_out", "resid_mid", "ln2",
+                                               "mlp_post", "resid_post"}
+    reference = tinygpt.forward(params, tokens6, config, attention_mask=mask6)
+    for site in SITE_NAMES:
+        expected = np.asarray(getattr(reference, site))
+        np.testing.assert_allclose(values[f"compact6/{site}"], expected, rtol=1e-5, atol=1e-5, err_msg=site)
 
 
 def test_sharded_sweep_equals_single_device_sweep(sharded, single):

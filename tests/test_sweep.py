@@ -97,8 +97,8 @@ def sweep_units_jit(params, tokens, mask, source, *, site, axis, chunk_size):
 
 # --------------------------------------------------------------------------------------- position sweeps
 
-KINDS = ("resid_pre", "mlp_out", "attn_out")
-WINDOWS = {"resid_pre": 1, "mlp_out": 2, "attn_out": 3}
+KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
+WINDOWS = {"resid_pre": 1, "resid_post": 2, "mlp_out": 2, "attn_out": 3}  # resid_post's reaches the final resid
 FIRST_CHANGED = 3  # the corrupted tokens differ from the clean ones from this position on
 
 
@@ -106,7 +106,7 @@ FIRST_CHANGED = 3  # the corrupted tokens differ from the clean ones from this p
 def position_sweep_jit(params, clean, corrupt, noise):
     """Restore each kind of the clean run at every (layer, position) of the corrupted run (tokens changed
     from FIRST_CHANGED on, plus noise on their embeddings), windows of 1, 2 and 3 layers, two buckets,
-    reading two positions."""
+    reading two positions. resid_post runs start a layer later (as the next block's resid_pre)."""
     sources = tinygpt.forward(params, clean, CFG, keep=KINDS)
     cache = sweep.cache_run(params, corrupt, CFG, edits={"embed": lambda e, layer: e + noise})
     values = sweep.sweep_positions(params, CFG, cache, {k: sources[k] for k in KINDS}, answer_log_prob,
@@ -199,3 +199,21 @@ def test_errors_name_the_problem():
         sweep.run_patched(params, CFG, cache, {"resid_pre": patch}, first=5, read=(2,))
     with pytest.raises(ValueError, match="outside a sequence of 9"):
         sweep.read_positions([9], SEQ)
+
+
+@settings(max_examples=5)
+@given(seed=seeds, layer=st.integers(0, CFG.n_layer - 1), position=st.integers(0, SEQ - 1))
+def test_resid_post_and_resid_pre_patched_together(seed, layer, position):
+    """resid_post runs start at the next block (its resid_pre): with a resid_pre patch active at that same
+    next layer (and one reaching past the last block, which has no resid_pre to patch there), the run equals
+    the full patched forward, the resid_post patch applied first."""
+    params, tokens = random_params(seed), random_tokens(seed)
+    other = tinygpt.forward(params, random_tokens(seed + 1), CFG, keep=("resid_pre", "resid_post"))
+    at = sweep.unit_where("resid_pre", "seq", position, CFG, SEQ)
+    half = jnp.arange(CFG.d_model)[None, None, :] < CFG.d_model // 2  # overlapping, not equal, regions
+    patches = {"resid_pre": sweep.Patch(layer + 1, CFG.n_layer + 1, at & half, other.resid_pre[::-1]),
+               "resid_post": sweep.Patch(layer, CFG.n_layer, at, other.resid_post)}
+    cache = sweep.cache_run(params, tokens, CFG)
+    ours = sweep.run_patched(params, CFG, cache, patches, read=(position, -1) if position < SEQ - 1 else (-1,))
+    plain = sweep.patched_forward(params, tokens, CFG, patches, read=(position, -1) if position < SEQ - 1 else (-1,))
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), atol=TOL, rtol=0)

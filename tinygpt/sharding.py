@@ -34,9 +34,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import Config
-from .model import _at_top_level, check_inputs, forward
+from .model import _at_top_level, _forward, attach_weights, check_inputs
 from .sites import SITES
-from .trace import Trace, normalize_keep
+from .trace import Trace, derived_sites, normalize_keep
 
 BATCH = "batch"
 
@@ -131,7 +131,7 @@ def pad_to_multiple(tree, multiple: int):
 
 
 def sharded_forward(params, tokens, config: Config, *, keep=None, attention_mask=None,
-                    mesh: Mesh | None = None) -> Trace:
+                    mesh: Mesh | None = None, compact: bool = False) -> Trace:
     """`tinygpt.forward` with the batch split over the mesh's devices (default: all) and the params
     replicated. The trace comes back split along its batch axis (axis 1 of per-layer sites, 0 of the
     others), each device holding its own sequences' values; `jax.jit` partitions the program from those
@@ -140,30 +140,33 @@ def sharded_forward(params, tokens, config: Config, *, keep=None, attention_mask
     inputs placed with `replicate` / `shard_batch`, and the partitioner splits it the same way."""
     mesh = device_mesh() if mesh is None else mesh
     keep = normalize_keep(keep)
+    derived = derived_sites(keep, {}) if compact else frozenset()
     tokens, attention_mask = check_inputs(tokens, attention_mask, config)
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     (tokens, attention_mask), batch = pad_to_multiple((tokens, attention_mask), mesh.size)
-    run = _sharded_forward_program(config, keep, mesh)
-    trace = run(replicate(params, mesh), shard_batch(tokens, mesh), shard_batch(attention_mask, mesh))
-    if tokens.shape[0] != batch:  # drop the padding rows
+    run = _sharded_forward_program(config, keep, derived, mesh)
+    replicated_params = replicate(params, mesh)
+    trace = run(replicated_params, shard_batch(tokens, mesh), shard_batch(attention_mask, mesh))
+    if tokens.shape[0] != batch:  # drop the padding rows (before the weights join the trace's leaves)
         trace = jax.tree_util.tree_map(lambda x, per_layer: x[:, :batch] if per_layer else x[:batch],
-                                       trace, _per_layer_fields(keep))
-    return trace
+                                       trace, _per_layer_fields(keep, derived))
+    return attach_weights(trace, replicated_params)
 
 
-def _per_layer_fields(keep: frozenset) -> Trace:
-    """A Trace holding, for each kept site, whether it is per-layer (stacked on a leading layer axis)."""
-    return Trace(**{name: SITES[name].per_layer for name in keep})
+def _per_layer_fields(keep: frozenset, derived: frozenset) -> Trace:
+    """A Trace holding, for each stored site, whether it is per-layer (stacked on a leading layer axis)."""
+    return Trace(derived=derived, **{name: SITES[name].per_layer for name in keep - derived})
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_forward_program(config: Config, keep: frozenset, mesh: Mesh):
+def _sharded_forward_program(config: Config, keep: frozenset, derived: frozenset, mesh: Mesh):
     by_layer, by_batch = split_along(mesh, 1), split_along(mesh, 0)
-    out_shardings = Trace(**{name: by_layer if SITES[name].per_layer else by_batch for name in keep})
+    out_shardings = Trace(derived=derived, **{name: by_layer if SITES[name].per_layer else by_batch
+                                              for name in keep - derived})
 
     def run(params, tokens, attention_mask):
-        return forward(params, tokens, config, attention_mask=attention_mask, keep=keep)
+        return _forward(params, tokens, attention_mask, config, {}, keep, derived)
 
     return jax.jit(run, out_shardings=out_shardings)
 

@@ -73,6 +73,18 @@ SITES: dict[str, Site] = dict(
 )
 
 SITE_NAMES: tuple[str, ...] = tuple(SITES)
+
+# Sites a compact trace computes from other kept sites instead of storing them (see `tinygpt.trace.Trace`):
+# site -> (the sites it is computed from, the weights it reads). Each is how the forward computes it.
+DERIVED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ln1": (("resid_pre", "ln1_scale"), ("ln1_w", "ln1_b")),  # LayerNorm 1 from its kept divisor
+    "attn_pattern": (("attn_scores",), ()),  # softmax(attn_scores)
+    "head_out": (("z",), ("W_O",)),  # z @ W_O per head
+    "resid_mid": (("resid_pre", "attn_out"), ()),  # resid_pre + attn_out
+    "ln2": (("resid_mid", "ln2_scale"), ("ln2_w", "ln2_b")),  # LayerNorm 2 from its kept divisor
+    "mlp_post": (("mlp_pre",), ()),  # gelu_new(mlp_pre)
+    "resid_post": (("resid_mid", "mlp_out"), ()),  # resid_mid + mlp_out
+}
 LAYER_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.per_layer)
 GLOBAL_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if not s.per_layer)
 

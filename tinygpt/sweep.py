@@ -128,6 +128,29 @@ def patch_edits(patches: Patches, positions: np.ndarray) -> dict:
     return {site: (patch_edit(site, patch, positions),) for site, patch in patches.items()}
 
 
+def resid_post_as_resid_pre(patches: Patches) -> tuple[dict[str, tuple[Patch, ...]], tuple[Patch, ...]]:
+    """The patches per site, with resid_post's moved to resid_pre: the output of block l is the input of
+    block l + 1, so patching resid_post at layers [lo, hi) is patching resid_pre at [lo + 1, hi + 1), and a
+    run restored at layer l need not rerun block l. Its source moves up a layer ([layer + 1, ...]: entry
+    n_layer is the last block's output, the final residual). A shifted patch goes before the site's own
+    resid_pre patch, as resid_post[l] is written before resid_pre[l + 1] reads it.
+    -> (patches per site, the shifted patches: applied also to the final residual, "resid_pre" n_layer)"""
+    by_site: dict[str, tuple[Patch, ...]] = {}
+    shifted = ()
+    for site, patch in patches.items():
+        if site == "resid_post":
+            source = jnp.concatenate([patch.source[:1], patch.source])  # source[j] is now layer j - 1's
+            shifted = (Patch(jnp.asarray(patch.lo) + 1, jnp.asarray(patch.hi) + 1, patch.where, source),)
+            by_site["resid_pre"] = shifted + by_site.get("resid_pre", ())
+        else:
+            by_site[site] = by_site.get(site, ()) + (patch,)
+    return by_site, shifted
+
+
+def site_edits(by_site: Mapping[str, tuple[Patch, ...]], positions: np.ndarray) -> dict:
+    return {site: tuple(patch_edit(site, p, positions) for p in patches) for site, patches in by_site.items()}
+
+
 def check_patch_site(site: str) -> None:
     check_site_names([site], "site")
     if not SITES[site].per_layer:
@@ -181,7 +204,8 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
     and MLP at the `read` positions only; logits there.  -> [batch, n_read, vocab]
 
     Equal to `patched_forward` (to float rounding) when the patches change nothing before position `first`.
-    `first` and `read` are static; the patches may be traced (and vmapped)."""
+    `first` and `read` are static; the patches may be traced (and vmapped). A resid_post patch is applied
+    as the next block's resid_pre patch (`resid_post_as_resid_pre`), so the patched block is not rerun."""
     for site in patches:
         check_patch_site(site)
     blocks, eps, last = params["blocks"], config.ln_eps, config.n_layer - 1
@@ -189,8 +213,10 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
     read = read_positions(read, seq)
     if read.min() < first:
         raise ValueError(f"read positions {read.tolist()} precede the first recomputed position {first}")
-    edits_suffix = patch_edits(patches, np.arange(first, seq))
-    edits_read = patch_edits(patches, read)
+    by_site, shifted = resid_post_as_resid_pre(patches)
+    edits_suffix = site_edits(by_site, np.arange(first, seq))
+    edits_read = site_edits(by_site, read)
+    final_edits = site_edits({"resid_pre": shifted}, read)["resid_pre"]
     mask = causal_mask(cache.attention_mask)[:, :, first:]  # [batch, 1, seq - first, key]
 
     def layer_params(layer):
@@ -203,12 +229,14 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
         site = SiteRecorder(edits_suffix, frozenset(), layer)
         return block_suffix(resid, layer_params(layer), *prefix_kv(layer), mask, None, site, site, eps)
 
-    start = jnp.minimum(last, jnp.min(jnp.stack([jnp.asarray(p.lo) for p in patches.values()])))
+    start = jnp.minimum(last, jnp.min(jnp.stack([jnp.asarray(p.lo) for ps in by_site.values() for p in ps])))
     resid = cache.resid_pre[start][:, first:]  # [batch, seq - first, d_model]
     resid = lax.fori_loop(start, last, step, resid)
     site_in = SiteRecorder(edits_suffix, frozenset(), last)
     site_out = SiteRecorder(edits_read, frozenset(), last)
     resid = block_suffix(resid, layer_params(last), *prefix_kv(last), mask, read - first, site_in, site_out, eps)
+    for edit in final_edits:  # a resid_post patch of the last block: "resid_pre" of layer n_layer
+        resid = edit(resid, config.n_layer)  # [batch, n_read, d_model]
     ln_final = ln_apply(resid, ln_scale(resid, eps), params["lnf_w"], params["lnf_b"])  # [batch, n_read, d_model]
     return unembed(ln_final, params["wte"])  # [batch, n_read, vocab]
 

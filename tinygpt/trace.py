@@ -9,51 +9,60 @@ Edits are plain functions `(value, layer) -> value` keyed by site name. At each 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
-from .sites import GLOBAL_SITES, LAYER_SITES, SITE_NAMES, check_site_names
+from .sites import DERIVED, GLOBAL_SITES, LAYER_SITES, SITE_NAMES, SITES, check_site_names
 
 Edit = Callable[[jax.Array, Any], jax.Array]
 Edits = Mapping[str, Union[Edit, Sequence[Edit]]]
 
 
 @jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
 class Trace:
-    embed: Any = None
-    pos_embed: Any = None
-    resid_pre: Any = None
-    ln1_scale: Any = None
-    ln1: Any = None
-    q: Any = None
-    k: Any = None
-    v: Any = None
-    attn_scores: Any = None
-    attn_pattern: Any = None
-    z: Any = None
-    head_out: Any = None
-    attn_out: Any = None
-    resid_mid: Any = None
-    ln2_scale: Any = None
-    ln2: Any = None
-    mlp_pre: Any = None
-    mlp_post: Any = None
-    mlp_out: Any = None
-    resid_post: Any = None
-    ln_final_scale: Any = None
-    ln_final: Any = None
-    logits: Any = None
+    """The kept sites of one forward pass: `trace.resid_post`, `trace["resid_post"]`; None for a site that
+    was not kept.
+
+    A compact trace (`forward(..., compact=True)`) does not store the kept sites that are cheap functions of
+    other kept sites (`tinygpt.sites.DERIVED`: attn_pattern = softmax(attn_scores), mlp_post =
+    gelu_new(mlp_pre), resid_mid and resid_post as sums, ln1 and ln2 from the residual and the kept
+    LayerNorm divisor, head_out = z @ W_O per head). It computes them, with the forward's own functions,
+    when first read, and keeps them. As a pytree its leaves are the stored sites and the per-layer weights
+    the derivations read (W_O, the LayerNorm weights), so `jax.tree.map` over a compact trace maps those
+    weights too: exact for maps along the leading layer axis (and for jit/device transfers); for anything
+    else (slicing the batch, reductions) map `trace.materialized()` instead."""
+
+    def __init__(self, *, derived: Iterable[str] = (), weights: Mapping[str, Any] | None = None, **sites):
+        check_site_names(sites, "Trace")
+        derived = frozenset(derived)
+        check_site_names(derived, "Trace(derived=...)")
+        self._stored = {n: sites[n] for n in SITE_NAMES if sites.get(n) is not None}
+        self._derived = tuple(n for n in SITE_NAMES if n in derived)  # a stored value wins on read
+        self._weights = dict(weights or {})
+        self._cache: dict[str, Any] = {}
+
+    def __getattr__(self, name: str):  # called only for names that are not ordinary attributes
+        if name not in SITES:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name in self._stored:
+            return self._stored[name]
+        if name not in self._derived:
+            return None
+        if name not in self._cache:
+            from .model import derive_site  # the model's own functions compute a derived site
+
+            self._cache[name] = derive_site(name, self, self._weights)
+        return self._cache[name]
 
     def tree_flatten(self):
-        return tuple(getattr(self, n) for n in SITE_NAMES), None
+        return (tuple(self._stored.get(n) for n in SITE_NAMES), self._weights), self._derived
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*children)
+    def tree_unflatten(cls, derived, children):
+        sites, weights = children
+        return cls(derived=derived, weights=weights, **dict(zip(SITE_NAMES, sites)))
 
     def __getitem__(self, name: str):
         check_site_names([name], "Trace[...]")
@@ -63,14 +72,41 @@ class Trace:
         return value
 
     def kept(self) -> tuple[str, ...]:
-        """Names of the sites this trace holds."""
-        return tuple(n for n in SITE_NAMES if getattr(self, n) is not None)
+        """Names of the sites this trace holds (stored or derived)."""
+        return tuple(n for n in SITE_NAMES if n in self._stored or n in self._derived)
+
+    def stored(self) -> tuple[str, ...]:
+        """Names of the sites this trace stores (a compact trace derives the others on read)."""
+        return tuple(self._stored)
+
+    def derived(self) -> tuple[str, ...]:
+        """Names of the kept sites this trace computes when read."""
+        return tuple(n for n in self._derived if n not in self._stored)
 
     def items(self):
         return [(n, getattr(self, n)) for n in self.kept()]
 
+    def materialized(self) -> "Trace":
+        """The same trace with every kept site stored (derived sites computed now)."""
+        return Trace(**dict(self.items()))
 
-assert tuple(f.name for f in dataclasses.fields(Trace)) == SITE_NAMES
+    def replace(self, **sites) -> "Trace":
+        """This trace with the given sites set to new values (None: not kept); derived sites read them."""
+        check_site_names(sites, "Trace.replace")
+        derived = [n for n in self._derived if n not in sites]
+        return Trace(derived=derived, weights=self._weights, **{**self._stored, **sites})
+
+    def with_weights(self, weights: Mapping[str, Any]) -> "Trace":
+        """This trace with the weights its derivations read (attached outside a compiled forward, so a
+        jitted call does not copy them into its outputs)."""
+        return Trace(derived=self._derived, weights=weights, **self._stored)
+
+    def __repr__(self):
+        shapes = ", ".join(
+            f"{n}={tuple(getattr(v, 'shape', ()))}" for n, v in self._stored.items()
+        )
+        derived = f"; derived on read: {', '.join(self._derived)}" if self._derived else ""
+        return f"Trace({shapes}{derived})"
 
 
 def normalize_keep(keep: Iterable[str] | str | None) -> frozenset[str]:
@@ -82,6 +118,17 @@ def normalize_keep(keep: Iterable[str] | str | None) -> frozenset[str]:
     keep = tuple(keep)
     check_site_names(keep, "keep")
     return frozenset(keep)
+
+
+def derived_sites(keep: frozenset[str], edits: Mapping[str, Any]) -> frozenset[str]:
+    """The kept sites a compact trace derives instead of storing: those of `DERIVED` whose sources are all
+    kept and which are not edited themselves (an edited value is not a function of its sources). Edits of
+    the sources are fine: a site is derived from their kept, edited values, as the forward computed it."""
+    derived = set()
+    for name, (sources, _) in DERIVED.items():  # in forward order: resid_post may read a derived resid_mid
+        if name in keep and name not in edits and all(s in keep for s in sources):
+            derived.add(name)
+    return frozenset(derived)
 
 
 def normalize_edits(edits: Edits | None) -> dict[str, tuple[Edit, ...]]:
