@@ -30,7 +30,7 @@ from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.model import unembed
-from tinygpt.sweep import base_logits, cache_run, sweep_positions
+from tinygpt.sweep import AFTER_ATTENTION, base_logits, cache_run, sweep_positions
 
 KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 RESIDUAL_KINDS = ("resid_pre", "resid_post")  # restored alone (window 1), as in ROME
@@ -97,7 +97,8 @@ def trace_scores(params, tokens, noise, answer, *, config: Config, subject: tupl
     clean = forward(params, tokens[None], config, keep=kinds + ("ln_final",))
     clean_logits = unembed(clean.ln_final[:, -1:], params["wte"])[:, 0]  # [1, vocab]
     corrupt_tokens = jnp.broadcast_to(tokens, (samples, seq))
-    cache = cache_run(params, corrupt_tokens, config, edits={"embed": noise_edit(noise, subject, seq)})
+    cache = cache_run(params, corrupt_tokens, config, edits={"embed": noise_edit(noise, subject, seq)},
+                      z=all(kind in AFTER_ATTENTION for kind in kinds))
 
     def score(logits):  # [samples, 1, vocab] -> mean P(answer) over the samples
         return metrics.prob(logits[:, 0], answer).mean()

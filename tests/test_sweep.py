@@ -67,19 +67,21 @@ def naive_unit(params, tokens, mask, source, layer, unit, *, site, axis):
 # ------------------------------------------------------------------------------------------- unit sweeps
 
 
-@pytest.mark.parametrize("site, axis, chunk_size", [("z", "head", None), ("mlp_post", "d_mlp", 16)])
+@pytest.mark.parametrize("site, axis, chunk_size, z", [("z", "head", None, False), ("z", "head", None, True),
+                                                       ("mlp_post", "d_mlp", 16, True)])
 @settings(max_examples=5)
 @given(seed=seeds)
-def test_unit_sweep_equals_naive_loop(site, axis, chunk_size, seed):
+def test_unit_sweep_equals_naive_loop(site, axis, chunk_size, z, seed):
     """Zero replacement of every head, and replacement of every neuron by another batch's values (chunked,
-    with a ragged last chunk), at every layer, a left-padded row included."""
+    with a ragged last chunk), at every layer, a left-padded row included; with z in the cache, each run's
+    first block starts from the base run's z (the last layer's at the read position only)."""
     params, tokens = random_params(seed), random_tokens(seed)
     mask = np.ones((BATCH, SEQ), np.int32)
     mask[1, :3] = 0  # row 1 is left-padded
     reference = tinygpt.forward(params, random_tokens(seed + 1), CFG, keep=(site,))[site]
     source = {"z": jnp.zeros((CFG.n_layer, 1, 1, 1, 1)), "mlp_post": reference[:, ::-1]}[site]
     size = sweep.axis_size(site, axis, CFG, SEQ)
-    values = sweep_units_jit(params, tokens, mask, source, site=site, axis=axis, chunk_size=chunk_size)
+    values = sweep_units_jit(params, tokens, mask, source, site=site, axis=axis, chunk_size=chunk_size, z=z)
     assert values.shape == (CFG.n_layer, size, BATCH)
     expected = np.stack([np.stack([naive_unit(params, tokens, mask, source, layer, unit, site=site, axis=axis)
                                    for unit in range(size)])
@@ -87,9 +89,10 @@ def test_unit_sweep_equals_naive_loop(site, axis, chunk_size, seed):
     np.testing.assert_allclose(values, expected, atol=TOL, rtol=0)
 
 
-@functools.partial(jax.jit, static_argnames=("site", "axis", "chunk_size"))
-def sweep_units_jit(params, tokens, mask, source, *, site, axis, chunk_size):
-    cache = sweep.cache_run(params, tokens, CFG, attention_mask=mask)
+@functools.partial(jax.jit, static_argnames=("site", "axis", "chunk_size", "z"))
+def sweep_units_jit(params, tokens, mask, source, *, site, axis, chunk_size, z):
+    cache = sweep.cache_run(params, tokens, CFG, attention_mask=mask, z=z)
+    assert (cache.z is not None) == z
     size = sweep.axis_size(site, axis, CFG, SEQ)
     return sweep.sweep_units(params, CFG, cache, site, axis, source, answer_log_prob, layers=jnp.arange(CFG.n_layer),
                              units=jnp.arange(size), chunk_size=chunk_size)
@@ -112,7 +115,13 @@ def position_sweep_jit(params, clean, corrupt, noise):
     values = sweep.sweep_positions(params, CFG, cache, {k: sources[k] for k in KINDS}, answer_log_prob,
                                    layers=jnp.arange(CFG.n_layer), positions=np.arange(SEQ), windows=WINDOWS,
                                    unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1))
-    return values, answer_log_prob(sweep.base_logits(params, cache, read=(-2, -1)))
+    # the sites after the attention alone, from a cache with z: each run's first block starts from it
+    late = ("mlp_out", "attn_out")
+    z_cache = sweep.cache_run(params, corrupt, CFG, edits={"embed": lambda e, layer: e + noise}, z=True)
+    late_values = sweep.sweep_positions(params, CFG, z_cache, {k: sources[k] for k in late}, answer_log_prob,
+                                        layers=jnp.arange(CFG.n_layer), positions=np.arange(SEQ), windows=WINDOWS,
+                                        unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1))
+    return values, late_values, answer_log_prob(sweep.base_logits(params, cache, read=(-2, -1)))
 
 
 @jax.jit
@@ -137,11 +146,12 @@ def test_position_sweep_equals_naive_loop(seed):
     corrupt[:, FIRST_CHANGED:] = random_tokens(seed + 1)[:, FIRST_CHANGED:]
     noise = np.zeros((BATCH, SEQ, CFG.d_model), np.float32)
     noise[:, FIRST_CHANGED:] = np.random.default_rng(seed).standard_normal((BATCH, SEQ - FIRST_CHANGED, CFG.d_model))
-    values, base = position_sweep_jit(params, clean, corrupt, noise)
+    values, late_values, base = position_sweep_jit(params, clean, corrupt, noise)
     assert values.shape == (len(KINDS), CFG.n_layer, SEQ, BATCH)
     expected = np.asarray([[[naive_position(params, clean, corrupt, noise, k, layer, p) for p in range(SEQ)]
                             for layer in range(CFG.n_layer)] for k in range(len(KINDS))])
     np.testing.assert_allclose(values, expected, atol=TOL, rtol=0)
+    np.testing.assert_allclose(late_values, expected[2:], atol=TOL, rtol=0)
     # before the first change, restoring is a no-op: the base run's score
     np.testing.assert_allclose(values[:, :, :FIRST_CHANGED], np.broadcast_to(base, values[:, :, :FIRST_CHANGED].shape),
                                atol=TOL, rtol=0)

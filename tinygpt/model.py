@@ -195,9 +195,16 @@ def block_attend_mlp(resid_pre, q, k, v, mask, p, site: SiteRecorder, eps: float
     if site.wants("attn_scores") or site.wants("attn_pattern"):
         attn_scores = site("attn_scores", apply_mask(attention_scores(q, k), mask))
         attn_pattern = site("attn_pattern", softmax(attn_scores))
-        z = site("z", mix_values(attn_pattern, v))
+        z = mix_values(attn_pattern, v)
     else:  # nobody reads the pattern: fused attention (flash / cuDNN where available), same values
-        z = site("z", fused_attention(q, k, v, mask))
+        z = fused_attention(q, k, v, mask)
+    return block_after_attention(resid_pre, z, p, site, eps)
+
+
+def block_after_attention(resid_pre, z, p, site: SiteRecorder, eps: float):
+    """The rest of a block from its attention's mixed values z [batch, seq, head, d_head]: the heads'
+    output, the MLP.  -> resid_post [batch, seq, d_model]"""
+    z = site("z", z)
     attn_out = attention_output(z, p["W_O"], p["b_O"])
     if site.wants("head_out"):  # per-head writes cost head x memory: computed only when read or edited
         computed = head_outputs(z, p["W_O"])

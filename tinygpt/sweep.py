@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from .config import Config
-from .model import block_attend_mlp, block_qkv, causal_mask, forward, ln_apply, ln_scale, unembed
+from .model import block_after_attention, block_attend_mlp, block_qkv, causal_mask, forward, ln_apply, ln_scale, unembed
 from .sharding import sharded_sweep
 from .sites import SITES, check_site_names
 from .trace import SiteRecorder, normalize_edits
@@ -52,11 +52,18 @@ class Cache:
     v: jax.Array  # [layer, batch, seq, head, d_head]
     ln_final: jax.Array  # [batch, seq, d_model]  the base run's final LayerNorm output
     attention_mask: jax.Array  # [batch, seq]  1 real, 0 padding
+    z: jax.Array | None = None  # [layer, batch, seq, head, d_head]  each block's mixed values, if kept
 
 
-def cache_run(params, tokens, config: Config, *, attention_mask=None, edits=None) -> Cache:
+# Sites a block computes from its attention's z on: a run patching only these starts its first block from
+# the base run's z (that block's q, k, v and attention read nothing patched).
+AFTER_ATTENTION = ("z", "head_out", "attn_out", "resid_mid", "ln2_scale", "ln2", "mlp_pre", "mlp_post", "mlp_out")
+
+
+def cache_run(params, tokens, config: Config, *, attention_mask=None, edits=None, z: bool = False) -> Cache:
     """The base run: one forward keeping the residual entering each block, each block's keys and values,
-    and the final LayerNorm output.
+    the final LayerNorm output and, with `z=True`, each block's z (for sweeps of `AFTER_ATTENTION` sites:
+    their runs skip their first block's q/k/v and attention).
 
     `edits` may change the embedding sites only (embed, pos_embed), e.g. noise on the subject tokens in
     causal tracing: the swept runs start from cached block inputs, which already hold them."""
@@ -68,8 +75,8 @@ def cache_run(params, tokens, config: Config, *, attention_mask=None, edits=None
     if attention_mask is None:
         attention_mask = jnp.ones(jnp.shape(tokens), jnp.int32)
     trace = forward(params, tokens, config, edits=edits, attention_mask=attention_mask,
-                    keep=("resid_pre", "k", "v", "ln_final"))
-    return Cache(trace.resid_pre, trace.k, trace.v, trace.ln_final, jnp.asarray(attention_mask))
+                    keep=("resid_pre", "k", "v", "ln_final") + (("z",) if z else ()))
+    return Cache(trace.resid_pre, trace.k, trace.v, trace.ln_final, jnp.asarray(attention_mask), trace.z)
 
 
 def base_logits(params, cache: Cache, *, read=(-1,)):
@@ -205,7 +212,9 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
 
     Equal to `patched_forward` (to float rounding) when the patches change nothing before position `first`.
     `first` and `read` are static; the patches may be traced (and vmapped). A resid_post patch is applied
-    as the next block's resid_pre patch (`resid_post_as_resid_pre`), so the patched block is not rerun."""
+    as the next block's resid_pre patch (`resid_post_as_resid_pre`), so the patched block is not rerun;
+    when the cache holds z and every patch is of an `AFTER_ATTENTION` site, the first block starts from the
+    base run's z."""
     for site in patches:
         check_patch_site(site)
     blocks, eps, last = params["blocks"], config.ln_eps, config.n_layer - 1
@@ -230,11 +239,26 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
         return block_suffix(resid, layer_params(layer), *prefix_kv(layer), mask, None, site, site, eps)
 
     start = jnp.minimum(last, jnp.min(jnp.stack([jnp.asarray(p.lo) for ps in by_site.values() for p in ps])))
-    resid = cache.resid_pre[start][:, first:]  # [batch, seq - first, d_model]
-    resid = lax.fori_loop(start, last, step, resid)
-    site_in = SiteRecorder(edits_suffix, frozenset(), last)
-    site_out = SiteRecorder(edits_read, frozenset(), last)
-    resid = block_suffix(resid, layer_params(last), *prefix_kv(last), mask, read - first, site_in, site_out, eps)
+
+    def blocks_from(begin, resid):  # blocks begin.. on positions first.., the last one at `read` only
+        resid = lax.fori_loop(begin, last, step, resid)
+        site_in = SiteRecorder(edits_suffix, frozenset(), last)
+        site_out = SiteRecorder(edits_read, frozenset(), last)
+        return block_suffix(resid, layer_params(last), *prefix_kv(last), mask, read - first, site_in, site_out,
+                            eps)  # [batch, n_read, d_model]
+
+    if cache.z is not None and all(site in AFTER_ATTENTION for site in by_site):
+        # block `start`'s attention reads nothing patched: it starts from the base run's z
+        def after_attention(positions, edits):  # block `start` at the absolute `positions`
+            site = SiteRecorder(edits, frozenset(), start)
+            return block_after_attention(cache.resid_pre[start][:, positions], cache.z[start][:, positions],
+                                         layer_params(start), site, eps)
+
+        resid = lax.cond(start < last,
+                         lambda: blocks_from(start + 1, after_attention(np.arange(first, seq), edits_suffix)),
+                         lambda: after_attention(read, edits_read))  # the last block: at `read` only
+    else:
+        resid = blocks_from(start, cache.resid_pre[start][:, first:])
     for edit in final_edits:  # a resid_post patch of the last block: "resid_pre" of layer n_layer
         resid = edit(resid, config.n_layer)  # [batch, n_read, d_model]
     ln_final = ln_apply(resid, ln_scale(resid, eps), params["lnf_w"], params["lnf_b"])  # [batch, n_read, d_model]
