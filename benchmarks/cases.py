@@ -408,8 +408,8 @@ def trace_memory(bench: Bench) -> list[Row]:
     held = ", ".join(f"{name} {r['held_mb']:.0f} MB" for name, r in results.items())
     full = harness.Row("trace_memory", f"peak RSS of a full-trace forward, B={batch} x T={seq}", "MB", figures,
                        targets=targets, notes=f"beyond the loaded model; the traces returned hold: {held}. A compact "
-                       "trace stores no site that is a cheap function of other kept ones (attn_pattern, head_out, "
-                       "resid_mid, mlp_post, resid_post) and computes those when read.")
+                       "trace stores no site that is a cheap function of other kept ones (ln1, attn_pattern, head_out, "
+                       "resid_mid, ln2, mlp_post, resid_post) and computes those when read.")
 
     batch, seq = bench.sizes.memory_one_site
     r = _trace_peak("tinygpt", directory, batch, seq, "resid_post")
