@@ -12,6 +12,9 @@ every (layer, unit) or (layer, position) at once, doing only the work that diffe
                    causal): the run recomputes positions >= first (first <= p) only and reads the earlier
                    positions' keys and values from the base run's cache. Swept positions are grouped into a
                    few buckets, each with one `first` (one shape, so one compiled loop per bucket).
+    block skipping a restored resid_post[l] is the next block's resid_pre: the run starts at block l + 1;
+                   a patch of a site after the attention (z, head_out, attn_out, the MLP's) leaves its first
+                   block's attention unchanged: with z in the cache, that block starts from the base run's z.
     read only      the last block's attention and MLP, the final LayerNorm and the unembedding are computed
                    only at the positions the score reads.
     vmapped        runs are vmapped over the swept unit or position, `chunk_size` at a time (lax.map over
