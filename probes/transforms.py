@@ -36,7 +36,6 @@ center_unembedding
 
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 
 import tinygpt

@@ -1,5 +1,6 @@
 """Compact traces (`forward(..., compact=True)`): sites that are cheap functions of other kept sites are
-not stored but computed on read, and every kept site reads exactly as in the fully stored trace."""
+not stored but computed on read, and every kept site reads as in the fully stored trace (to float32
+rounding: the same functions of the same values, which XLA may fuse differently)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def test_every_site_compact_equals_every_site_stored():
     assert_same_sites(compact, full)
 
 
-def test_derived_sites_are_not_computed_by_the_forward():
-    """The compiled compact forward returns only the stored sites (its outputs hold no derived site)."""
+def test_compiled_forward_returns_only_the_stored_sites():
+    """The compiled compact forward's outputs hold no derived site (the weights join outside it)."""
     run = tinygpt.make_forward(CONFIG, compact=True)
     trace = run(PARAMS, TOKENS)
     stored = jax.tree_util.tree_leaves(trace)
@@ -103,8 +104,9 @@ def test_any_keep_and_edits_read_the_same(keep, edited):
 def test_compact_trace_through_jit_and_layer_slicing():
     """A compact trace is a pytree: it crosses jit boundaries, and a map along the layer axis (which the
     weights it carries share) slices the derived sites with it."""
-    compact = tinygpt.forward(PARAMS, TOKENS, CONFIG, compact=True)
-    full = tinygpt.forward(PARAMS, TOKENS, CONFIG)
+    tokens = TOKENS[:2]  # a batch unlike n_layer, so the map below cannot slice a non-layer axis
+    compact = tinygpt.forward(PARAMS, tokens, CONFIG, compact=True)
+    full = tinygpt.forward(PARAMS, tokens, CONFIG)
     through = jax.jit(lambda t: t)(compact)
     assert through.derived() == compact.derived()
     assert_same_sites(through, full)
@@ -128,6 +130,38 @@ def test_inside_jit_and_materialized():
     materialized = tinygpt.forward(PARAMS, TOKENS, CONFIG, compact=True).materialized()
     assert materialized.derived() == () and materialized.stored() == SITE_NAMES
     assert_same_sites(materialized, full)
+
+
+def test_compact_trace_from_vmap():
+    """vmap stacks every leaf, the weights included: derived sites of the stacked trace are right."""
+    def run(compact):
+        return jax.vmap(lambda t: tinygpt.forward(PARAMS, t[None], CONFIG, compact=compact))(TOKENS)
+
+    compact, full = run(True), run(False)
+    assert compact.derived() and compact.ln1.shape == (3, CONFIG.n_layer, 1, 12, CONFIG.d_model)
+    assert_same_sites(compact, full)
+
+
+def test_read_inside_jit_does_not_leak_into_the_trace():
+    """A derived site first read inside a jit over a concrete trace is not kept as a tracer."""
+    compact = tinygpt.forward(PARAMS, TOKENS, CONFIG, compact=True)
+    full = tinygpt.forward(PARAMS, TOKENS, CONFIG)
+    inside = jax.jit(lambda: compact.resid_post.sum())()
+    np.testing.assert_allclose(float(inside), float(full.resid_post.sum()), rtol=1e-5)
+    assert_same_sites(compact, full)  # read outside: concrete values
+
+
+def test_replace_keeps_every_other_site():
+    """Replacing a source (or dropping it) leaves the sites computed from it as they were, as on a stored
+    trace; the replaced site reads its new value."""
+    full = tinygpt.forward(PARAMS, TOKENS, CONFIG)
+    compact = tinygpt.forward(PARAMS, TOKENS, CONFIG, compact=True)
+    zeros = jnp.zeros_like(full.resid_pre)
+    for trace in (compact.replace(resid_pre=zeros, ln1_scale=None), full.replace(resid_pre=zeros, ln1_scale=None)):
+        assert trace.ln1_scale is None and "ln1_scale" not in trace.kept()
+        np.testing.assert_array_equal(np.asarray(trace.resid_pre), 0)
+        assert_same_sites(trace, full, [n for n in SITE_NAMES if n not in ("resid_pre", "ln1_scale")])
+    assert {"ln1", "resid_mid", "ln2", "resid_post"} <= set(compact.replace(resid_pre=zeros).stored())
 
 
 def test_derived_value_is_computed_once():

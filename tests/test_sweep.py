@@ -121,7 +121,11 @@ def position_sweep_jit(params, clean, corrupt, noise):
     late_values = sweep.sweep_positions(params, CFG, z_cache, {k: sources[k] for k in late}, answer_log_prob,
                                         layers=jnp.arange(CFG.n_layer), positions=np.arange(SEQ), windows=WINDOWS,
                                         unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1))
-    return values, late_values, answer_log_prob(sweep.base_logits(params, cache, read=(-2, -1)))
+    # every kind from that cache: a patch before the attention (resid_pre) takes the full first block
+    all_from_z = sweep.sweep_positions(params, CFG, z_cache, {k: sources[k] for k in KINDS}, answer_log_prob,
+                                       layers=jnp.arange(CFG.n_layer), positions=np.arange(SEQ), windows=WINDOWS,
+                                       unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1))
+    return values, late_values, all_from_z, answer_log_prob(sweep.base_logits(params, cache, read=(-2, -1)))
 
 
 @jax.jit
@@ -146,12 +150,13 @@ def test_position_sweep_equals_naive_loop(seed):
     corrupt[:, FIRST_CHANGED:] = random_tokens(seed + 1)[:, FIRST_CHANGED:]
     noise = np.zeros((BATCH, SEQ, CFG.d_model), np.float32)
     noise[:, FIRST_CHANGED:] = np.random.default_rng(seed).standard_normal((BATCH, SEQ - FIRST_CHANGED, CFG.d_model))
-    values, late_values, base = position_sweep_jit(params, clean, corrupt, noise)
+    values, late_values, all_from_z, base = position_sweep_jit(params, clean, corrupt, noise)
     assert values.shape == (len(KINDS), CFG.n_layer, SEQ, BATCH)
     expected = np.asarray([[[naive_position(params, clean, corrupt, noise, k, layer, p) for p in range(SEQ)]
                             for layer in range(CFG.n_layer)] for k in range(len(KINDS))])
     np.testing.assert_allclose(values, expected, atol=TOL, rtol=0)
     np.testing.assert_allclose(late_values, expected[2:], atol=TOL, rtol=0)
+    np.testing.assert_allclose(all_from_z, expected, atol=TOL, rtol=0)
     # before the first change, restoring is a no-op: the base run's score
     np.testing.assert_allclose(values[:, :, :FIRST_CHANGED], np.broadcast_to(base, values[:, :, :FIRST_CHANGED].shape),
                                atol=TOL, rtol=0)

@@ -250,30 +250,47 @@ def final_sites(resid, params, site: SiteRecorder, eps: float):
 # ------------------------------------------------------------------------------------- derived trace sites
 
 
+def _derived_ln(resid, scale, w, b):
+    """A LayerNorm output from its input and kept divisor. resid, scale [..., layer, batch, seq, d_model | 1],
+    w, b [..., layer, d_model] (the same leading axes: a trace stacked by vmap or scan carries its weights so)"""
+    return ln_apply(resid, scale, w[..., None, None, :], b[..., None, None, :])
+
+
+def _derived_head_out(z, W_O):
+    """Per-head writes.  z [..., layer, batch, seq, head, d_head], W_O [..., layer, head, d_head, d_model]"""
+    lead = W_O.shape[:-3]  # the layer axis and any stacked in front of it
+    flat = jax.vmap(head_outputs)(z.reshape(-1, *z.shape[len(lead):]), W_O.reshape(-1, *W_O.shape[-3:]))
+    return flat.reshape(*lead, *flat.shape[1:])
+
+
+# How each site of `DERIVED` is computed from its sources and weights (in `DERIVED`'s order), exactly as
+# the forward computes it.
+DERIVATIONS = {
+    "ln1": lambda s, w: _derived_ln(s["resid_pre"], s["ln1_scale"], w["ln1_w"], w["ln1_b"]),
+    "attn_pattern": lambda s, w: softmax(s["attn_scores"]),
+    "head_out": lambda s, w: _derived_head_out(s["z"], w["W_O"]),
+    "resid_mid": lambda s, w: s["resid_pre"] + s["attn_out"],
+    "ln2": lambda s, w: _derived_ln(s["resid_mid"], s["ln2_scale"], w["ln2_w"], w["ln2_b"]),
+    "mlp_post": lambda s, w: gelu_new(s["mlp_pre"]),
+    "resid_post": lambda s, w: s["resid_mid"] + s["mlp_out"],
+}
+assert tuple(DERIVATIONS) == tuple(DERIVED)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _derive(name: str, sources: dict, weights: dict):
-    """A derived site from its sources, computed exactly as the forward computes it (see `DERIVED`)."""
-    if name in ("ln1", "ln2"):  # over the layer axis: resid, scale [layer, batch, seq, ...], w, b [layer, d_model]
-        resid, scale = (sources[s] for s in DERIVED[name][0])
-        w, b = (weights[s] for s in DERIVED[name][1])
-        return jax.vmap(ln_apply)(resid, scale, w, b)
-    if name == "attn_pattern":
-        return softmax(sources["attn_scores"])
-    if name == "head_out":
-        return jax.vmap(head_outputs)(sources["z"], weights["W_O"])  # over the layer axis
-    if name == "resid_mid":
-        return sources["resid_pre"] + sources["attn_out"]
-    if name == "mlp_post":
-        return gelu_new(sources["mlp_pre"])
-    if name == "resid_post":
-        return sources["resid_mid"] + sources["mlp_out"]
-    raise ValueError(f"site {name!r} is not derived")
+    return DERIVATIONS[name](sources, weights)
 
 
 def derive_site(name: str, trace: Trace, weights: dict):
     """Compute a compact trace's derived site `name` from the trace's kept sites (called by `Trace`)."""
     sources, needs = DERIVED[name]
-    return _derive(name, {s: getattr(trace, s) for s in sources}, {w: weights[w] for w in needs})
+    values = {s: getattr(trace, s) for s in sources}
+    missing = [s for s in sources if values[s] is None] + [w for w in needs if w not in weights]
+    if missing:
+        raise ValueError(f"the derived site {name!r} is computed from {', '.join(sources + needs)}, and this trace "
+                         f"no longer holds {', '.join(missing)}")
+    return _derive(name, values, {w: weights[w] for w in needs})
 
 
 def attach_weights(trace: Trace, params: Params) -> Trace:

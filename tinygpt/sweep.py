@@ -12,7 +12,8 @@ every (layer, unit) or (layer, position) at once, doing only the work that diffe
                    causal): the run recomputes positions >= first (first <= p) only and reads the earlier
                    positions' keys and values from the base run's cache. Swept positions are grouped into a
                    few buckets, each with one `first` (one shape, so one compiled loop per bucket).
-    block skipping a restored resid_post[l] is the next block's resid_pre: the run starts at block l + 1;
+    block skipping a restored resid_post[l] is the next block's resid_pre: the run starts at block l + 1 (the
+                   last block's output, l = n_layer - 1, is patched after the last block, which is rerun);
                    a patch of a site after the attention (z, head_out, attn_out, the MLP's) leaves its first
                    block's attention unchanged: with z in the cache, that block starts from the base run's z.
     read only      the last block's attention and MLP, the final LayerNorm and the unembedding are computed
@@ -158,6 +159,7 @@ def resid_post_as_resid_pre(patches: Patches) -> tuple[dict[str, tuple[Patch, ..
 
 
 def site_edits(by_site: Mapping[str, tuple[Patch, ...]], positions: np.ndarray) -> dict:
+    """The edits applying each site's patches, in order, to values covering the absolute `positions`."""
     return {site: tuple(patch_edit(site, p, positions) for p in patches) for site, patches in by_site.items()}
 
 

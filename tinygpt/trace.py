@@ -31,8 +31,9 @@ class Trace:
     LayerNorm divisor, head_out = z @ W_O per head). It computes them, with the forward's own functions,
     when first read, and keeps them. As a pytree its leaves are the stored sites and the per-layer weights
     the derivations read (W_O, the LayerNorm weights), so `jax.tree.map` over a compact trace maps those
-    weights too: exact for maps along the leading layer axis (and for jit/device transfers); for anything
-    else (slicing the batch, reductions) map `trace.materialized()` instead."""
+    weights too: exact for maps along the leading layer axis, for jit, vmap or scan adding leading axes
+    (each leaf gets them) and for device transfers; for anything else (slicing the batch, reductions) map
+    `trace.materialized()` instead."""
 
     def __init__(self, *, derived: Iterable[str] = (), weights: Mapping[str, Any] | None = None, **sites):
         check_site_names(sites, "Trace")
@@ -50,11 +51,14 @@ class Trace:
             return self._stored[name]
         if name not in self._derived:
             return None
-        if name not in self._cache:
-            from .model import derive_site  # the model's own functions compute a derived site
+        if name in self._cache:
+            return self._cache[name]
+        from .model import derive_site  # the model's own functions compute a derived site
 
-            self._cache[name] = derive_site(name, self, self._weights)
-        return self._cache[name]
+        value = derive_site(name, self, self._weights)
+        if not _leaks(value, self._stored):  # a value traced inside jit/vmap is not kept for reads outside
+            self._cache[name] = value
+        return value
 
     def tree_flatten(self):
         return (tuple(self._stored.get(n) for n in SITE_NAMES), self._weights), self._derived
@@ -91,10 +95,16 @@ class Trace:
         return Trace(**dict(self.items()))
 
     def replace(self, **sites) -> "Trace":
-        """This trace with the given sites set to new values (None: not kept); derived sites read them."""
+        """This trace with the given sites set to new values (None: not kept). Every other site reads as
+        before: a derived site computed from a replaced one is computed (and stored) first."""
         check_site_names(sites, "Trace.replace")
-        derived = [n for n in self._derived if n not in sites]
-        return Trace(derived=derived, weights=self._weights, **{**self._stored, **sites})
+        changed, keep_values = set(sites), {}
+        for name in self.derived():  # in DERIVED's order, so a derived source is handled before its users
+            if name not in sites and changed & set(DERIVED[name][0]):
+                keep_values[name] = getattr(self, name)
+                changed.add(name)
+        derived = [n for n in self._derived if n not in sites and n not in keep_values]
+        return Trace(derived=derived, weights=self._weights, **{**self._stored, **keep_values, **sites})
 
     def with_weights(self, weights: Mapping[str, Any]) -> "Trace":
         """This trace with the weights its derivations read (attached outside a compiled forward, so a
@@ -120,12 +130,18 @@ def normalize_keep(keep: Iterable[str] | str | None) -> frozenset[str]:
     return frozenset(keep)
 
 
+def _leaks(value, stored: Mapping[str, Any]) -> bool:
+    """Whether `value` is a tracer of a transformation the trace's stored values are not part of."""
+    tracer = jax.core.Tracer
+    return isinstance(value, tracer) and not any(isinstance(v, tracer) for v in stored.values())
+
+
 def derived_sites(keep: frozenset[str], edits: Mapping[str, Any]) -> frozenset[str]:
     """The kept sites a compact trace derives instead of storing: those of `DERIVED` whose sources are all
     kept and which are not edited themselves (an edited value is not a function of its sources). Edits of
     the sources are fine: a site is derived from their kept, edited values, as the forward computed it."""
     derived = set()
-    for name, (sources, _) in DERIVED.items():  # in forward order: resid_post may read a derived resid_mid
+    for name, (sources, _) in DERIVED.items():
         if name in keep and name not in edits and all(s in keep for s in sources):
             derived.add(name)
     return frozenset(derived)
