@@ -30,7 +30,7 @@ from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.sites import SITES, check_site_names
-from tinygpt.sweep import AFTER_ATTENTION, axis_size, base_logits, cache_run, check_patch_site, sweep_units
+from tinygpt.sweep import axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_units
 
 METHODS = ("zero", "mean", "resample")
 # keyword -> the axis (dimension name of `tinygpt.sites`) it selects on
@@ -279,7 +279,7 @@ def unit_sweep_scores(params, tokens, attention_mask, source, layers, units, ans
     """(values [layer, unit], baseline): the metric, averaged over the batch, of every run that replaces unit
     u of `site` at layer l by `source` (at all positions), and of the run on `tokens` as it is (the KL
     metric's reference)."""
-    cache = cache_run(params, tokens, config, attention_mask=attention_mask, z=site in AFTER_ATTENTION)
+    cache = cache_run(params, tokens, config, attention_mask=attention_mask, z=starts_from_z([site]))
     base = base_logits(params, cache, read=(position,))[:, 0]  # [batch, vocab]
 
     def score(logits):  # [batch, 1, vocab] -> []

@@ -33,7 +33,7 @@ from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.model import unembed
 from tinygpt.sites import SITES
-from tinygpt.sweep import (AFTER_ATTENTION, axis_size, base_logits, cache_run, check_patch_site, sweep_positions,
+from tinygpt.sweep import (axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_positions,
                            sweep_units)
 
 DIRECTIONS = ("denoise", "noise")
@@ -114,7 +114,7 @@ def patching_scores(params, base, source_tokens, layers, answer, wrong, *, confi
     source_trace = forward(params, source_tokens, config, keep=(site, "ln_final"))
     source = source_trace[site]  # [layer, batch, ...]
     source_logits = unembed(source_trace.ln_final[:, [position]], params["wte"])[:, 0]  # [batch, vocab]
-    cache = cache_run(params, base, config, z=site in AFTER_ATTENTION)
+    cache = cache_run(params, base, config, z=starts_from_z([site]))
     base_logit = base_logits(params, cache, read=(position,))[:, 0]  # [batch, vocab]
     clean_logits, corrupt_logits = ((source_logits, base_logit) if direction == "denoise"
                                     else (base_logit, source_logits))

@@ -30,7 +30,7 @@ from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.model import unembed
-from tinygpt.sweep import AFTER_ATTENTION, base_logits, cache_run, sweep_positions
+from tinygpt.sweep import base_logits, cache_run, starts_from_z, sweep_positions
 
 KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 RESIDUAL_KINDS = ("resid_pre", "resid_post")  # restored alone (window 1), as in ROME
@@ -98,7 +98,7 @@ def trace_scores(params, tokens, noise, answer, *, config: Config, subject: tupl
     clean_logits = unembed(clean.ln_final[:, -1:], params["wte"])[:, 0]  # [1, vocab]
     corrupt_tokens = jnp.broadcast_to(tokens, (samples, seq))
     cache = cache_run(params, corrupt_tokens, config, edits={"embed": noise_edit(noise, subject, seq)},
-                      z=all(kind in AFTER_ATTENTION for kind in kinds))
+                      z=starts_from_z(kinds))
 
     def score(logits):  # [samples, 1, vocab] -> mean P(answer) over the samples
         return metrics.prob(logits[:, 0], answer).mean()

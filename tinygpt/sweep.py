@@ -64,6 +64,11 @@ class Cache:
 AFTER_ATTENTION = ("z", "head_out", "attn_out", "resid_mid", "ln2_scale", "ln2", "mlp_pre", "mlp_post", "mlp_out")
 
 
+def starts_from_z(sites) -> bool:
+    """Whether runs patching only `sites` can start their first block from a cached z (`cache_run(z=...)`)."""
+    return all(site in AFTER_ATTENTION for site in sites)
+
+
 def cache_run(params, tokens, config: Config, *, attention_mask=None, edits=None, z: bool = False) -> Cache:
     """The base run: one forward keeping the residual entering each block, each block's keys and values,
     the final LayerNorm output and, with `z=True`, each block's z (for sweeps of `AFTER_ATTENTION` sites:
@@ -252,7 +257,7 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
         return block_suffix(resid, layer_params(last), *prefix_kv(last), mask, read - first, site_in, site_out,
                             eps)  # [batch, n_read, d_model]
 
-    if cache.z is not None and all(site in AFTER_ATTENTION for site in by_site):
+    if cache.z is not None and starts_from_z(by_site):
         # block `start`'s attention reads nothing patched: it starts from the base run's z
         def after_attention(positions, edits):  # block `start` at the absolute `positions`
             site = SiteRecorder(edits, frozenset(), start)

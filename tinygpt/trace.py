@@ -99,7 +99,7 @@ class Trace:
         before: a derived site computed from a replaced one is computed (and stored) first."""
         check_site_names(sites, "Trace.replace")
         changed, keep_values = set(sites), {}
-        for name in self.derived():  # in DERIVED's order, so a derived source is handled before its users
+        for name in self.derived():  # in forward order, so a derived source is handled before its users
             if name not in sites and changed & set(DERIVED[name][0]):
                 keep_values[name] = getattr(self, name)
                 changed.add(name)
