@@ -79,41 +79,52 @@ class Generation:
     logits: Any = None  # [batch, new, vocab] the logits each new token was chosen from (return_logits=True)
     prompt_trace: Trace | None = None  # kept sites of the prompt
     step_trace: Trace | None = None  # kept sites of generated tokens fed back: [step, layer, batch, 1, ...]
+    passes: Any = None  # [] model passes it took: the prompt's, then one per step (or per verified draft)
 
 
-def decode_step(params, layers, token, position, cache, index, key_valid, config: Config, edits, keep):
-    """Run one new token per sequence through the model, attending over the KV cache.
+def decode_step(params, layers, tokens, positions, cache, index, mask, config: Config, edits, keep):
+    """Run a few new tokens per sequence through the model, attending over the KV cache.
 
-    layers: one params dict per block (`tinygpt.params.layer_views`); token, position [batch];
-    cache: per block a pair (k, v) [batch, total, head, d_head]; index: cache slot of this token (a traced
-    int); key_valid [batch, total] slots holding real keys (this token's included).
-    Returns (logits [batch, vocab], new cache, Trace of this step with per-layer sites stacked [layer, ...]).
+    layers: one params dict per block (`tinygpt.params.layer_views`); tokens, positions [batch, new];
+    cache: per block a pair (k, v) [batch, total, head, d_head]; index: cache slot of the first new token,
+    one int for the whole batch or one per row [batch]; mask [batch, 1, new, total] which slots each new
+    token attends (its own included). Plain decoding feeds one token (new = 1); prompt-lookup decoding feeds
+    the last accepted token and its draft.
+    Returns (logits [batch, new, vocab], new cache, Trace of this step with per-layer sites stacked [layer, ...]).
 
     The blocks run in a Python loop over per-layer weights rather than a `lax.scan` over the stacked ones:
-    a single token's step reads every weight once and does little else, and a scan's per-layer slice of
-    the stacked weights is a copy on XLA's CPU backend (measured: the step ~1.5x slower). The price is a
-    compile time that grows with depth (a 12-layer model's `generate` compiles in ~3 s on CPU, a 48-layer
-    one in ~11 s); the prompt's forward still scans."""
+    a step of one token per sequence reads every weight once and does little else, and a scan's per-layer
+    slice of the stacked weights is a copy on XLA's CPU backend (measured: the step ~1.5x slower). The price
+    is a compile time that grows with depth (a 12-layer model's `generate` compiles in ~3 s on CPU, a
+    48-layer one in ~11 s); the prompt's forward still scans."""
     outer = SiteRecorder(edits, keep | {"logits"}, None)
-    embed = outer("embed", params["wte"][token][:, None])  # [batch, 1, d_model]
-    pos_embed = outer("pos_embed", params["wpe"][position][:, None])  # [batch, 1, d_model]
-    mask = key_valid[:, None, None, :]  # [batch, 1, 1, total]
+    embed = outer("embed", params["wte"][tokens])  # [batch, new, d_model]
+    pos_embed = outer("pos_embed", params["wpe"][positions])  # [batch, new, d_model]
 
-    resid = embed + pos_embed  # [batch, 1, d_model]
+    resid = embed + pos_embed  # [batch, new, d_model]
     new_cache, per_layer = [], []
     for layer, (p, (layer_k, layer_v)) in enumerate(zip(layers, cache)):
         site = SiteRecorder(edits, keep, jnp.asarray(layer, jnp.int32))
         resid_pre, q, k, v = block_qkv(resid, p, site, config.ln_eps, project_heads_batched)
-        layer_k = lax.dynamic_update_slice_in_dim(layer_k, k.astype(layer_k.dtype), index, axis=1)
-        layer_v = lax.dynamic_update_slice_in_dim(layer_v, v.astype(layer_v.dtype), index, axis=1)
+        layer_k = _write_slots(layer_k, k.astype(layer_k.dtype), index)
+        layer_v = _write_slots(layer_v, v.astype(layer_v.dtype), index)
         resid = block_attend_mlp(resid_pre, q, layer_k, layer_v, mask, p, site, config.ln_eps)
         new_cache.append((layer_k, layer_v))
         per_layer.append(site.kept)
     final_sites(resid, params, outer, config.ln_eps)
-    logits = outer.kept["logits"][:, -1]
+    logits = outer.kept["logits"]
     kept = {name: value for name, value in outer.kept.items() if name in keep}
-    stacked = jax.tree_util.tree_map(lambda *values: jnp.stack(values), *per_layer)  # [layer, batch, 1, ...]
+    stacked = jax.tree_util.tree_map(lambda *values: jnp.stack(values), *per_layer)  # [layer, batch, new, ...]
     return logits, tuple(new_cache), Trace(**kept, **stacked)
+
+
+def _write_slots(buffer, new, index):
+    """buffer [batch, total, ...] with new [batch, new, ...] written from slot `index` on: one int for every
+    row, or one per row [batch]."""
+    if jnp.ndim(index) == 0:
+        return lax.dynamic_update_slice_in_dim(buffer, new, index, axis=1)
+    return jax.vmap(lambda row, values, at: lax.dynamic_update_slice_in_dim(row, values, at, axis=0))(
+        buffer, new, index)
 
 
 def generate(
@@ -131,6 +142,7 @@ def generate(
     keep=(),
     return_logits: bool = False,
     on_token: Callable[[int, np.ndarray], None] | None = None,
+    prompt_lookup: int = 0,
 ) -> Generation:
     """Continue `tokens` [batch, seq] (left-padded if `attention_mask` [batch, seq] is given) by
     `max_new_tokens` tokens, with a KV cache, as one compiled program.
@@ -138,8 +150,14 @@ def generate(
     temperature 0 is greedy; top_k / top_p filter before sampling; `seed` fixes the random draws.
     edits  {site: fn(value, layer)} applied to the prompt and to every generated step
     keep   sites to keep for the prompt and the steps (default none)
-    on_token  called on the host as `on_token(step, ids[batch])` while the program runs (streaming)."""
+    on_token  called on the host as `on_token(step, ids[batch])` while the program runs (streaming)
+    prompt_lookup  greedy only: draft this many tokens per row by prompt lookup (`lookup_draft`) and verify
+              them in one pass (`_generate_lookup`). The tokens are greedy decoding's; the passes are fewer
+              where the continuation repeats earlier text (`Generation.passes` counts them). No step traces
+              or streaming: a pass feeds tokens that may be rejected."""
     sampling = Sampling(temperature, top_k, top_p)
+    if prompt_lookup:
+        _check_lookup(prompt_lookup, sampling, keep, on_token)
     tokens, attention_mask = check_inputs(tokens, attention_mask, config)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -151,6 +169,14 @@ def generate(
         )
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    if prompt_lookup:
+        args = (config, max_new_tokens, prompt_lookup, normalize_edits(edits), return_logits)
+        if not _at_top_level():
+            return _generate_lookup(params, layer_views(params["blocks"]), tokens, attention_mask, *args)
+        key = ("lookup", config, max_new_tokens, prompt_lookup, _Static(args[3]), return_logits)
+        if key not in _CACHE:
+            _CACHE[key] = jax.jit(lambda p, layers, t, m: _generate_lookup(p, layers, t, m, *args))
+        return _CACHE[key](params, layer_views(params["blocks"]), tokens, attention_mask)
     if not _at_top_level():  # inside an outer jit/vmap: trace inline (a cache keyed on closures over tracers
         # would only grow)
         return _generate(params, layer_views(params["blocks"]), tokens, attention_mask, jax.random.PRNGKey(seed),
@@ -159,6 +185,19 @@ def generate(
     run = _compiled(config, max_new_tokens, sampling, _Static(normalize_edits(edits)),
                     normalize_keep(keep) if keep else frozenset(), return_logits, _Static(on_token))
     return run(params, layer_views(params["blocks"]), tokens, attention_mask, jax.random.PRNGKey(seed))
+
+
+def _check_lookup(n_draft, sampling: Sampling, keep, on_token):
+    if not isinstance(n_draft, int) or n_draft < 1:
+        raise ValueError(f"prompt_lookup must be a positive number of draft tokens, got {n_draft!r}")
+    if sampling.temperature != 0:
+        raise ValueError("prompt_lookup verifies drafts against greedy choices: it needs temperature=0")
+    if keep:
+        raise ValueError("prompt_lookup keeps no traces (a pass feeds draft tokens that may be rejected); "
+                         "generate without it to keep sites")
+    if on_token is not None:
+        raise ValueError("prompt_lookup does not stream (rows gain several tokens per pass); generate "
+                         "without it to use on_token")
 
 
 class _Static:
@@ -217,7 +256,9 @@ def _generate(params, layers, tokens, attention_mask, key, config, max_new_token
         index = prompt_len + i - 1  # cache slot of the token being fed
         key_valid = key_valid.at[:, index].set(True)
         logits, cache, trace = decode_step(
-            params, layers, token, next_position + i - 1, cache, index, key_valid, config, edits, keep)
+            params, layers, token[:, None], (next_position + i - 1)[:, None], cache, index,
+            key_valid[:, None, None, :], config, edits, keep)
+        logits = logits[:, 0]  # [batch, vocab]
         key, subkey = jax.random.split(key)
         token = sample(logits, subkey, sampling)
         _stream(on_token, i, token)
@@ -237,6 +278,102 @@ def _generate(params, layers, tokens, attention_mask, key, config, max_new_token
         logits=logits,
         prompt_trace=prompt_kept if keep else None,
         step_trace=step_trace if keep else None,
+        passes=jnp.asarray(max_new_tokens, jnp.int32),
+    )
+
+
+# -------------------------------------------------------------------------------- prompt-lookup decoding
+
+
+def lookup_draft(seq, length, n_draft: int, max_ngram: int = 3):
+    """Draft the next `n_draft` tokens of each row by prompt lookup (Saxena, 2023): find the most recent
+    earlier occurrence of the row's last n tokens (n = max_ngram down to 1, longest match first) and copy what
+    followed it, continued periodically when the copy reaches the end (so a loop of period p is drafted as
+    the loop). A row with no match drafts its last token repeated. Any draft is safe: the verifying pass
+    keeps only the tokens greedy decoding would have chosen.
+    seq [batch, total] the tokens so far (past `length` anything), length [batch] -> [batch, n_draft]"""
+
+    def one_row(row, length):
+        starts = jnp.arange(row.shape[0])
+        period = jnp.ones((), jnp.int32)  # no match: repeat the last token
+        found = jnp.zeros((), bool)
+        for n in range(max_ngram, 0, -1):
+            tail = lax.dynamic_slice_in_dim(row, length - n, n)  # [n] the last n tokens
+            rolled = jnp.stack([jnp.roll(row, -i) for i in range(n)], axis=-1)  # [total, n]: row[j + i]
+            match = (rolled == tail).all(-1) & (starts + n < length) & (length - n > 0)  # strictly earlier
+            latest = jnp.max(jnp.where(match, starts, -1))
+            use = (latest >= 0) & ~found
+            period = jnp.where(use, length - n - latest, period)
+            found = found | (latest >= 0)
+        return row[length - period + jnp.arange(n_draft) % period]
+
+    return jax.vmap(one_row)(seq, length)
+
+
+def _generate_lookup(params, layers, tokens, attention_mask, config, max_new_tokens, n_draft, edits,
+                     return_logits, draft=lookup_draft):
+    """Greedy decoding that verifies a draft of `n_draft` tokens per row in each pass.
+
+    Each pass feeds every row its last accepted token and its draft, n_draft + 1 tokens at once; the logits
+    at those positions give the greedy choice after each, so the draft's leading tokens that equal those
+    choices are accepted, plus one more greedy token. Every row gains 1 to n_draft + 1 tokens per pass, each
+    the argmax of the logits that plain greedy decoding computes at that position (so the same tokens up to
+    float rounding: the pass's matmuls have more rows than a one-token step). Rows advance independently:
+    each has its own cache slot and length; a row that has its tokens stops changing. On a CPU a step is
+    bound by reading the weights once, so a pass costs little more than a one-token step."""
+    batch, prompt_len = tokens.shape
+    width = n_draft + 1  # tokens fed per pass
+    total = prompt_len + max_new_tokens + n_draft  # cache slots: a pass may run past the last token
+
+    full_logits = "logits" in edits
+    prompt = forward(params, tokens, config, edits=edits, attention_mask=attention_mask,
+                     keep={"k", "v", "logits" if full_logits else "ln_final"})
+    pad = [(0, 0), (0, total - prompt_len), (0, 0), (0, 0)]
+    cache = tuple((jnp.pad(prompt.k[layer], pad), jnp.pad(prompt.v[layer], pad)) for layer in range(config.n_layer))
+    first_logits = prompt.logits[:, -1] if full_logits else unembed(prompt.ln_final[:, -1:], params["wte"])[:, 0]
+    first = jnp.argmax(first_logits, axis=-1)  # [batch]
+    next_position = positions_from_mask(attention_mask)[:, -1] + 1  # [batch] position of the first new token
+
+    seq = jnp.pad(tokens.astype(jnp.int32), [(0, 0), (0, total - prompt_len)])  # [batch, total]
+    seq = seq.at[:, prompt_len].set(first.astype(jnp.int32))
+    count = jnp.ones(batch, jnp.int32)  # new tokens so far, per row
+    out_logits = None
+    if return_logits:
+        out_logits = jnp.zeros((batch, max_new_tokens + n_draft, config.vocab_size), jnp.float32)
+        out_logits = out_logits.at[:, 0].set(first_logits.astype(jnp.float32))
+    real_prompt_key = jnp.pad(attention_mask.astype(bool), [(0, 0), (0, total - prompt_len)])  # [batch, total]
+    slot = jnp.arange(total)  # [total]
+    offset = jnp.arange(width)  # [width]
+
+    def one_pass(state):
+        seq, count, cache, out_logits, passes = state
+        length = prompt_len + count  # [batch] tokens in seq (prompt with its padding, then the new ones)
+        fed = jnp.concatenate([seq[jnp.arange(batch), length - 1][:, None], draft(seq, length, n_draft)], axis=1)
+        index = length - 1  # [batch] cache slot of the first fed token
+        # positions past the context only feed drafts beyond max_new_tokens, which are dropped
+        positions = jnp.minimum(next_position[:, None] + count[:, None] - 1 + offset, config.n_ctx - 1)
+        # fed token i sees the real prompt keys and the new ones up to itself
+        sees = real_prompt_key[:, None, :] | ((slot >= prompt_len) & (slot <= (index[:, None] + offset)[..., None]))
+        logits, new_cache, _ = decode_step(params, layers, fed, positions, cache, index, sees[:, None], config,
+                                           edits, frozenset())  # logits [batch, width, vocab]
+        choice = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [batch, width] greedy token after each fed one
+        accepted = jnp.cumprod(fed[:, 1:] == choice[:, :-1], axis=1).sum(axis=1)  # [batch] leading draft hits
+        active = count < max_new_tokens  # [batch]
+        seq = jnp.where(active[:, None], _write_slots(seq, choice, length), seq)
+        if out_logits is not None:
+            written = _write_slots(out_logits, logits.astype(jnp.float32), count)
+            out_logits = jnp.where(active[:, None, None], written, out_logits)
+        count = jnp.where(active, count + accepted + 1, count)
+        return seq, count, new_cache, out_logits, passes + 1
+
+    state = (seq, count, cache, out_logits, jnp.zeros((), jnp.int32))
+    seq, count, _, out_logits, passes = lax.while_loop(lambda s: jnp.any(s[1] < max_new_tokens), one_pass, state)
+    new_tokens = seq[:, prompt_len: prompt_len + max_new_tokens]  # [batch, new]
+    return Generation(
+        tokens=new_tokens,
+        sequences=jnp.concatenate([tokens, new_tokens.astype(tokens.dtype)], axis=1),
+        logits=out_logits[:, :max_new_tokens] if return_logits else None,
+        passes=passes + 1,
     )
 
 
@@ -247,5 +384,5 @@ def _stream(on_token, step, token):
 
 
 jax.tree_util.register_dataclass(
-    Generation, data_fields=["tokens", "sequences", "logits", "prompt_trace", "step_trace"], meta_fields=[]
+    Generation, data_fields=["tokens", "sequences", "logits", "prompt_trace", "step_trace", "passes"], meta_fields=[]
 )
