@@ -129,3 +129,14 @@ def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
     assert "only the embedded model has a default corpus" in run_error(capsys, "tunedlens", "train", "--out",
                                                                        str(tmp_path / "y"))
     assert "--position 9 is outside the prompt" in run_error(capsys, "attribute", "--tokens", "1,2", "--position", "9")
+
+
+def test_generate_greedy_with_and_without_prompt_lookup(capsys):
+    plain = run_json(capsys, "generate", "--tokens", "1,2,3,1,2,3", "-n", "10", "--temperature", "0")
+    fast = run_json(capsys, "generate", "--tokens", "1,2,3,1,2,3", "-n", "10", "--temperature", "0",
+                    "--prompt-lookup", "4")
+    assert fast["tokens"] == plain["tokens"] and len(plain["tokens"]) == 10
+    assert plain["passes"] == 10 and 1 < fast["passes"] <= 10
+    assert "add --temperature 0" in run_error(capsys, "generate", "--tokens", "1,2", "--prompt-lookup", "4")
+    assert "--prompt-lookup must be" in run_error(capsys, "generate", "--tokens", "1,2", "--temperature", "0",
+                                                  "--prompt-lookup", "-1")

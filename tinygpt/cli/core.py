@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most probable tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                   help="greedy only (--temperature 0): draft K tokens by prompt lookup and verify them in one "
+                   "pass; the same tokens in fewer passes where text repeats, printed at the end (default off)")
     add_json_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -69,6 +72,10 @@ def cmd_generate(args) -> None:
         raise CLIError("--max-new-tokens must be at least 1")
     if args.temperature < 0:
         raise CLIError("--temperature must be >= 0")
+    if args.prompt_lookup < 0:
+        raise CLIError("--prompt-lookup must be a number of draft tokens >= 1 (0: off)")
+    if args.prompt_lookup and args.temperature != 0:
+        raise CLIError("--prompt-lookup verifies drafts against greedy choices: add --temperature 0")
     model = load_model(args)
     ids = prompt_ids(model, args.prompt, args.tokens)
     if len(ids) + args.max_new_tokens > model.config.n_ctx:
@@ -80,12 +87,12 @@ def cmd_generate(args) -> None:
     start = time.perf_counter()
     out = tinygpt.generate(model.params, model.config, np.asarray([ids]), args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           on_token=stream)
+                           on_token=None if args.prompt_lookup else stream, prompt_lookup=args.prompt_lookup)
     new = np.asarray(out.tokens)[0].tolist()
     seconds = time.perf_counter() - start
     if args.json:
         print_json({"prompt_tokens": ids, "tokens": new, "text": decode(model, new),
-                    "prompt": decode(model, ids), "seconds": seconds})
+                    "prompt": decode(model, ids), "seconds": seconds, "passes": int(out.passes)})
     else:
         stream.finish(new)
 
