@@ -173,10 +173,9 @@ def generate(
         args = (config, max_new_tokens, prompt_lookup, normalize_edits(edits), return_logits)
         if not _at_top_level():
             return _generate_lookup(params, layer_views(params["blocks"]), tokens, attention_mask, *args)
-        key = ("lookup", config, max_new_tokens, prompt_lookup, _Static(args[3]), return_logits)
-        if key not in _CACHE:
-            _CACHE[key] = jax.jit(lambda p, layers, t, m: _generate_lookup(p, layers, t, m, *args))
-        return _CACHE[key](params, layer_views(params["blocks"]), tokens, attention_mask)
+        run = _cached_jit(("lookup", config, max_new_tokens, prompt_lookup, _Static(args[3]), return_logits),
+                          lambda p, layers, t, m: _generate_lookup(p, layers, t, m, *args))
+        return run(params, layer_views(params["blocks"]), tokens, attention_mask)
     if not _at_top_level():  # inside an outer jit/vmap: trace inline (a cache keyed on closures over tracers
         # would only grow)
         return _generate(params, layer_views(params["blocks"]), tokens, attention_mask, jax.random.PRNGKey(seed),
@@ -218,10 +217,15 @@ _CACHE: dict = {}
 
 
 def _compiled(config, max_new_tokens, sampling, edits, keep, return_logits, on_token):
-    key = (config, max_new_tokens, sampling, edits, keep, return_logits, on_token)
+    return _cached_jit((config, max_new_tokens, sampling, edits, keep, return_logits, on_token),
+                       lambda *args: _generate(*args, config, max_new_tokens, sampling, edits.value, keep,
+                                               return_logits, on_token.value))
+
+
+def _cached_jit(key, fn):
+    """jit(fn), kept under `key` (the static arguments fn closes over); the 64 most recent are kept."""
     if key not in _CACHE:
-        _CACHE[key] = jax.jit(lambda *args: _generate(*args, config, max_new_tokens, sampling, edits.value,
-                                                      keep, return_logits, on_token.value))
+        _CACHE[key] = jax.jit(fn)
         if len(_CACHE) > 64:
             _CACHE.pop(next(iter(_CACHE)))
     return _CACHE[key]
