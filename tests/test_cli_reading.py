@@ -137,6 +137,11 @@ def test_generate_greedy_with_and_without_prompt_lookup(capsys):
                     "--prompt-lookup", "4")
     assert fast["tokens"] == plain["tokens"] and len(plain["tokens"]) == 10
     assert plain["passes"] == 10 and 1 < fast["passes"] <= 10
+    for extra in ([], ["--prompt-lookup", "4"]):  # text mode: streamed, or printed when complete
+        assert main(["generate", "--tokens", "1,2,3,1,2,3", "-n", "10", "--temperature", "0", *extra,
+                     "--model", GOLDEN]) == 0
+        printed = capsys.readouterr().out.split()
+        assert printed == [f"<{i}>" for i in [1, 2, 3, 1, 2, 3, *plain["tokens"]]]
     assert "add --temperature 0" in run_error(capsys, "generate", "--tokens", "1,2", "--prompt-lookup", "4")
     assert "--prompt-lookup must be" in run_error(capsys, "generate", "--tokens", "1,2", "--temperature", "0",
                                                   "--prompt-lookup", "-1")

@@ -148,7 +148,10 @@ def generate(
     `max_new_tokens` tokens, with a KV cache, as one compiled program.
 
     temperature 0 is greedy; top_k / top_p filter before sampling; `seed` fixes the random draws.
-    edits  {site: fn(value, layer)} applied to the prompt and to every generated step
+    edits  {site: fn(value, layer)} applied to the prompt and to every generated step; an edit should act the
+           same at every position: the prompt's value is [batch, seq, ...], a step's [batch, 1, ...] and a
+           prompt-lookup pass's [batch, prompt_lookup + 1, ...] (a position index in an edit means a different
+           token in each)
     keep   sites to keep for the prompt and the steps (default none)
     on_token  called on the host as `on_token(step, ids[batch])` while the program runs (streaming)
     prompt_lookup  greedy only: draft this many tokens per row by prompt lookup (`lookup_draft`) and verify

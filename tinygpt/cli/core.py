@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                    help="greedy only (--temperature 0): draft K tokens by prompt lookup and verify them in one "
-                   "pass; the same tokens in fewer passes where text repeats, printed at the end (default off)")
+                   "pass; the same tokens in fewer passes where text repeats, printed when complete (default off)")
     add_json_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -124,6 +124,8 @@ class _Streamer:
         text = decode(self.model, new)
         if self.model.tokenizer is not None and len(text) > len(self.printed):
             sys.stdout.write(text[len(self.printed):])
+        elif self.model.tokenizer is None and not self.ids:  # nothing streamed (prompt lookup): all of it now
+            sys.stdout.write(" " + text)
         sys.stdout.write("\n")
         sys.stdout.flush()
 
