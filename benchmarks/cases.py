@@ -56,7 +56,8 @@ class Sizes:
     def quick(cls) -> "Sizes":
         tiny = dict(n_layer=4, n_head=4, n_embd=128, n_positions=256, vocab_size=4096)
         return cls(shape=tiny, forward=(2, 32), sweep=(2, 16), trace_positions=6, trace_rows=3, prompt=8,
-                   new_tokens=8, lookup_drafts=(2, 4), memory_full=(2, 64), memory_one_site=(2, 128), compile_layers=(2, 8),
+                   new_tokens=8, lookup_drafts=(2, 4), memory_full=(2, 64), memory_one_site=(2, 128),
+                   compile_layers=(2, 8),
                    gpu_throughput=(8, 256), gpu_naive=(2, 256), scaling_devices=(1, 2), scaling_sweep=(2, 16),
                    reps=2, heavy_reps=1)
 
@@ -150,8 +151,9 @@ def forward_full(bench: Bench) -> Row:
              f"products alone; tinygpt every site {flops / t_all / 1e9:.3g} GFLOP/s, HF "
              f"{flops / timings['HF forward (logits only)'].median / 1e9:.3g} GFLOP/s. TL caches no per-head "
              "outputs (head_out), so 'TL's sites' is the like-for-like trace. A compact trace stores no site "
-             "that is a cheap function of other kept ones (ln1, attn_pattern, head_out, resid_mid, ln2, mlp_post, "
-             "resid_post) and computes those when read; 'then all read' times the forward and every such read.")
+             "that is a cheap function of other kept ones (ln1, attn_scores, attn_pattern, head_out, resid_mid, "
+             "ln2, mlp_post, resid_post) and computes those when read; 'then all read' times the forward and "
+             "every such read.")
     return timed_row("forward_full", f"forward with the full trace, B={batch} x T={seq}", timings, diffs=diffs,
                      targets=targets, notes=notes)
 
@@ -451,8 +453,8 @@ def trace_memory(bench: Bench) -> list[Row]:
     held = ", ".join(f"{name} {r['held_mb']:.0f} MB" for name, r in results.items())
     full = harness.Row("trace_memory", f"peak RSS of a full-trace forward, B={batch} x T={seq}", "MB", figures,
                        targets=targets, notes=f"beyond the loaded model; the traces returned hold: {held}. A compact "
-                       "trace stores no site that is a cheap function of other kept ones (ln1, attn_pattern, head_out, "
-                       "resid_mid, ln2, mlp_post, resid_post) and computes those when read.")
+                       "trace stores no site that is a cheap function of other kept ones (ln1, attn_scores, "
+                       "attn_pattern, head_out, resid_mid, ln2, mlp_post, resid_post) and computes those when read.")
 
     batch, seq = bench.sizes.memory_one_site
     r = _trace_peak("tinygpt", directory, batch, seq, "resid_post")

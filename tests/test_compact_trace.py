@@ -20,7 +20,7 @@ PARAMS = tinygpt.init_params(CONFIG, jax.random.PRNGKey(0))
 TOKENS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (3, 12)).astype(np.int32)
 MASK = np.ones((3, 12), np.int32)
 MASK[2, :4] = 0  # a left-padded row
-EVERY_DERIVABLE = {"ln1", "attn_pattern", "head_out", "resid_mid", "ln2", "mlp_post", "resid_post"}
+EVERY_DERIVABLE = {"ln1", "attn_scores", "attn_pattern", "head_out", "resid_mid", "ln2", "mlp_post", "resid_post"}
 
 
 def assert_same_sites(compact: Trace, full: Trace, names=SITE_NAMES):
@@ -45,6 +45,7 @@ def test_every_site_compact_equals_every_site_stored():
     assert set(compact.stored()) == set(SITE_NAMES) - EVERY_DERIVABLE
     stored_bytes = leaf_bytes(compact)  # before any derived site is read (and kept)
     weight_bytes = sum(PARAMS["blocks"][w].nbytes for w in ("W_O", "ln1_w", "ln1_b", "ln2_w", "ln2_b"))
+    weight_bytes += CONFIG.n_layer * MASK.size  # the attention mask per layer, as bools
     derived_bytes = sum(getattr(full, name).nbytes for name in EVERY_DERIVABLE)
     assert stored_bytes == leaf_bytes(full) - derived_bytes + weight_bytes
     assert_same_sites(compact, full)
@@ -55,8 +56,8 @@ def test_compiled_forward_returns_only_the_stored_sites():
     run = tinygpt.make_forward(CONFIG, compact=True)
     trace = run(PARAMS, TOKENS)
     stored = jax.tree_util.tree_leaves(trace)
-    weights = [PARAMS["blocks"][w] for name in trace.derived() for w in DERIVED[name][1]]
-    assert len(stored) == len(trace.stored()) + len(set(map(id, weights)))
+    weights = {w for name in trace.derived() for w in DERIVED[name][1]}
+    assert len(stored) == len(trace.stored()) + len(weights)
     assert_same_sites(trace, tinygpt.forward(PARAMS, TOKENS, CONFIG))
 
 

@@ -197,7 +197,7 @@ def test_sharded_compact_trace_equals_single_device_forward(sharded, single):
 
     values, _ = sharded
     config, params, _, tokens6, mask6, *_ = single
-    assert set(values["compact6/derived"]) == {"ln1", "attn_pattern", "head_out", "resid_mid", "ln2",
+    assert set(values["compact6/derived"]) == {"ln1", "attn_scores", "attn_pattern", "head_out", "resid_mid", "ln2",
                                                "mlp_post", "resid_post"}
     reference = tinygpt.forward(params, tokens6, config, attention_mask=mask6)
     for site in SITE_NAMES:

@@ -263,10 +263,24 @@ def _derived_head_out(z, W_O):
     return flat.reshape(*lead, *flat.shape[1:])
 
 
+def _derived_scores(q, k, attention_mask):
+    """Masked attention scores.  q, k [..., layer, batch, seq, head, d_head], attention_mask [..., layer,
+    batch, seq] (the forward's input, repeated per layer) -> [..., layer, batch, head, seq, key]"""
+    lead = q.shape[:-4]  # the layer axis and any stacked in front of it
+
+    def one_layer(q, k, attention_mask):
+        return apply_mask(attention_scores(q, k), causal_mask(attention_mask))
+
+    flat = jax.vmap(one_layer)(q.reshape(-1, *q.shape[-4:]), k.reshape(-1, *k.shape[-4:]),
+                               attention_mask.reshape(-1, *attention_mask.shape[-2:]))
+    return flat.reshape(*lead, *flat.shape[1:])
+
+
 # How each site of `DERIVED` is computed from its sources and weights (in `DERIVED`'s order), exactly as
 # the forward computes it.
 DERIVATIONS = {
     "ln1": lambda s, w: _derived_ln(s["resid_pre"], s["ln1_scale"], w["ln1_w"], w["ln1_b"]),
+    "attn_scores": lambda s, w: _derived_scores(s["q"], s["k"], w["attention_mask"]),
     "attn_pattern": lambda s, w: softmax(s["attn_scores"]),
     "head_out": lambda s, w: _derived_head_out(s["z"], w["W_O"]),
     "resid_mid": lambda s, w: s["resid_pre"] + s["attn_out"],
@@ -293,10 +307,18 @@ def derive_site(name: str, trace: Trace, weights: dict):
     return _derive(name, values, {w: weights[w] for w in needs})
 
 
-def attach_weights(trace: Trace, params: Params) -> Trace:
-    """Give a compact trace the per-layer weights its derived sites read (W_O for head_out)."""
+def attach_weights(trace: Trace, params: Params, attention_mask) -> Trace:
+    """Give a compact trace the per-layer weights its derived sites read (W_O for head_out), and the input's
+    attention_mask [batch, seq] for the scores, repeated per layer [layer, batch, seq] so that the trace's
+    leaves share their leading axes."""
     needs = {w for name in trace.derived() for w in DERIVED[name][1]}
-    return trace.with_weights({w: params["blocks"][w] for w in sorted(needs)}) if needs else trace
+    if not needs:
+        return trace
+    weights = {w: params["blocks"][w] for w in sorted(needs - {"attention_mask"})}
+    if "attention_mask" in needs:
+        weights["attention_mask"] = jnp.broadcast_to(attention_mask.astype(bool),
+                                                     (trace.q.shape[0], *attention_mask.shape))
+    return trace.with_weights(weights)
 
 
 # ------------------------------------------------------------------------------------------------- forward
@@ -323,9 +345,10 @@ def forward(
     keep            site names to return (default: all). Under `jit`, values neither kept nor needed are
                     never computed or stored; logits are computed only when kept or edited.
     compact         store only the kept sites that are not cheap functions of other kept sites; the trace
-                    computes the others (`tinygpt.sites.DERIVED`: ln1, attn_pattern, head_out, resid_mid,
-                    ln2, mlp_post, resid_post) when they are read. A full trace then holds about half the bytes
-                    and the forward skips the per-head writes; see `Trace` for what that means for tree_map.
+                    computes the others (`tinygpt.sites.DERIVED`: ln1, attn_scores, attn_pattern, head_out,
+                    resid_mid, ln2, mlp_post, resid_post) when they are read. A full trace then holds about a
+                    third of the bytes, and the forward skips the per-head writes and, the scores not being
+                    stored, takes the fused attention; see `Trace` for what that means for tree_map.
 
     Pure and traceable: jit it with `config` and `keep` static (see `tinygpt.make_forward`).
     """
@@ -337,7 +360,11 @@ def forward(
         trace = _compiled_forward(config, keep, derived)(params, tokens, attention_mask)
     else:
         trace = _forward(params, tokens, attention_mask, config, edits, keep, derived)
-    return attach_weights(trace, params)
+    return attach_weights(trace, params, _or_all_real(attention_mask, tokens))
+
+
+def _or_all_real(attention_mask, tokens):
+    return jnp.ones(jnp.shape(tokens), jnp.int32) if attention_mask is None else attention_mask
 
 
 def _forward(params, tokens, attention_mask, config: Config, edits, keep, derived=frozenset()) -> Trace:
@@ -435,6 +462,7 @@ def make_forward(config: Config, *, keep=None, edits: Edits | None = None, compa
 
     def run(params, tokens, attention_mask=None):
         tokens, attention_mask = check_inputs(tokens, attention_mask, config)
-        return attach_weights(compiled(params, tokens, attention_mask), params)
+        return attach_weights(compiled(params, tokens, attention_mask), params,
+                              _or_all_real(attention_mask, tokens))
 
     return run

@@ -151,7 +151,7 @@ def sharded_forward(params, tokens, config: Config, *, keep=None, attention_mask
     if tokens.shape[0] != batch:  # drop the padding rows (before the weights join the trace's leaves)
         trace = jax.tree_util.tree_map(lambda x, per_layer: x[:, :batch] if per_layer else x[:batch],
                                        trace, _per_layer_fields(keep, derived))
-    return attach_weights(trace, replicated_params)
+    return attach_weights(trace, replicated_params, attention_mask[:batch])
 
 
 def _per_layer_fields(keep: frozenset, derived: frozenset) -> Trace:

@@ -76,8 +76,10 @@ SITE_NAMES: tuple[str, ...] = tuple(SITES)
 
 # Sites a compact trace computes from other kept sites instead of storing them (see `tinygpt.trace.Trace`):
 # site -> (the sites it is computed from, the weights it reads). Each is how the forward computes it.
+# "attention_mask" is not a weight but the forward's input [batch, seq], carried per layer like one.
 DERIVED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ln1": (("resid_pre", "ln1_scale"), ("ln1_w", "ln1_b")),  # LayerNorm 1 from its kept divisor
+    "attn_scores": (("q", "k"), ("attention_mask",)),  # q.k / sqrt(d_head), masked (the input's padding)
     "attn_pattern": (("attn_scores",), ()),  # softmax(attn_scores)
     "head_out": (("z",), ("W_O",)),  # z @ W_O per head
     "resid_mid": (("resid_pre", "attn_out"), ()),  # resid_pre + attn_out

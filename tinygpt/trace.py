@@ -26,14 +26,14 @@ class Trace:
     was not kept.
 
     A compact trace (`forward(..., compact=True)`) does not store the kept sites that are cheap functions of
-    other kept sites (`tinygpt.sites.DERIVED`: attn_pattern = softmax(attn_scores), mlp_post =
-    gelu_new(mlp_pre), resid_mid and resid_post as sums, ln1 and ln2 from the residual and the kept
-    LayerNorm divisor, head_out = z @ W_O per head). It computes them, with the forward's own functions,
-    when first read, and keeps them. As a pytree its leaves are the stored sites and the per-layer weights
-    the derivations read (W_O, the LayerNorm weights), so `jax.tree.map` over a compact trace maps those
-    weights too: exact for maps along the leading layer axis, for jit, vmap or scan adding leading axes
-    (each leaf gets them) and for device transfers; for anything else (slicing the batch, reductions) map
-    `trace.materialized()` instead."""
+    other kept sites (`tinygpt.sites.DERIVED`: attn_scores from q, k and the input's attention mask,
+    attn_pattern = softmax(attn_scores), mlp_post = gelu_new(mlp_pre), resid_mid and resid_post as sums, ln1
+    and ln2 from the residual and the kept LayerNorm divisor, head_out = z @ W_O per head). It computes them,
+    with the forward's own functions, when first read, and keeps them. As a pytree its leaves are the stored
+    sites and what the derivations read (W_O, the LayerNorm weights, the attention mask repeated per layer),
+    so `jax.tree.map` over a compact trace maps those too: exact for maps along the leading layer axis, for
+    jit, vmap or scan adding leading axes (each leaf gets them) and for device transfers; for anything else
+    (slicing the batch, reductions) map `trace.materialized()` instead."""
 
     def __init__(self, *, derived: Iterable[str] = (), weights: Mapping[str, Any] | None = None, **sites):
         check_site_names(sites, "Trace")
