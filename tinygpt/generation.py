@@ -239,22 +239,10 @@ def _generate(params, layers, tokens, attention_mask, key, config, max_new_token
     batch, prompt_len = tokens.shape
     total = prompt_len + max_new_tokens
 
-    # Prefill: the prompt through the reference forward, keeping its keys and values. Only the last
-    # position's logits are needed (all of them when the caller reads or edits logits).
-    full_logits = "logits" in keep or "logits" in edits
-    prompt = forward(params, tokens, config, edits=edits, attention_mask=attention_mask,
-                     keep=keep | {"k", "v", "logits" if full_logits else "ln_final"})
-    pad = [(0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
-    # per block (k, v) [batch, total, head, d_head]: the prompt's, then room for the new tokens
-    cache = tuple((jnp.pad(prompt.k[layer], pad), jnp.pad(prompt.v[layer], pad)) for layer in range(config.n_layer))
+    prompt, cache, first_logits, next_position = _prefill(params, tokens, attention_mask, config, edits, keep,
+                                                          max_new_tokens)
     key_valid = jnp.pad(attention_mask.astype(bool), [(0, 0), (0, max_new_tokens)])  # [batch, total]
-    next_position = positions_from_mask(attention_mask)[:, -1] + 1  # [batch]
-
     key, subkey = jax.random.split(key)
-    if full_logits:
-        first_logits = prompt.logits[:, -1]  # [batch, vocab]
-    else:
-        first_logits = unembed(prompt.ln_final[:, -1:], params["wte"])[:, 0]
     first = sample(first_logits, subkey, sampling)
     _stream(on_token, 0, first)
 
@@ -332,14 +320,9 @@ def _generate_lookup(params, layers, tokens, attention_mask, config, max_new_tok
     width = n_draft + 1  # tokens fed per pass
     total = prompt_len + max_new_tokens + n_draft  # cache slots: a pass may run past the last token
 
-    full_logits = "logits" in edits
-    prompt = forward(params, tokens, config, edits=edits, attention_mask=attention_mask,
-                     keep={"k", "v", "logits" if full_logits else "ln_final"})
-    pad = [(0, 0), (0, total - prompt_len), (0, 0), (0, 0)]
-    cache = tuple((jnp.pad(prompt.k[layer], pad), jnp.pad(prompt.v[layer], pad)) for layer in range(config.n_layer))
-    first_logits = prompt.logits[:, -1] if full_logits else unembed(prompt.ln_final[:, -1:], params["wte"])[:, 0]
+    _, cache, first_logits, next_position = _prefill(params, tokens, attention_mask, config, edits, frozenset(),
+                                                     total - prompt_len)
     first = jnp.argmax(first_logits, axis=-1)  # [batch]
-    next_position = positions_from_mask(attention_mask)[:, -1] + 1  # [batch] position of the first new token
 
     seq = jnp.pad(tokens.astype(jnp.int32), [(0, 0), (0, total - prompt_len)])  # [batch, total]
     seq = seq.at[:, prompt_len].set(first.astype(jnp.int32))
@@ -382,6 +365,24 @@ def _generate_lookup(params, layers, tokens, attention_mask, config, max_new_tok
         logits=out_logits[:, :max_new_tokens] if return_logits else None,
         passes=passes + 1,
     )
+
+
+def _prefill(params, tokens, attention_mask, config, edits, keep, room):
+    """The prompt through the reference forward, keeping its keys and values. Returns (the prompt's trace,
+    per block (k, v) [batch, prompt + room, head, d_head]: the prompt's, then `room` empty slots, the logits
+    of the first new token [batch, vocab], its position [batch]). Only the last position's logits are
+    computed (all of them when the caller reads or edits logits)."""
+    full_logits = "logits" in keep or "logits" in edits
+    prompt = forward(params, tokens, config, edits=edits, attention_mask=attention_mask,
+                     keep=keep | {"k", "v", "logits" if full_logits else "ln_final"})
+    pad = [(0, 0), (0, room), (0, 0), (0, 0)]
+    cache = tuple((jnp.pad(prompt.k[layer], pad), jnp.pad(prompt.v[layer], pad)) for layer in range(config.n_layer))
+    if full_logits:
+        first_logits = prompt.logits[:, -1]
+    else:
+        first_logits = unembed(prompt.ln_final[:, -1:], params["wte"])[:, 0]
+    next_position = positions_from_mask(attention_mask)[:, -1] + 1
+    return prompt, cache, first_logits, next_position
 
 
 def _stream(on_token, step, token):

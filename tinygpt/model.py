@@ -256,24 +256,24 @@ def _derived_ln(resid, scale, w, b):
     return ln_apply(resid, scale, w[..., None, None, :], b[..., None, None, :])
 
 
+def _each_layer(fn, args, ranks):
+    """fn applied to one layer's values, mapped over the layer axis and any axes stacked in front of it (a
+    trace stacked by vmap or scan). ranks: each argument's rank without those axes."""
+    lead = args[0].shape[:args[0].ndim - ranks[0]]
+    flat = jax.vmap(fn)(*(a.reshape(-1, *a.shape[a.ndim - r:]) for a, r in zip(args, ranks)))
+    return flat.reshape(*lead, *flat.shape[1:])
+
+
 def _derived_head_out(z, W_O):
     """Per-head writes.  z [..., layer, batch, seq, head, d_head], W_O [..., layer, head, d_head, d_model]"""
-    lead = W_O.shape[:-3]  # the layer axis and any stacked in front of it
-    flat = jax.vmap(head_outputs)(z.reshape(-1, *z.shape[len(lead):]), W_O.reshape(-1, *W_O.shape[-3:]))
-    return flat.reshape(*lead, *flat.shape[1:])
+    return _each_layer(head_outputs, (z, W_O), (4, 3))
 
 
 def _derived_scores(q, k, attention_mask):
     """Masked attention scores.  q, k [..., layer, batch, seq, head, d_head], attention_mask [..., layer,
     batch, seq] (the forward's input, repeated per layer) -> [..., layer, batch, head, seq, key]"""
-    lead = q.shape[:-4]  # the layer axis and any stacked in front of it
-
-    def one_layer(q, k, attention_mask):
-        return apply_mask(attention_scores(q, k), causal_mask(attention_mask))
-
-    flat = jax.vmap(one_layer)(q.reshape(-1, *q.shape[-4:]), k.reshape(-1, *k.shape[-4:]),
-                               attention_mask.reshape(-1, *attention_mask.shape[-2:]))
-    return flat.reshape(*lead, *flat.shape[1:])
+    return _each_layer(lambda q, k, real: apply_mask(attention_scores(q, k), causal_mask(real)),
+                       (q, k, attention_mask), (4, 4, 2))
 
 
 # How each site of `DERIVED` is computed from its sources and weights (in `DERIVED`'s order), exactly as
