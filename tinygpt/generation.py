@@ -1,8 +1,8 @@
 """Text generation with a key-value cache, compiled so a whole continuation is one XLA program.
 
 The prompt runs through the reference `forward` (keeping its keys and values); each new token then runs
-through `decode_step`, which is the same block (`block_qkv`, attention, `block_after_attention`) attending
-over the cache. Edits apply to the prompt and to every step, and any sites can be kept for both: the prompt's
+through `decode_step`, which is the same block (`block_qkv` + `block_attend_mlp`) attending over the
+cache. Edits apply to the prompt and to every step, and any sites can be kept for both: the prompt's
 trace is a normal `Trace`, the steps' trace is stacked over steps, `[step, layer, batch, 1, ...]`.
 
 Sampling: greedy (temperature 0), temperature, top-k, top-p (nucleus), seeded by an explicit seed.
@@ -23,8 +23,6 @@ from jax.experimental import io_callback
 from .config import Config
 from .model import (
     _at_top_level,
-    attention_keys_last,
-    block_after_attention,
     block_attend_mlp,
     block_qkv,
     check_inputs,
@@ -88,8 +86,8 @@ def decode_step(params, layers, tokens, positions, cache, index, mask, config: C
     """Run a few new tokens per sequence through the model, attending over the KV cache.
 
     layers: one params dict per block (`tinygpt.params.layer_views`); tokens, positions [batch, new];
-    cache: per block a pair (k, v) laid out keys-last, [batch, head, d_head, total], the layout attention
-    reads them in (`attention_keys_last`), so a step writes its few new slots and never transposes the whole
+    cache: per block a pair (k, v) laid out keys-last, [batch, head, d_head, total], the layout the CPU
+    attention reads (`chunked_attention`), so a step writes its few new slots and never transposes the whole
     cache (with [batch, total, head, d_head] every layer copied its cache twice a step: ~0.4 s of a 64-token
     batch-8 continuation of GPT-2 small on a 2-core CPU); index: cache slot of the first new token,
     one int for the whole batch or one per row [batch]; mask [batch, 1, new, total] which slots each new
@@ -113,12 +111,10 @@ def decode_step(params, layers, tokens, positions, cache, index, mask, config: C
         resid_pre, q, k, v = block_qkv(resid, p, site, config.ln_eps, project_heads_batched)
         layer_k = _write_slots(layer_k, k.transpose(0, 2, 3, 1).astype(layer_k.dtype), index, axis=3)
         layer_v = _write_slots(layer_v, v.transpose(0, 2, 3, 1).astype(layer_v.dtype), index, axis=3)
-        if site.wants("attn_scores") or site.wants("attn_pattern"):  # the reference path, in its layout
-            k_full, v_full = layer_k.transpose(0, 3, 1, 2), layer_v.transpose(0, 3, 1, 2)
-            resid = block_attend_mlp(resid_pre, q, k_full, v_full, mask, p, site, config.ln_eps)
-        else:
-            z = attention_keys_last(q, layer_k, layer_v, mask)  # [batch, new, head, d_head]
-            resid = block_after_attention(resid_pre, z, p, site, config.ln_eps)
+        # the block reads [batch, total, head, d_head]; XLA cancels this transpose against the CPU attention's
+        # own (`chunked_attention`), so no step copies the cache
+        k_view, v_view = layer_k.transpose(0, 3, 1, 2), layer_v.transpose(0, 3, 1, 2)
+        resid = block_attend_mlp(resid_pre, q, k_view, v_view, mask, p, site, config.ln_eps)
         new_cache.append((layer_k, layer_v))
         per_layer.append(site.kept)
     final_sites(resid, params, outer, config.ln_eps)

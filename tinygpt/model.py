@@ -102,21 +102,15 @@ def chunked_attention(q, k, v, mask, chunk: int = ATTENTION_CHUNK):
     fuses into the value product.
     q [batch, seq, head, d_head], k, v [batch, key, head, d_head], mask [batch, 1, seq, key]
     -> [batch, seq, head, d_head]"""
-    return attention_keys_last(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 3, 1), mask, chunk)
-
-
-def attention_keys_last(q, k_t, v_t, mask, chunk: int = ATTENTION_CHUNK):
-    """`chunked_attention` over keys and values already laid out [batch, head, d_head, key], the layout of
-    the KV cache in generation (so a decode step does not transpose every layer's whole cache).
-    q [batch, seq, head, d_head], k_t, v_t [batch, head, d_head, key], mask [batch, 1, seq, key]
-    -> [batch, seq, head, d_head]"""
+    k_t = k.transpose(0, 2, 3, 1)  # [batch, head, d_head, key]
+    v_t = v.transpose(0, 2, 3, 1)  # [batch, head, d_head, key]
     scale = jnp.sqrt(jnp.asarray(q.shape[-1], f32))
 
     def one_query(query_and_mask):  # q [batch, head, d_head], mask [batch, 1, key]
         q, mask = query_and_mask
         scores = jnp.einsum("bhd,bhdt->bht", q, k_t, preferred_element_type=f32) / scale  # [batch, head, key]
         pattern = softmax(apply_mask(scores, mask))  # [batch, head, key]
-        return jnp.einsum("bht,bhdt->bhd", pattern.astype(v_t.dtype), v_t)  # [batch, head, d_head]
+        return jnp.einsum("bht,bhdt->bhd", pattern.astype(v.dtype), v_t)  # [batch, head, d_head]
 
     queries = (q.swapaxes(0, 1), mask.transpose(2, 0, 1, 3))  # [seq, batch, head, d_head], [seq, batch, 1, key]
     z = lax.map(one_query, queries, batch_size=chunk)  # [seq, batch, head, d_head]
