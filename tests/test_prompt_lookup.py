@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tinygpt
-from tinygpt.generation import _generate_lookup, generate, lookup_draft
+from tinygpt.generation import _generate_lookup, _row_phases, generate, lookup_draft
 from tinygpt.params import layer_views
 
 
@@ -132,6 +132,41 @@ def test_repetitive_text_takes_fewer_passes(model):
     fast = generate(constant, config, prompt, 24, temperature=0, prompt_lookup=6)
     np.testing.assert_array_equal(fast.tokens, plain.tokens)
     assert int(fast.passes) == 1 + 4
+
+
+def test_rows_finishing_apart_shrink_the_passes(model):
+    """Rows drafted perfectly finish in a few passes, rows drafted wrongly take one pass a token: the passes
+    after half the batch is done run on the unfinished rows only (gathered with their caches), and every row
+    still gets greedy's tokens and logits, whichever phase it finished in."""
+    config, params = model
+    rng = np.random.default_rng(11)
+    tokens, mask = padded([rng.integers(0, config.vocab_size, n) for n in (6, 3, 7, 2, 5)])
+    n_new, n_draft = 15, 3
+    plain = generate(params, config, tokens, n_new, attention_mask=mask, temperature=0, return_logits=True)
+    truth = jnp.asarray(plain.sequences)
+    right = jnp.array([True, False, True, True, False])  # rows 1 and 4 are drafted wrongly: last to finish
+
+    def mixed(seq, length, n):
+        at = jnp.minimum(length[:, None] + jnp.arange(n), truth.shape[1] - 1)
+        true = jnp.take_along_axis(truth, at, axis=1)
+        return jnp.where(right[:, None], true, (true + 1) % config.vocab_size)
+
+    out = run_with_draft(params, config, tokens, mask, n_new, n_draft, mixed, return_logits=True)
+    np.testing.assert_array_equal(out.sequences, plain.sequences)
+    np.testing.assert_allclose(out.logits, plain.logits, atol=5e-5, rtol=0)
+    assert int(out.passes) == n_new  # the wrongly drafted rows set the count
+
+    def phase_rows(edits):  # rows per pass of each while loop: the leading axis of the caches it carries
+        jaxpr = jax.make_jaxpr(lambda p, layers, t, m: _generate_lookup(p, layers, t, m, config, n_new, n_draft,
+                                                                        edits, False))(
+            params, layer_views(params["blocks"]), jnp.asarray(tokens), jnp.asarray(mask)).jaxpr
+        loops = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "while"]
+        return [sorted({v.aval.shape[0] for v in eqn.outvars if v.aval.ndim == 4}) for eqn in loops]
+
+    assert _row_phases(5) == (5, 3, 2, 1) and _row_phases(1) == (1,) and _row_phases(8) == (8, 4, 2, 1)
+    assert phase_rows({}) == [[5], [3], [2], [1]]
+    # with edits every pass runs the whole batch, in order
+    assert phase_rows({"resid_post": (lambda x, layer: x,)}) == [[5]]
 
 
 def test_context_filled_to_the_last_position(model):
