@@ -378,16 +378,17 @@ def _generate_lookup(params, layers, tokens, attention_mask, config, max_new_tok
     def unfinished(count):
         return jnp.sum(count < max_new_tokens)
 
-    state = (cache, seq, count, out_logits, jnp.zeros((), jnp.int32))
-    rows = jnp.arange(batch)
+    passes = jnp.zeros((), jnp.int32)
+    rows = jnp.arange(batch)  # [n] the batch rows the phase's passes run, n = its size
     phases = _row_phases(batch) if not edits else (batch,)
     for size, next_size in zip(phases, phases[1:] + (0,)):
         if size < rows.shape[0]:  # gather the unfinished rows first, finished ones after as padding
-            keep = jnp.argsort(state[2][rows] >= max_new_tokens, stable=True)[:size]  # [size] into `rows`
-            rows = rows[keep]
-            state = (jax.tree_util.tree_map(lambda c: c[keep], state[0]), *state[1:])
-        state = lax.while_loop(lambda s: unfinished(s[2]) > next_size, functools.partial(one_pass, rows), state)
-    _, seq, count, out_logits, passes = state
+            pick = jnp.argsort(count[rows] >= max_new_tokens, stable=True)[:size]  # [size] indices into rows
+            rows = rows[pick]
+            cache = jax.tree_util.tree_map(lambda c: c[pick], cache)
+        cache, seq, count, out_logits, passes = lax.while_loop(
+            lambda state: unfinished(state[2]) > next_size, functools.partial(one_pass, rows),
+            (cache, seq, count, out_logits, passes))
     new_tokens = seq[:, prompt_len: prompt_len + max_new_tokens]  # [batch, new]
     return Generation(
         tokens=new_tokens,
