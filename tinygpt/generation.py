@@ -375,9 +375,6 @@ def _generate_lookup(params, layers, tokens, attention_mask, config, max_new_tok
         count = count.at[rows].set(jnp.where(active, count_r + accepted + 1, count_r))
         return cache, seq, count, out_logits, passes + 1
 
-    def unfinished(count):
-        return jnp.sum(count < max_new_tokens)
-
     passes = jnp.zeros((), jnp.int32)
     rows = jnp.arange(batch)  # [n] the batch rows the phase's passes run, n = its size
     phases = _row_phases(batch) if not edits else (batch,)
@@ -387,7 +384,7 @@ def _generate_lookup(params, layers, tokens, attention_mask, config, max_new_tok
             rows = rows[pick]
             cache = jax.tree_util.tree_map(lambda c: c[pick], cache)
         cache, seq, count, out_logits, passes = lax.while_loop(
-            lambda state: unfinished(state[2]) > next_size, functools.partial(one_pass, rows),
+            lambda state: jnp.sum(state[2] < max_new_tokens) > next_size, functools.partial(one_pass, rows),
             (cache, seq, count, out_logits, passes))
     new_tokens = seq[:, prompt_len: prompt_len + max_new_tokens]  # [batch, new]
     return Generation(
