@@ -68,18 +68,21 @@ def naive_unit(params, tokens, mask, source, layer, unit, *, site, axis):
 
 
 @pytest.mark.parametrize("site, axis, chunk_size, z", [("z", "head", None, False), ("z", "head", None, True),
-                                                       ("mlp_post", "d_mlp", 16, True)])
+                                                       ("mlp_post", "d_mlp", 16, True), ("q", "head", None, False),
+                                                       ("k", "head", None, False)])
 @settings(max_examples=5)
 @given(seed=seeds)
 def test_unit_sweep_equals_naive_loop(site, axis, chunk_size, z, seed):
-    """Zero replacement of every head, and replacement of every neuron by another batch's values (chunked,
-    with a ragged last chunk), at every layer, a left-padded row included; with z in the cache, each run's
-    first block starts from the base run's z (the last layer's at the read position only)."""
+    """Zero replacement of every head, and replacement of every neuron, query head or key head by another
+    batch's values (neurons chunked, with a ragged last chunk), at every layer, a left-padded row included;
+    with z in the cache, each run's first block starts from the base run's z (the last layer's at the read
+    position only). The last block computes queries at the read position only and keys everywhere, so a
+    q or k patch there is applied to different positions."""
     params, tokens = random_params(seed), random_tokens(seed)
     mask = np.ones((BATCH, SEQ), np.int32)
     mask[1, :3] = 0  # row 1 is left-padded
     reference = tinygpt.forward(params, random_tokens(seed + 1), CFG, keep=(site,))[site]
-    source = {"z": jnp.zeros((CFG.n_layer, 1, 1, 1, 1)), "mlp_post": reference[:, ::-1]}[site]
+    source = jnp.zeros((CFG.n_layer, 1, 1, 1, 1)) if site == "z" else reference[:, ::-1]
     size = sweep.axis_size(site, axis, CFG, SEQ)
     values = sweep_units_jit(params, tokens, mask, source, site=site, axis=axis, chunk_size=chunk_size, z=z)
     assert values.shape == (CFG.n_layer, size, BATCH)

@@ -177,12 +177,18 @@ def block(resid, p, mask, site: SiteRecorder, eps: float):
     return block_attend_mlp(resid_pre, q, k, v, mask, p, site, eps)
 
 
-def block_qkv(resid, p, site: SiteRecorder, eps: float, project=project_heads):
-    """First half of a block: the residual entering it, LayerNorm 1, queries, keys and values.
-    `project` is `project_heads` or, for a single-token decode step, `project_heads_batched` (same values)."""
+def block_ln1(resid, p, site: SiteRecorder, eps: float):
+    """The residual entering a block and its LayerNorm 1.  -> (resid_pre, ln1), each [batch, seq, d_model]"""
     resid_pre = site("resid_pre", resid)
     ln1_scale = site("ln1_scale", ln_scale(resid_pre, eps))
     ln1 = site("ln1", ln_apply(resid_pre, ln1_scale, p["ln1_w"], p["ln1_b"]))
+    return resid_pre, ln1
+
+
+def block_qkv(resid, p, site: SiteRecorder, eps: float, project=project_heads):
+    """First half of a block: the residual entering it, LayerNorm 1, queries, keys and values.
+    `project` is `project_heads` or, for a single-token decode step, `project_heads_batched` (same values)."""
+    resid_pre, ln1 = block_ln1(resid, p, site, eps)
     q = site("q", project(ln1, p["W_Q"], p["b_Q"]))
     k = site("k", project(ln1, p["W_K"], p["b_K"]))
     v = site("v", project(ln1, p["W_V"], p["b_V"]))

@@ -16,8 +16,8 @@ every (layer, unit) or (layer, position) at once, doing only the work that diffe
                    last block's output, l = n_layer - 1, is patched after the last block, which is rerun);
                    a patch of a site after the attention (z, head_out, attn_out, the MLP's) leaves its first
                    block's attention unchanged: with z in the cache, that block starts from the base run's z.
-    read only      the last block's attention and MLP, the final LayerNorm and the unembedding are computed
-                   only at the positions the score reads.
+    read only      the last block's queries, attention and MLP, the final LayerNorm and the unembedding are
+                   computed only at the positions the score reads.
     vmapped        runs are vmapped over the swept unit or position, `chunk_size` at a time (lax.map over
                    chunks), inside a lax.map over layers; all of it traces into one program under `jax.jit`.
 
@@ -35,7 +35,8 @@ import numpy as np
 from jax import lax
 
 from .config import Config
-from .model import block_after_attention, block_attend_mlp, block_qkv, causal_mask, forward, ln_apply, ln_scale, unembed
+from .model import (block_after_attention, block_attend_mlp, block_ln1, block_qkv, causal_mask, forward, ln_apply,
+                    ln_scale, project_heads, unembed)
 from .sharding import sharded_sweep
 from .sites import SITES, check_site_names
 from .trace import SiteRecorder, normalize_edits
@@ -206,13 +207,19 @@ def block_suffix(resid, p, k_prefix, v_prefix, mask, out_index, site_in: SiteRec
                  eps: float):
     """One block over positions first.. of the sequence, attending also to the earlier positions' cached keys
     and values. resid [batch, S, d_model] (S = seq - first), k_prefix, v_prefix [batch, first, head, d_head],
-    mask [batch, 1, S, key]. The attention and MLP are computed only at `out_index` (indices into the S
-    positions), or at all S when it is None.  -> [batch, S or len(out_index), d_model]"""
-    resid_pre, q, k, v = block_qkv(resid, p, site_in, eps)
+    mask [batch, 1, S, key]. The queries, attention and MLP are computed only at `out_index` (indices into
+    the S positions; the keys and values at all S), or at all S when it is None.
+    -> [batch, S or len(out_index), d_model]"""
+    if out_index is None:
+        resid_pre, q, k, v = block_qkv(resid, p, site_in, eps)
+    else:
+        resid_pre, ln1 = block_ln1(resid, p, site_in, eps)
+        resid_pre, mask = resid_pre[:, out_index], mask[:, :, out_index]
+        q = site_out("q", project_heads(ln1[:, out_index], p["W_Q"], p["b_Q"]))  # [batch, len(out_index), ...]
+        k = site_in("k", project_heads(ln1, p["W_K"], p["b_K"]))
+        v = site_in("v", project_heads(ln1, p["W_V"], p["b_V"]))
     k = jnp.concatenate([k_prefix, k], axis=1)  # [batch, key, head, d_head]
     v = jnp.concatenate([v_prefix, v], axis=1)  # [batch, key, head, d_head]
-    if out_index is not None:
-        resid_pre, q, mask = resid_pre[:, out_index], q[:, out_index], mask[:, :, out_index]
     return block_attend_mlp(resid_pre, q, k, v, mask, p, site_out, eps)
 
 
