@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import tinygpt
 from tinygpt.sites import GLOBAL_SITES, LAYER_SITES, SITE_NAMES
+from tinygpt.trace import SiteRecorder
 from random_weights import random_params as _random_params  # noqa: E402
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=10, vocab_size=53)
@@ -300,6 +301,41 @@ def test_layer_argument_is_the_block_index_in_values():
                keep=("mlp_out",))
     for layer in range(CFG.n_layer):
         assert (np.asarray(tr.mlp_out[layer]) == layer).all()
+
+
+@eager_settings
+@given(seed=seeds, pad=st.integers(1, 3), target=st.integers(0, SEQ - 4), layer=st.integers(0, CFG.n_layer - 1))
+def test_an_edit_with_positions_hits_the_same_token_in_a_left_padded_row(seed, pad, target, layer):
+    """An edit taking `positions` is given each token's position among its row's real tokens: on a row
+    left-padded by `pad` it edits the same token as on the unpadded row, so every real position's values
+    agree; an edit indexing the seq axis would hit the token `pad` places earlier."""
+    params, tokens = random_params(seed), random_tokens(seed)
+    direction = jax.random.normal(jax.random.PRNGKey(seed % 1000), (CFG.d_model,))
+
+    seen = []
+
+    def steer(x, at, positions):  # x [batch, seq, d_model], positions [batch, seq]
+        seen.append(positions)
+        return jnp.where((at == layer) & (positions == target)[..., None], x + 4.0 * direction, x)
+
+    edits = {"resid_pre": steer}
+    real = SEQ - pad
+    padded = np.concatenate([np.zeros((BATCH, pad), np.int32), tokens[:, :real]], axis=1)
+    mask = np.concatenate([np.zeros((BATCH, pad), np.int32), np.ones((BATCH, real), np.int32)], axis=1)
+    got = eager(params, padded, edits=edits, attention_mask=mask, keep=("resid_post", "logits"))
+    want = eager(params, tokens[:, :real], edits=edits, keep=("resid_post", "logits"))
+    np.testing.assert_array_equal(seen[0][:, pad:], np.broadcast_to(np.arange(real), (BATCH, real)))
+    np.testing.assert_allclose(got.logits[:, pad:], want.logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.resid_post[:, :, pad:], want.resid_post, atol=1e-4, rtol=0)
+    unedited = eager(params, tokens[:, :real], keep=("logits",))
+    assert not np.allclose(want.logits[:, target:], unedited.logits[:, target:], atol=1e-3)  # the edit acts
+    np.testing.assert_array_equal(want.logits[:, :target], unedited.logits[:, :target])  # only from `target` on
+
+
+def test_an_edit_with_positions_where_none_are_given_names_the_site():
+    recorder = SiteRecorder({"mlp_out": (lambda x, layer, positions: x,)}, frozenset(), 0)
+    with pytest.raises(ValueError, match="'mlp_out' takes positions"):
+        recorder("mlp_out", jnp.zeros((1, 2, 3)))
 
 
 # ---------------------------------------------------------------------------------------------- errors

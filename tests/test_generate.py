@@ -140,6 +140,38 @@ def test_edits_apply_during_generation(model):
     assert not np.array_equal(plain.tokens, out.tokens)
 
 
+def steer_at_positions(direction, layer, targets):
+    """An edit adding `direction` to the residual entering block `layer` at the absolute `targets`."""
+    def edit(x, at, positions):  # x [batch, seq, d_model], positions [batch, seq]
+        hit = (positions[..., None] == jnp.asarray(targets)).any(-1)  # [batch, seq]
+        return jnp.where((at == layer) & hit[..., None], x + direction, x)
+    return {"resid_pre": edit}
+
+
+def test_edits_with_positions_hit_the_same_tokens_in_the_prompt_and_the_steps(model):
+    """An edit at absolute positions 2 (in the prompt) and 7 (a generated token) of left-padded rows:
+    the continuation's tokens and logits are those of the full forward with that edit on the final
+    sequence, and they differ from the unedited continuation."""
+    config, params = model
+    direction = 4.0 * jax.random.normal(jax.random.PRNGKey(6), (config.d_model,))
+    edits = steer_at_positions(direction, 1, [2, 7])
+    tokens = np.array([[0, 0, 5, 9, 2, 7], [3, 1, 4, 1, 5, 9]], np.int32)
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], np.int32)
+    out = generate(params, config, tokens, 8, temperature=0, edits=edits, return_logits=True,
+                   attention_mask=mask)
+    full_mask = np.concatenate([mask, np.ones((2, 8), np.int32)], axis=1)
+    full = np.asarray(tinygpt.forward(params, out.sequences, config, edits=edits, attention_mask=full_mask,
+                                      keep="logits").logits)
+    np.testing.assert_allclose(out.logits, full[:, 5:-1], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(out.tokens, full[:, 5:-1].argmax(-1))
+    # against the edit at position 2 alone: new logit i is read at position (last prompt position) + i, row 0's
+    # 3 + i, row 1's 5 + i, so the edit at position 7 changes row 0's from i = 4 on and row 1's from i = 2 on
+    prompt_only = generate(params, config, tokens, 8, temperature=0, edits=steer_at_positions(direction, 1, [2]),
+                           attention_mask=mask, return_logits=True)
+    changed = np.abs(out.logits - prompt_only.logits).max(-1) > 1e-4  # [batch, new]
+    np.testing.assert_array_equal(changed, [[False] * 4 + [True] * 4, [False] * 2 + [True] * 6])
+
+
 def test_streaming_callback_sees_every_token_in_order(model):
     config, params = model
     seen = []

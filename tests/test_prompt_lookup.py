@@ -191,6 +191,27 @@ def test_edits_apply_to_every_pass(model):
     assert not np.array_equal(generate(params, config, prompt, 12, temperature=0).tokens, plain.tokens)
 
 
+def test_edits_with_positions_apply_to_the_same_tokens_as_plain_greedy(model):
+    """A pass feeds a row's last accepted token and its draft: an edit aimed at absolute positions (one in
+    the prompt, two among the generated tokens) sees the same positions as in plain greedy decoding."""
+    config, params = model
+    direction = 3.0 * jax.random.normal(jax.random.PRNGKey(7), (config.d_model,))
+
+    def edit(x, layer, positions):  # x [batch, seq, d_model], positions [batch, seq]
+        hit = (positions == 2) | (positions == 9) | (positions == 13)
+        return jnp.where((layer == 1) & hit[..., None], x + direction, x)
+
+    tokens, mask = padded([np.arange(6) % 5, np.arange(4)])
+    plain = generate(params, config, tokens, 12, temperature=0, edits={"resid_pre": edit}, return_logits=True,
+                     attention_mask=mask)
+    fast = generate(params, config, tokens, 12, temperature=0, edits={"resid_pre": edit}, return_logits=True,
+                    attention_mask=mask, prompt_lookup=4)
+    np.testing.assert_array_equal(fast.tokens, plain.tokens)
+    np.testing.assert_allclose(fast.logits, plain.logits, atol=5e-5, rtol=0)
+    unedited = generate(params, config, tokens, 12, temperature=0, attention_mask=mask, return_logits=True)
+    assert not np.allclose(unedited.logits, plain.logits, atol=1e-3)
+
+
 def test_inside_an_outer_jit(model):
     config, params = model
     prompt = np.random.default_rng(6).integers(0, config.vocab_size, (2, 5))

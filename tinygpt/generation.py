@@ -101,14 +101,14 @@ def decode_step(params, layers, tokens, positions, cache, index, mask, config: C
     slice of the stacked weights is a copy on XLA's CPU backend (measured: the step ~1.5x slower). The price
     is a compile time that grows with depth (a 12-layer model's `generate` compiles in ~3 s on CPU, a
     48-layer one in ~11 s); the prompt's forward still scans."""
-    outer = SiteRecorder(edits, keep | {"logits"}, None)
+    outer = SiteRecorder(edits, keep | {"logits"}, None, positions)
     embed = outer("embed", params["wte"][tokens])  # [batch, new, d_model]
     pos_embed = outer("pos_embed", params["wpe"][positions])  # [batch, new, d_model]
 
     resid = embed + pos_embed  # [batch, new, d_model]
     new_cache, per_layer = [], []
     for layer, (p, (layer_k, layer_v)) in enumerate(zip(layers, cache)):
-        site = SiteRecorder(edits, keep, jnp.asarray(layer, jnp.int32))
+        site = SiteRecorder(edits, keep, jnp.asarray(layer, jnp.int32), positions)
         resid_pre, q, k, v = block_qkv(resid, p, site, config.ln_eps, project_heads_batched)
         layer_k = _write_slots(layer_k, k.transpose(0, 2, 3, 1).astype(layer_k.dtype), index, axis=3)
         layer_v = _write_slots(layer_v, v.transpose(0, 2, 3, 1).astype(layer_v.dtype), index, axis=3)
@@ -155,10 +155,12 @@ def generate(
     `max_new_tokens` tokens, with a KV cache, as one compiled program.
 
     temperature 0 is greedy; top_k / top_p filter before sampling; `seed` fixes the random draws.
-    edits  {site: fn(value, layer)} applied to the prompt and to every generated step; an edit should act the
-           same at every position: the prompt's value is [batch, seq, ...], a step's [batch, 1, ...] and a
-           prompt-lookup pass's [batch, prompt_lookup + 1, ...] (a position index in an edit means a different
-           token in each)
+    edits  {site: fn(value, layer)} applied to the prompt and to every generated step. The prompt's value is
+           [batch, seq, ...], a step's [batch, 1, ...] and a prompt-lookup pass's [batch, prompt_lookup + 1,
+           ...], so an index into the seq axis means a different token in each: an edit aimed at particular
+           tokens takes `positions`, fn(value, layer, positions), their absolute positions [batch, seq]
+           (padding skipped), the same in the prompt and the steps. Generating with edits then gives the
+           tokens and logits of `forward` with those edits on the final sequence.
     keep   sites to keep for the prompt and the steps (default none)
     on_token  called on the host as `on_token(step, ids[batch])` while the program runs (streaming)
     prompt_lookup  greedy only: draft this many tokens per row by prompt lookup (`lookup_draft`) and verify

@@ -229,15 +229,16 @@ def block_after_attention(resid_pre, z, p, site: SiteRecorder, eps: float):
     return resid_post
 
 
-def run_blocks(blocks: Params, resid, mask, config: Config, edits, keep, layers=None):
+def run_blocks(blocks: Params, resid, mask, config: Config, edits, keep, layers=None, positions=None):
     """`lax.scan` the stacked blocks over the residual stream; returns (final resid, kept per-layer sites
-    stacked as [layer, ...]). `layers` are the block indices the stacked params belong to (default all)."""
+    stacked as [layer, ...]). `layers` are the block indices the stacked params belong to (default all);
+    `positions` [batch, seq], the tokens' absolute positions, are given to the edits that take them."""
     if layers is None:
         layers = jnp.arange(config.n_layer)
 
     def step(resid, xs):
         p, layer = xs
-        site = SiteRecorder(edits, keep, layer)
+        site = SiteRecorder(edits, keep, layer, positions)
         resid = block(resid, p, mask, site, config.ln_eps)
         return resid, site.kept
 
@@ -346,7 +347,9 @@ def forward(
     tokens          int [batch, seq] token ids
     config          static `Config`
     edits           {site: fn(value, layer) -> value} (or a sequence of fns, applied in order); `layer` is the
-                    block index (a traced int inside the scan) for per-layer sites, None for the others
+                    block index (a traced int inside the scan) for per-layer sites, None for the others. An
+                    edit with a `positions` parameter, fn(value, layer, positions), also gets the tokens'
+                    absolute positions [batch, seq] (padding skipped, as the position embedding counts)
     attention_mask  [batch, seq], 1 for real tokens and 0 for (left) padding; positions skip the padding
     keep            site names to return (default: all). Under `jit`, values neither kept nor needed are
                     never computed or stored; logits are computed only when kept or edited.
@@ -383,10 +386,11 @@ def _forward(params, tokens, attention_mask, config: Config, edits, keep, derive
     mask = causal_mask(attention_mask)  # [batch, 1, seq, key]
     store = keep - derived
 
-    outer = SiteRecorder(edits, store, None)
+    outer = SiteRecorder(edits, store, None, positions)
     embed = outer("embed", params["wte"][tokens])  # [batch, seq, d_model]
     pos_embed = outer("pos_embed", params["wpe"][positions])  # [batch, seq, d_model]
-    resid, per_layer = run_blocks(params["blocks"], embed + pos_embed, mask, config, edits, store)
+    resid, per_layer = run_blocks(params["blocks"], embed + pos_embed, mask, config, edits, store,
+                                  positions=positions)
 
     final_sites(resid, params, outer, config.ln_eps)
     return Trace(derived=derived, **outer.kept, **per_layer)

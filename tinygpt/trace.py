@@ -4,11 +4,17 @@ A `Trace` is a pytree with one field per site of `tinygpt.sites.SITES`; a field 
 kept. Per-layer sites are stacked over blocks: `trace.resid_post[3]` is block 3's output.
 
 Edits are plain functions `(value, layer) -> value` keyed by site name. At each site the forward calls
-`value = site(name, value)`, which applies the site's edits in order and keeps the result if asked.
+`value = site(name, value)`, which applies the site's edits in order and keeps the result if asked. An edit
+that declares a parameter named `positions`, `(value, layer, positions) -> value`, is also given each
+sequence entry's absolute position, int [batch, seq] (the value's seq axis; the query axis of attention
+scores and patterns): the token's index among the row's real tokens, as the position embedding counts it.
+That is what ties an edit to a token when the value does not start at position 0: a left-padded row, or a
+generation step, whose value holds only the new tokens.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
 import jax
@@ -164,12 +170,22 @@ def normalize_edits(edits: Edits | None) -> dict[str, tuple[Edit, ...]]:
     return out
 
 
+def takes_positions(fn) -> bool:
+    """Whether an edit declares a `positions` parameter (see the module docstring)."""
+    try:
+        return "positions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature Python can read
+        return False
+
+
 class SiteRecorder:
     """Applies edits at a site and keeps its value if asked. One per block call (and one for the
-    embedding / final sites), so `layer` is the block index (a traced int inside the scan) or None."""
+    embedding / final sites), so `layer` is the block index (a traced int inside the scan) or None.
+    `positions` [batch, seq] are the absolute positions of the values' seq entries, for the edits that take
+    them (None where the caller has none to give)."""
 
-    def __init__(self, edits: dict[str, tuple[Edit, ...]], keep: frozenset[str], layer):
-        self.edits, self.keep, self.layer = edits, keep, layer
+    def __init__(self, edits: dict[str, tuple[Edit, ...]], keep: frozenset[str], layer, positions=None):
+        self.edits, self.keep, self.layer, self.positions = edits, keep, layer, positions
         self.kept: dict[str, jax.Array] = {}
 
     def wants(self, name: str) -> bool:
@@ -179,7 +195,13 @@ class SiteRecorder:
 
     def __call__(self, name: str, value: jax.Array) -> jax.Array:
         for fn in self.edits.get(name, ()):
-            new = fn(value, self.layer)
+            if takes_positions(fn):
+                if self.positions is None:
+                    raise ValueError(f"the edit at site {name!r} takes positions, and this computation has none "
+                                     "to give it (edits with positions run in forward and generate)")
+                new = fn(value, self.layer, positions=self.positions)
+            else:
+                new = fn(value, self.layer)
             if new is value:
                 continue
             new = jnp.asarray(new)
