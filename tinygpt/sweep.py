@@ -35,8 +35,8 @@ import numpy as np
 from jax import lax
 
 from .config import Config
-from .model import (block_after_attention, block_attend_mlp, block_ln1, block_qkv, causal_mask, forward, ln_apply,
-                    ln_scale, project_heads, unembed)
+from .model import (block_after_attention, block_attend_mlp, block_ln1, causal_mask, forward, ln_apply, ln_scale,
+                    project_heads, unembed)
 from .sharding import sharded_sweep
 from .sites import SITES, check_site_names
 from .trace import SiteRecorder, normalize_edits
@@ -208,16 +208,16 @@ def block_suffix(resid, p, k_prefix, v_prefix, mask, out_index, site_in: SiteRec
     """One block over positions first.. of the sequence, attending also to the earlier positions' cached keys
     and values. resid [batch, S, d_model] (S = seq - first), k_prefix, v_prefix [batch, first, head, d_head],
     mask [batch, 1, S, key]. The queries, attention and MLP are computed only at `out_index` (indices into
-    the S positions; the keys and values at all S), or at all S when it is None.
+    the S positions; the keys and values at all S), or at all S when it is None. `site_in` records the sites
+    at all S positions, `site_out` those at the computed ones (the same recorder when out_index is None).
     -> [batch, S or len(out_index), d_model]"""
-    if out_index is None:
-        resid_pre, q, k, v = block_qkv(resid, p, site_in, eps)
-    else:
-        resid_pre, ln1 = block_ln1(resid, p, site_in, eps)
-        resid_pre, mask = resid_pre[:, out_index], mask[:, :, out_index]
-        q = site_out("q", project_heads(ln1[:, out_index], p["W_Q"], p["b_Q"]))  # [batch, len(out_index), ...]
-        k = site_in("k", project_heads(ln1, p["W_K"], p["b_K"]))
-        v = site_in("v", project_heads(ln1, p["W_V"], p["b_V"]))
+    resid_pre, ln1 = block_ln1(resid, p, site_in, eps)
+    ln1_q = ln1
+    if out_index is not None:
+        resid_pre, ln1_q, mask = resid_pre[:, out_index], ln1[:, out_index], mask[:, :, out_index]
+    q = site_out("q", project_heads(ln1_q, p["W_Q"], p["b_Q"]))  # [batch, S or len(out_index), head, d_head]
+    k = site_in("k", project_heads(ln1, p["W_K"], p["b_K"]))
+    v = site_in("v", project_heads(ln1, p["W_V"], p["b_V"]))
     k = jnp.concatenate([k_prefix, k], axis=1)  # [batch, key, head, d_head]
     v = jnp.concatenate([v_prefix, v], axis=1)  # [batch, key, head, d_head]
     return block_attend_mlp(resid_pre, q, k, v, mask, p, site_out, eps)
