@@ -1,8 +1,10 @@
-"""`chunked_attention` (the fused path on CPU: queries a chunk at a time) equals the reference path
-(`attention_scores`, `apply_mask`, `softmax`, `mix_values`) for any mask: causal, left-padded, queries that
-are a suffix of the keys (the sweeps' causal-suffix reuse) and arbitrary masks; with the sequence a multiple
-of the chunk, ragged, or shorter than one chunk. A forward that keeps only resid_post (fused path) agrees
-with one that keeps the pattern (reference path), and never holds a [seq, key] float array."""
+"""The fused attention paths on CPU equal the reference path (`attention_scores`, `apply_mask`, `softmax`,
+`mix_values`): `chunked_attention` (queries a chunk at a time) for any mask: causal, left-padded, queries
+that are a suffix of the keys (the sweeps' causal-suffix reuse) and arbitrary masks; `causal_attention` (a
+sequence over itself, one head at a time, each chunk of queries against the keys up to its last query) for
+causal, left-padded and random lower-triangular masks; with the sequence a multiple of the chunk, ragged, or
+shorter than one chunk. A forward that keeps only resid_post (fused path) agrees with one that keeps the
+pattern (reference path), never holds a [seq, key] float array, and skips the keys after each chunk."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tinygpt
-from tinygpt.model import (ATTENTION_CHUNK, apply_mask, attention_scores, causal_mask, chunked_attention,
-                           mix_values, softmax)
+from tinygpt.model import (ATTENTION_CHUNK, apply_mask, attention_scores, causal_attention, causal_mask,
+                           chunked_attention, mix_values, softmax)
 from random_weights import random_params
 
 BATCH, HEAD, D_HEAD = 2, 3, 8
@@ -41,8 +43,10 @@ def make_mask(kind, seed, seq, keys):
     if kind == "padded":  # row 1 left-padded by 0 to keys - 1 positions, row 0 not at all
         attention_mask[1, : rng.integers(keys)] = 0
     mask = np.asarray(causal_mask(jnp.asarray(attention_mask)))[:, :, keys - seq :]
-    if kind == "random":  # any mask at all, as long as each query sees at least itself
+    if kind in ("random", "random causal"):  # any mask at all, as long as each query sees at least itself
         mask = rng.random((BATCH, 1, seq, keys)) < 0.5
+        if kind == "random causal":  # ... and no key after it
+            mask &= np.arange(keys)[None, :] <= keys - seq + np.arange(seq)[:, None]
         mask[:, :, np.arange(seq), keys - seq + np.arange(seq)] = True
     return jnp.asarray(mask)
 
@@ -72,14 +76,38 @@ def test_chunked_equals_reference_every_shape(seq, keys, kind):
                                atol=1e-6, rtol=0)
 
 
-def test_chunked_equals_reference_bfloat16():
-    """16-bit inputs on the CPU take the chunked path too: scores and softmax in float32, products in bf16."""
+@pytest.mark.parametrize("attention", [chunked_attention, causal_attention])
+def test_fused_equals_reference_bfloat16(attention):
+    """16-bit inputs on the CPU take the fused paths too: scores and softmax in float32, products in bf16."""
     q, k, v = random_qkv(0, 11, 11, jnp.bfloat16)
     mask = make_mask("padded", 0, 11, 11)
-    got = chunked_attention(q, k, v, mask, chunk=CHUNK)
+    got = attention(q, k, v, mask, chunk=CHUNK)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), reference(q, k, v, mask).astype(jnp.float32),
                                atol=2e-2, rtol=0)
+
+
+# A sequence over itself: a multiple of the chunk, ragged, shorter than a chunk, one position
+SQUARE = [8, 11, 3, 1, 13]
+CAUSAL_MASKS = ["causal", "padded", "random causal"]
+
+
+@given(seed=st.integers(0, 2**32 - 2), seq=st.sampled_from(SQUARE), kind=st.sampled_from(CAUSAL_MASKS))
+def test_causal_equals_reference(seed, seq, kind):
+    q, k, v = random_qkv(seed, seq, seq)
+    mask = make_mask(kind, seed, seq, seq)
+    got = causal_attention(q, k, v, mask, chunk=CHUNK)
+    assert got.shape == q.shape
+    np.testing.assert_allclose(got, reference(q, k, v, mask), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seq", SQUARE)
+@pytest.mark.parametrize("kind", CAUSAL_MASKS)
+def test_causal_equals_reference_every_shape(seq, kind):
+    q, k, v = random_qkv(seq, seq, seq)
+    mask = make_mask(kind, seq + 1, seq, seq)
+    np.testing.assert_allclose(causal_attention(q, k, v, mask, chunk=CHUNK), reference(q, k, v, mask),
+                               atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -126,3 +154,16 @@ def test_fused_forward_never_holds_seq_by_key_scores(inputs, keep, holds_pattern
         params, tokens, attention_mask).jaxpr
     square = [s for s in _float_shapes(jaxpr) if list(s).count(SEQ) >= 2]
     assert bool(square) == holds_pattern, square
+
+
+def test_fused_forward_skips_the_keys_after_each_chunk(inputs):
+    """On CPU the forward's fused path is `causal_attention`: its first chunk of queries scores only the
+    keys up to its last query, [chunk, chunk], and no float of the whole forward has a [chunk, seq] shape."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("on GPUs the fused path is jax.nn.dot_product_attention")
+    params, tokens, attention_mask = inputs
+    jaxpr = jax.make_jaxpr(lambda p, t, m: tinygpt.forward(p, t, CONFIG, attention_mask=m, keep=("resid_post",)))(
+        params, tokens, attention_mask).jaxpr
+    shapes = {tuple(s[-2:]) for s in _float_shapes(jaxpr) if len(s) >= 2}
+    assert (ATTENTION_CHUNK, ATTENTION_CHUNK) in shapes
+    assert (ATTENTION_CHUNK, SEQ) not in shapes
