@@ -229,7 +229,7 @@ class NeuronStudy:
     value: float | None
     activation: np.ndarray  # [batch, seq] its activation (mlp_post) without the edit
     change: OutputChange  # the output distribution with the edit vs without
-    direct_logits: np.ndarray  # [vocab] its output direction through the unembedding, W_out[neuron] @ wte.T
+    direct_logits: np.ndarray  # [vocab] its output direction through the unembedding, W_out[neuron] @ W_U (wte.T)
 
 
 def neuron_study(params, tokens, config: Config, layer: int, neuron: int, *, action: str = "ablate",
@@ -251,8 +251,9 @@ def neuron_study(params, tokens, config: Config, layer: int, neuron: int, *, act
     edited = replaced_forward(params, tokens, config, "mlp_post", source, where, layer_mask(layer, config),
                               attention_mask=attention_mask, keep=("logits",)).logits
     direction = params["blocks"]["W_out"][layer, neuron]  # [d_model]
+    W_U = params["W_U"] if "W_U" in params else params["wte"].T  # [d_model, vocab]
     return NeuronStudy(layer, int(neuron), action, value, np.asarray(clean.mlp_post[layer, :, :, neuron]),
-                       output_change(clean.logits, edited, position=position), np.asarray(params["wte"] @ direction))
+                       output_change(clean.logits, edited, position=position), np.asarray(direction @ W_U))
 
 
 # ------------------------------------------------------------------------------------------------- sweeps

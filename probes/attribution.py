@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.model import forward
 
-from .transforms import center, forward, unembedding_bias, unembedding_matrix
+from .transforms import center, unembedding_bias, unembedding_matrix
 
 f32 = jnp.float32
 
@@ -127,11 +128,22 @@ def _attribute(params, tokens, attention_mask, target, baseline, position, confi
     return contributions, logit_bias_term(params, target, baseline), logit, scale[:, 0]
 
 
+def check_read(config: Config, seq: int, position: int, target: int, baseline: int | None) -> None:
+    """Raise ValueError for a position outside the sequence or a token id outside the vocabulary (inside jit
+    an index out of range is silently clamped: position 7 of 5 tokens would read position 4)."""
+    if not -seq <= position < seq:
+        raise ValueError(f"position {position} is outside a sequence of {seq} tokens")
+    for name, token in (("target", target), ("baseline", baseline)):
+        if token is not None and not 0 <= token < config.vocab_size:
+            raise ValueError(f"{name} token id {token} is outside the vocabulary [0, {config.vocab_size})")
+
+
 def direct_logit_attribution(params, config: Config, tokens, target: int, *, baseline: int | None = None,
                              position: int = -1, attention_mask=None) -> Attribution:
     """Each component's direct contribution to the logit of `target` (or target - baseline) at `position`
     of every sequence in tokens [batch, seq], through the final LayerNorm with its scale frozen."""
     tokens = jnp.asarray(tokens)
+    check_read(config, tokens.shape[1], position, target, baseline)
     contributions, bias_term, logit, scale = _attribute(params, tokens, attention_mask, target, baseline,
                                                         position, config)
     labels, layers, heads = component_labels(config)
@@ -177,6 +189,7 @@ def neuron_attribution(params, config: Config, tokens, layer: int, target: int, 
     at `position`, with the final LayerNorm scale frozen as in `direct_logit_attribution`."""
     if not 0 <= layer < config.n_layer:
         raise ValueError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
+    check_read(config, jnp.shape(tokens)[1], position, target, baseline)
     neurons, activations, bias, total = _attribute_neurons(params, jnp.asarray(tokens), attention_mask, layer,
                                                            target, baseline, position, config)
     return NeuronAttribution(layer=layer, neurons=np.asarray(neurons), activations=np.asarray(activations),

@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 
 from tinygpt.config import Config
-from tinygpt.model import forward, ln_apply, ln_scale
+from tinygpt.model import forward, ln_apply, ln_scale, unembed
 
 f32 = jnp.float32
 
@@ -37,9 +37,9 @@ def final_layer_norm(params, resid, config: Config):
 
 
 def lens_logits(params, resid, config: Config):
-    """The logit lens, ln_f(h) @ wte.T, in float32.  resid [..., d_model] -> [..., vocab]"""
-    normalized = final_layer_norm(params, resid, config)  # [..., d_model]
-    return jnp.einsum("...m,vm->...v", normalized, params["wte"], preferred_element_type=f32)
+    """The logit lens, ln_f(h) @ W_U (wte.T, or the explicit W_U + b_U of transformed params), in float32.
+    resid [..., d_model] -> [..., vocab]"""
+    return unembed(final_layer_norm(params, resid, config), params)
 
 
 def kl_divergence(final_log_probs, lens_log_probs):

@@ -9,7 +9,8 @@ Intrinsic dimension, two ways:
   distributed, F(mu) = 1 - mu^-d, so -log(1 - F(mu)) = d log mu. `method="fit"` (the default, as in the
   paper): the least-squares slope through the origin of -log(1 - F_empirical(mu_i)) against log(mu_i), with
   the 10% largest mu discarded (the tail is dominated by noise and sparse regions). `method="mle"`: the
-  maximum-likelihood estimate d = (N - 1) / sum_i log(mu_i). Duplicate points (r1 = 0) are dropped first.
+  maximum-likelihood estimate with its small-sample bias removed, d = (N - 1) / sum_i log(mu_i) (the plain
+  MLE is N / sum_i log(mu_i)). Duplicate points (r1 = 0) are dropped first.
 - PCA participation ratio: (sum_i lambda_i)^2 / sum_i lambda_i^2 over the covariance eigenvalues, the number
   of directions the variance is spread over (k for an isotropic Gaussian in k dims). Linear: it counts the
   dimensions of the flat space the points span, where TwoNN measures the local dimension of a curved one.
@@ -39,28 +40,24 @@ from .harvest import embed_tokens
 # ------------------------------------------------------------------------------------- intrinsic dimension
 
 
-@functools.partial(jax.jit, static_argnames="block")
-def _two_nearest(points, block: int = 512):
-    """Distances from every point to its two nearest other points, a block of rows at a time.
-    points [n, d] -> [n, 2]"""
-    n = points.shape[0]
+def _two_nearest(points, block: int = 1024) -> np.ndarray:
+    """Distances from every point to its two nearest other points, a block of rows at a time, in float64.
+    The neighbours are found with the squared distance |a|^2 + |b|^2 - 2 a.b, which in float32 cancels
+    badly when the points lie far from the origin compared with their spacing (a few residual vectors with
+    massive activations: distances off by 2-4x); in float64 it picks them reliably, and their distances
+    are then measured as |a - b|.  points [n, d] -> [n, 2]"""
+    points = np.asarray(points, np.float64)
+    n = len(points)
     squared_norms = (points**2).sum(-1)  # [n]
-    padded = jnp.pad(points, ((0, (-n) % block), (0, 0)))  # [n_blocks * block, d]
-
-    def nearest_two(start):
-        rows = jax.lax.dynamic_slice_in_dim(padded, start, block)  # [block, d]
-        row_norms = (rows**2).sum(-1)  # [block]
-        squared = row_norms[:, None] + squared_norms[None, :] - 2 * rows @ points.T  # [block, n]
-        is_self = (start + jnp.arange(block))[:, None] == jnp.arange(n)[None, :]
-        squared = jnp.where(is_self, jnp.inf, jnp.maximum(squared, 0.0))
-        nearest = squared.argmin(-1)  # [block]
-        first = jnp.take_along_axis(squared, nearest[:, None], axis=-1)  # [block, 1]
-        without_nearest = jnp.where(jnp.arange(n)[None, :] == nearest[:, None], jnp.inf, squared)
-        second = without_nearest.min(-1, keepdims=True)  # [block, 1]
-        return jnp.sqrt(jnp.concatenate([first, second], axis=-1))
-
-    starts = jnp.arange(0, padded.shape[0], block)
-    return jax.lax.map(nearest_two, starts).reshape(-1, 2)[:n]
+    distances = np.empty((n, 2))
+    for start in range(0, n, block):
+        rows = points[start:start + block]  # [block, d]
+        squared = squared_norms[start:start + block, None] + squared_norms[None, :] - 2 * rows @ points.T
+        squared[np.arange(len(rows)), start + np.arange(len(rows))] = np.inf  # not its own neighbour
+        nearest = np.argpartition(squared, 1, axis=-1)[:, :2]  # [block, 2] the two nearest, in any order
+        exact = np.sqrt(((rows[:, None, :] - points[nearest]) ** 2).sum(-1))  # [block, 2]
+        distances[start:start + block] = np.sort(exact, axis=-1)
+    return distances
 
 
 def neighbour_ratios(points) -> np.ndarray:
@@ -69,7 +66,7 @@ def neighbour_ratios(points) -> np.ndarray:
     if len(points) < 3:
         raise ValueError(f"TwoNN needs at least 3 distinct points, got {len(points)}")
     centred = points - points.mean(0)  # distances are shift-invariant; centring keeps float32 precise
-    r = np.asarray(_two_nearest(jnp.asarray(centred)), np.float64)  # [n, 2]
+    r = _two_nearest(centred)  # [n, 2]
     r1, r2 = r[:, 0], r[:, 1]
     keep = r1 > 0  # still coincident after rounding: no ratio
     return r2[keep] / r1[keep]

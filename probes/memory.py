@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
-from tinygpt.model import causal_mask, run_blocks
+from tinygpt.model import causal_mask, forward, run_blocks
 
-from .transforms import center, forward, unembedding_matrix
+from .transforms import center, unembedding_matrix
 
 f32 = jnp.float32
 

@@ -113,7 +113,7 @@ def patching_scores(params, base, source_tokens, layers, answer, wrong, *, confi
     """(values [layer, unit], clean metric, corrupt metric): traceable; see `patching_sweep`."""
     source_trace = forward(params, source_tokens, config, keep=(site, "ln_final"))
     source = source_trace[site]  # [layer, batch, ...]
-    source_logits = unembed(source_trace.ln_final[:, [position]], params["wte"])[:, 0]  # [batch, vocab]
+    source_logits = unembed(source_trace.ln_final[:, [position]], params)[:, 0]  # [batch, vocab]
     cache = cache_run(params, base, config, z=starts_from_z([site]))
     base_logit = base_logits(params, cache, read=(position,))[:, 0]  # [batch, vocab]
     clean_logits, corrupt_logits = ((source_logits, base_logit) if direction == "denoise"
@@ -208,7 +208,7 @@ def attribution_scores(params, base, source_tokens, answer, wrong, *, config: Co
                        position: int, direction: str):
     """(elements {site: [layer, ...]}, base metric, source metric): traceable; see `attribution_patching`."""
     source_trace = forward(params, source_tokens, config, keep=sites + ("ln_final",))
-    source_logits = unembed(source_trace.ln_final[:, [position]], params["wte"])[:, 0]  # [batch, vocab]
+    source_logits = unembed(source_trace.ln_final[:, [position]], params)[:, 0]  # [batch, vocab]
     base_trace = forward(params, base, config, keep=sites)
     clean_logits = source_logits if direction == "denoise" else None
 
@@ -216,7 +216,7 @@ def attribution_scores(params, base, source_tokens, answer, wrong, *, config: Co
         """The metric of the base run with deltas added at every site (zero deltas: the base run)."""
         edits = {site: (lambda value, layer, site=site: value + deltas[site][layer]) for site in sites}
         trace = forward(params, base, config, edits=edits, keep=("ln_final",))
-        logits = unembed(trace.ln_final[:, [position]], params["wte"])[:, 0]  # [batch, vocab]
+        logits = unembed(trace.ln_final[:, [position]], params)[:, 0]  # [batch, vocab]
         reference = logits if clean_logits is None else clean_logits
         return metrics.metric(metric, logits, answer=answer, wrong=wrong,
                               reference=jax.lax.stop_gradient(reference)).mean()

@@ -95,7 +95,7 @@ def trace_scores(params, tokens, noise, answer, *, config: Config, subject: tupl
     """(scores {kind: [layer, seq]}, clean P(answer), corrupted P(answer)): traceable; see `causal_trace`."""
     samples, seq = noise.shape[0], tokens.shape[0]
     clean = forward(params, tokens[None], config, keep=kinds + ("ln_final",))
-    clean_logits = unembed(clean.ln_final[:, -1:], params["wte"])[:, 0]  # [1, vocab]
+    clean_logits = unembed(clean.ln_final[:, -1:], params)[:, 0]  # [1, vocab]
     corrupt_tokens = jnp.broadcast_to(tokens, (samples, seq))
     cache = cache_run(params, corrupt_tokens, config, edits={"embed": noise_edit(noise, subject, seq)},
                       z=starts_from_z(kinds))

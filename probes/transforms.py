@@ -6,9 +6,9 @@ the unembedding as a matrix of its own, so they first *untie* it: the returned p
     W_U [d_model, vocab]   the unembedding (initially wte.T, a copy)
     b_U [vocab]            its bias (initially zero)
 
-next to the engine's keys. The engine's forward ignores extra keys and would still unembed with wte, so
-run transformed params through `forward` below (the engine's forward, logits from W_U and b_U). The
-transforms are for reading weights and traces; `tinygpt.generate` does not know W_U.
+next to the engine's keys. The engine unembeds through them whenever params carry them
+(`tinygpt.model.unembed`), so `tinygpt.forward`, `generate`, the sweeps and every probe run transformed
+params as they are.
 
 fold_layer_norm
     A LayerNorm is ln(x) = n(x) * w + b with n(x) = (x - mean(x)) / sqrt(var(x) + eps). Whatever reads
@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-import tinygpt
 from tinygpt.params import Params
-from tinygpt.trace import normalize_edits, normalize_keep
 
 f32 = jnp.float32
 
@@ -121,28 +119,3 @@ def center_unembedding(params: Params) -> Params:
     params = untie_unembedding(params)
     W_U, b_U = params["W_U"], params["b_U"]
     return {**params, "W_U": W_U - W_U.mean(axis=-1, keepdims=True), "b_U": b_U - b_U.mean()}
-
-
-def forward(params: Params, tokens, config, *, edits=None, attention_mask=None, keep=None) -> tinygpt.Trace:
-    """`tinygpt.forward` for params with an explicit unembedding: logits = ln_final @ W_U + b_U (float32).
-    Same arguments and Trace; edits at "logits" are applied to these logits. Params without W_U run the
-    engine's forward unchanged."""
-    if "W_U" not in params:
-        return tinygpt.forward(params, tokens, config, edits=edits, attention_mask=attention_mask, keep=keep)
-    keep = normalize_keep(keep)
-    edits = normalize_edits(edits)
-    logit_edits = edits.pop("logits", ())
-    wants_logits = "logits" in keep or bool(logit_edits)
-    engine_keep = (keep - {"logits"}) | ({"ln_final"} if wants_logits else set())
-    trace = tinygpt.forward(params, tokens, config, edits=edits, attention_mask=attention_mask, keep=engine_keep)
-    if not wants_logits:
-        return trace
-    ln_final = trace.ln_final  # [batch, seq, d_model]
-    logits = jnp.einsum("bsm,mv->bsv", ln_final, params["W_U"], preferred_element_type=f32)
-    logits = logits + params["b_U"].astype(f32)  # [batch, seq, vocab]
-    for fn in logit_edits:
-        logits = jnp.asarray(fn(logits, None), f32)
-    return trace.replace(
-        logits=logits if "logits" in keep else None,
-        ln_final=ln_final if "ln_final" in keep else None,
-    )

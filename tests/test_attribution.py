@@ -94,3 +94,20 @@ def test_folded_params_give_the_same_attribution():
     np.testing.assert_allclose(after.contributions, original.contributions, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(after.bias_term, original.bias_term, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(after.logit, original.logit, rtol=1e-4, atol=1e-4)
+
+
+def test_a_position_or_token_out_of_range_is_named():
+    """Inside jit an out-of-range index is clamped: position SEQ would silently read position SEQ - 1."""
+    import pytest
+
+    params, tokens = random_params(8), random_tokens(8)
+    for call in (lambda **kw: direct_logit_attribution(params, CFG, tokens, **kw),
+                 lambda **kw: neuron_attribution(params, CFG, tokens, 0, **kw)):
+        with pytest.raises(ValueError, match=f"position {SEQ} is outside a sequence of {SEQ} tokens"):
+            call(target=3, position=SEQ)
+        with pytest.raises(ValueError, match=f"position {-SEQ - 1} is outside"):
+            call(target=3, position=-SEQ - 1)
+        with pytest.raises(ValueError, match=f"target token id {CFG.vocab_size} is outside the vocabulary"):
+            call(target=CFG.vocab_size)
+        with pytest.raises(ValueError, match="baseline token id -1 is outside"):
+            call(target=3, baseline=-1)

@@ -56,6 +56,24 @@ def test_pair_probability_is_exact(d, eps):
     assert p <= 2 * math.exp(-d * eps**2 / 2)  # the Gaussian tail bound behind the JL estimate
 
 
+@pytest.mark.parametrize("d, eps", [(768, 0.5), (768, math.sqrt(0.5)), (4096, math.sin(math.radians(20)))])
+def test_pair_probability_deep_in_the_tail(d, eps):
+    """Far below float32's range (where a float32 incomplete beta returned 0 and the birthday estimate inf):
+    log P(|cos| > eps) = log(2 int_eps^1 (1 - t^2)^((d - 3) / 2) dt / B(1/2, (d - 1) / 2)), integrated here
+    in log space with the trapezoid rule."""
+    t = np.linspace(eps, 1.0, 400_001)
+    log_integrand = (d - 3) / 2 * np.log1p(-np.minimum(t**2, 1 - 1e-300))
+    weights = np.full_like(t, t[1] - t[0])
+    weights[[0, -1]] /= 2
+    terms = log_integrand + np.log(weights)
+    log_integral = terms.max() + np.log(np.exp(terms - terms.max()).sum())
+    log_beta = math.lgamma(0.5) + math.lgamma((d - 1) / 2) - math.lgamma(d / 2)
+    p = geometry.pair_beyond_probability(d, eps)
+    assert 0 < p < 1e-40
+    assert math.log(p) == pytest.approx(math.log(2) + log_integral - log_beta, rel=1e-4)
+    assert math.isfinite(geometry.birthday_estimate(d, eps))
+
+
 def test_first_violation():
     basis = np.eye(10)
     assert geometry.first_violation(basis, 0.1) == 10

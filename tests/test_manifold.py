@@ -50,6 +50,24 @@ def test_two_nn_ignores_duplicates_and_rejects_degenerate_input():
         manifold.two_nn_dimension(points, method="pca")
 
 
+def brute_force_two_nearest(points):
+    """Exact distances to the two nearest other points, in float64.  [n, d] -> [n, 2]"""
+    points = np.asarray(points, np.float64)
+    distances = np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1))
+    np.fill_diagonal(distances, np.inf)
+    return np.sort(distances, axis=-1)[:, :2]
+
+
+def test_neighbour_distances_are_exact_far_from_the_origin():
+    """A few points far out (as residual vectors with massive activations are): |a|^2 + |b|^2 - 2 a.b in
+    float32 cancels there and gave distances off by up to 4x; the chosen neighbours' distances are exact."""
+    points = manifold.linear_subspace(600, 3, 40, seed=5)
+    far = points[:40] + 3000.0 * np.eye(40)[0]  # 40 of them moved 3000 along one axis
+    cloud = np.concatenate([points, far]).astype(np.float32)
+    got = manifold._two_nearest(cloud - cloud.mean(0))
+    np.testing.assert_allclose(got, brute_force_two_nearest(cloud), rtol=1e-4)
+
+
 @pytest.mark.parametrize("k", [1, 4, 12])
 def test_participation_ratio_counts_isotropic_dimensions(k):
     points = manifold.linear_subspace(4000, k, 30, seed=k)

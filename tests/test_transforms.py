@@ -15,7 +15,7 @@ from test_lens import CFG, KEEP, random_params, random_tokens, seeds
 
 
 def run(params, tokens):
-    return transforms.forward(params, tokens, CFG, keep=KEEP)
+    return tinygpt.forward(params, tokens, CFG, keep=KEEP)
 
 
 @settings(max_examples=5)
@@ -72,14 +72,14 @@ def test_center_unembedding_shifts_each_positions_logits_by_their_mean(seed):
     assert np.abs(original.mean(-1)).max() > 1e-3  # a real shift, not zero by accident
 
 
-def test_untied_params_run_like_the_engine_and_logit_edits_apply():
+def test_untied_params_run_like_tied_ones_and_logit_edits_apply():
     params, tokens = random_params(3), random_tokens(3)
     untied = transforms.untie_unembedding(params)
     assert untied["W_U"].shape == (CFG.d_model, CFG.vocab_size) and untied["b_U"].shape == (CFG.vocab_size,)
     assert transforms.untie_unembedding(untied) is untied
     original = tinygpt.forward(params, tokens, CFG, keep=KEEP)
     np.testing.assert_allclose(run(untied, tokens).logits, original.logits, rtol=1e-5, atol=1e-5)
-    shift = jax.jit(lambda p, t: transforms.forward(p, t, CFG, keep=("logits",), edits={"logits": lambda x, _: x + 1}))
+    shift = jax.jit(lambda p, t: tinygpt.forward(p, t, CFG, keep=("logits",), edits={"logits": lambda x, _: x + 1}))
     shifted = shift(untied, tokens)
     np.testing.assert_allclose(shifted.logits, original.logits + 1.0, rtol=1e-5, atol=1e-5)
     assert shifted.kept() == ("logits",)
@@ -95,3 +95,42 @@ def test_unembedding_matrix_and_bias_give_the_logits_from_normalised_residual():
         np.testing.assert_allclose(logits, trace.logits, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(transforms.unembedding_bias(params),
                                jnp.asarray(params["wte"]) @ params["lnf_b"], rtol=1e-5, atol=1e-6)
+
+
+def test_every_path_unembeds_through_an_explicit_unembedding():
+    """Folded and centered params carry W_U, b_U; generation, the sweeps, the lens and the SAE loss give the
+    original model's answers on them (before, paths that unembedded with wte.T were silently wrong)."""
+    from probes import ablation, lens, sae
+
+    params, tokens = random_params(5), random_tokens(5)
+    transformed = transforms.center_writing_weights(transforms.fold_layer_norm(params))
+    assert "W_U" in transformed
+    original = tinygpt.generate(params, CFG, tokens[:, :6], 5, temperature=0.0, return_logits=True)
+    same = tinygpt.generate(transformed, CFG, tokens[:, :6], 5, temperature=0.0, return_logits=True)
+    np.testing.assert_array_equal(same.tokens, original.tokens)
+    np.testing.assert_allclose(same.logits, original.logits, rtol=1e-4, atol=1e-4)
+    answer = tokens[:, -1]
+    expected = ablation.ablation_sweep(params, tokens, CFG, answer=answer)  # unembeds the read position only
+    sweep = ablation.ablation_sweep(transformed, tokens, CFG, answer=answer)
+    np.testing.assert_allclose(sweep.values, expected.values, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sweep.baseline, expected.baseline, rtol=1e-4, atol=1e-4)
+    lens_original = lens.logit_lens(params, CFG, tokens, target=tokens)
+    lens_transformed = lens.logit_lens(transformed, CFG, tokens, target=tokens)
+    np.testing.assert_allclose(lens_transformed.target_probs, lens_original.target_probs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sae.next_token_loss(transformed, tokens, CFG), sae.next_token_loss(params, tokens, CFG),
+                               rtol=1e-5, atol=1e-5)
+    # the centered unembedding moves every logit of a position by one constant: log-probs are unchanged
+    centered = transforms.center_unembedding(transformed)
+    np.testing.assert_allclose(sae.next_token_loss(centered, tokens, CFG), sae.next_token_loss(params, tokens, CFG),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_an_explicit_unembedding_is_checked_whole():
+    from tinygpt.params import check_params
+
+    params = transforms.untie_unembedding(random_params(6))
+    check_params(params, CFG)
+    with np.testing.assert_raises_regex(ValueError, "missing 'b_U'"):
+        check_params({k: v for k, v in params.items() if k != "b_U"}, CFG)
+    with np.testing.assert_raises_regex(ValueError, r"\['W_U'\] has shape \(61, 24\)"):
+        check_params({**params, "W_U": params["W_U"].T}, CFG)

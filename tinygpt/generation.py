@@ -421,7 +421,7 @@ def _prefill(params, tokens, attention_mask, config, edits, keep, room):
     if full_logits:
         first_logits = prompt.logits[:, -1]
     else:
-        first_logits = unembed(prompt.ln_final[:, -1:], params["wte"])[:, 0]
+        first_logits = unembed(prompt.ln_final[:, -1:], params)[:, 0]
     next_position = positions_from_mask(attention_mask)[:, -1] + 1
     return prompt, cache, first_logits, next_position
 

@@ -201,9 +201,14 @@ def positions_from_mask(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def unembed(x, wte):
-    """Logits through the tied unembedding wte.T, in float32.  x [..., d_model] -> [..., vocab]"""
-    return jnp.einsum("...m,vm->...v", x, wte, preferred_element_type=f32)
+def unembed(x, params: Params):
+    """Logits in float32 through the unembedding: x @ wte.T (GPT-2 ties it to the token embedding), or
+    x @ W_U + b_U for params that carry an explicit one (`probes.transforms` unties it to fold or center
+    weights).  x [..., d_model] -> [..., vocab]"""
+    if "W_U" in params:
+        logits = jnp.einsum("...m,mv->...v", x, params["W_U"], preferred_element_type=f32)
+        return logits + params["b_U"].astype(f32)
+    return jnp.einsum("...m,vm->...v", x, params["wte"], preferred_element_type=f32)
 
 
 # --------------------------------------------------------------------------------------------------- block
@@ -290,7 +295,7 @@ def final_sites(resid, params, site: SiteRecorder, eps: float):
         ln_final_scale = site("ln_final_scale", ln_scale(resid, eps))
         ln_final = site("ln_final", ln_apply(resid, ln_final_scale, params["lnf_w"], params["lnf_b"]))
         if site.wants("logits"):
-            site("logits", unembed(ln_final, params["wte"]))
+            site("logits", unembed(ln_final, params))
 
 
 # ------------------------------------------------------------------------------------- derived trace sites

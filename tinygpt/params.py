@@ -16,6 +16,11 @@ over them. The unembedding is `wte.T`: tied, never copied.
         },
         "lnf_w": [d_model],             "lnf_b": [d_model],
     }
+
+Optionally an explicit, untied unembedding, which `tinygpt.model.unembed` then uses instead of wte.T (the
+official checkpoints have none; `probes.transforms` makes one to fold or center weights):
+
+        "W_U": [d_model, vocab],        "b_U": [vocab],
 """
 
 from __future__ import annotations
@@ -129,6 +134,9 @@ def check_params(params: Params, config: Config) -> None:
                 )
 
     walk(expected, params, "")
+    if "W_U" in params or "b_U" in params:  # an explicit unembedding comes whole
+        unembedding = {"W_U": (config.d_model, config.vocab_size), "b_U": (config.vocab_size,)}
+        walk(unembedding, params, "")
 
 
 def cast(params: Params, dtype) -> Params:

@@ -92,7 +92,7 @@ def cache_run(params, tokens, config: Config, *, attention_mask=None, edits=None
 def base_logits(params, cache: Cache, *, read=(-1,)):
     """The base run's logits at the `read` positions.  -> [batch, n_read, vocab]"""
     read = read_positions(read, cache.attention_mask.shape[1])
-    return unembed(cache.ln_final[:, read], params["wte"])
+    return unembed(cache.ln_final[:, read], params)
 
 
 # ------------------------------------------------------------------------------------------------ patches
@@ -200,7 +200,7 @@ def patched_forward(params, tokens, config: Config, patches: Patches, *, attenti
     for site, edit in patch_edits(patches, np.arange(seq)).items():
         all_edits[site] = all_edits.get(site, ()) + edit
     trace = forward(params, tokens, config, edits=all_edits, attention_mask=attention_mask, keep=("ln_final",))
-    return unembed(trace.ln_final[:, read], params["wte"])
+    return unembed(trace.ln_final[:, read], params)
 
 
 def block_suffix(resid, p, k_prefix, v_prefix, mask, out_index, site_in: SiteRecorder, site_out: SiteRecorder,
@@ -279,7 +279,7 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
     for edit in final_edits:  # a resid_post patch of the last block: "resid_pre" of layer n_layer
         resid = edit(resid, config.n_layer)  # [batch, n_read, d_model]
     ln_final = ln_apply(resid, ln_scale(resid, eps), params["lnf_w"], params["lnf_b"])  # [batch, n_read, d_model]
-    return unembed(ln_final, params["wte"])  # [batch, n_read, vocab]
+    return unembed(ln_final, params)  # [batch, n_read, vocab]
 
 
 # ------------------------------------------------------------------------------------------------ the sweeps
