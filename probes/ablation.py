@@ -6,7 +6,11 @@ A part is a site at some layers, optionally restricted to heads, neurons (d_mlp)
     zero       0
     mean       its mean over a reference batch: per position (the reference has the prompt's length), or
                over the reference's positions too
-    resample   its value on a reference prompt drawn at random (seeded) for each row
+    resample   its value on a reference prompt drawn at random (seeded) for each row (another row when the
+               reference is the prompt batch itself)
+
+Positions are token positions: in a left-padded batch (`attention_mask`) a selected position and a
+per-position mean or resampled value land on each row's token at that position, not on a slot.
 
 Whole components are sites too: all attention is `attn_out` at every layer, one layer's MLP is `mlp_out` at
 that layer. The residual stream is kept: resid_mid = resid_pre + attn_out, so zeroing attn_out removes only
@@ -40,9 +44,18 @@ SELECTORS = {"heads": "head", "neurons": "d_mlp", "dims": "d_model", "positions"
 # ------------------------------------------------------------------------------------------ what is ablated
 
 
-def site_where(site: str, config: Config, seq: int, **selected) -> jax.Array:
+def token_positions(attention_mask, batch: int, seq: int) -> np.ndarray:
+    """Each slot's position among its row's real tokens, as the position embedding counts them (left padding
+    skipped; padding slots 0).  -> int [batch, seq]"""
+    mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+
+
+def site_where(site: str, config: Config, seq: int, *, attention_mask=None, **selected) -> jax.Array:
     """bool mask of the selected entries of a site's value (without the layer axis): True at the given
     heads / neurons / dims / positions (each a list of indices, or None for all), size 1 on unselected axes.
+    Positions are token positions: in a left-padded batch (`attention_mask` [batch, seq]) each row's real
+    tokens are counted from its first one, so the mask gets a batch axis and padding is never selected.
 
     site_where("z", config, seq, heads=[3])  ->  [1, 1, head, 1], True at head 3"""
     check_site_names([site], "site")
@@ -64,6 +77,14 @@ def site_where(site: str, config: Config, seq: int, **selected) -> jax.Array:
         hot = np.zeros(size, bool)
         hot[indices] = True
         index = shape.index(axis)
+        if axis == "seq" and attention_mask is not None:  # by token position, row by row
+            real = np.asarray(attention_mask).astype(bool)  # [batch, seq]
+            rows = hot[token_positions(attention_mask, *real.shape)] & real  # [batch, seq]
+            batch_index = shape.index("batch")
+            rows = rows.reshape([real.shape[0] if i == batch_index else size if i == index else 1
+                                 for i in range(len(shape))])
+            where = where & jnp.asarray(rows)
+            continue
         where = where & jnp.asarray(hot).reshape([size if i == index else 1 for i in range(len(shape))])
     return where
 
@@ -111,13 +132,17 @@ def replaced_forward(params, tokens, config: Config, site: str, source, where, l
 
 
 def ablation_source(params, config: Config, site: str, method: str, *, seq: int, batch: int, reference=None,
-                    reference_mask=None, per_position: bool = True, seed: int = 0):
+                    reference_mask=None, per_position: bool = True, seed: int = 0, attention_mask=None,
+                    tokens=None):
     """The values an ablation puts in: [layer, batch|1, seq|1, ...] (the site's shape with the layer axis, size
     1 where it broadcasts).
 
     reference        int [ref_batch, ref_seq] token ids (mean and resample)
     reference_mask   [ref_batch, ref_seq] 1 real, 0 (left) padding: means over positions skip the padding
-    per_position     mean per position (ref_seq must equal seq) or over the reference's positions too"""
+    per_position     mean per position (ref_seq must equal seq) or over the reference's positions too
+    attention_mask   the prompts' [batch, seq] left padding: a real token at position j of its row gets the
+                     reference's values at position j (not at its slot)
+    tokens           the prompts [batch, seq]: resampling the prompt batch itself never gives a row itself"""
     check_patch_site(site)
     if method not in METHODS:
         raise ValueError(f"unknown ablation method {method!r}; choose one of {', '.join(METHODS)}")
@@ -133,14 +158,36 @@ def ablation_source(params, config: Config, site: str, method: str, *, seq: int,
         raise ValueError(f"{method} ablation{' per position' if method == 'mean' else ''} of {site!r} needs "
                          f"unpadded reference prompts of the prompt's length {seq}, got length {reference.shape[1]}"
                          + (" (or take the mean over positions: per_position=False)" if method == "mean" else ""))
+    if aligned and attention_mask is not None and "key" in SITES[site].shape:
+        raise ValueError(f"{method} ablation of {site!r} in a left-padded batch: its key axis would need the "
+                         "reference's keys moved row by row; ablate unpadded prompts of equal length")
     values = forward(params, reference, config, attention_mask=reference_mask, keep=(site,))[site]
     if method == "resample":
-        rows = jax.random.randint(jax.random.PRNGKey(seed), (batch,), 0, reference.shape[0])
-        return values[:, rows]  # [layer, batch, seq, ...]
+        n = reference.shape[0]
+        if tokens is not None and np.array_equal(np.asarray(reference), np.asarray(tokens)) and n > 1:
+            # the prompt batch resampled from itself: row b draws among the other rows
+            offsets = jax.random.randint(jax.random.PRNGKey(seed), (batch,), 1, n)
+            rows = (jnp.arange(batch) + offsets) % n
+        else:
+            rows = jax.random.randint(jax.random.PRNGKey(seed), (batch,), 0, n)
+        return at_token_positions(values[:, rows], site, attention_mask)  # [layer, batch, seq, ...]
     if per_position:
-        return values.mean(axis=1, keepdims=True)  # [layer, 1, seq, ...]
+        return at_token_positions(values.mean(axis=1, keepdims=True), site, attention_mask)  # [layer, 1|batch, seq, ...]
     mask = jnp.ones(reference.shape) if reference_mask is None else reference_mask
     return mean_over_tokens(values, mask, 1 + SITES[site].shape.index("seq"))  # [layer, 1, 1, ...]
+
+
+def at_token_positions(values, site: str, attention_mask):
+    """Per-position values [layer, batch|1, seq, ...] moved so that each row's real token at position j (its
+    slot shifted by the row's left padding) gets the values of position j.  -> [layer, batch, seq, ...]"""
+    if attention_mask is None:
+        return values
+    batch, seq = np.shape(attention_mask)
+    seq_axis = 1 + SITES[site].shape.index("seq")
+    values = jnp.broadcast_to(values, (values.shape[0], batch) + values.shape[2:])
+    index = token_positions(attention_mask, batch, seq).reshape(
+        [batch if i == 1 else seq if i == seq_axis else 1 for i in range(values.ndim)])
+    return jnp.take_along_axis(values, jnp.asarray(np.broadcast_to(index, values.shape)), axis=seq_axis)
 
 
 def mean_over_tokens(values, mask, seq_axis: int):
@@ -155,22 +202,24 @@ def mean_over_tokens(values, mask, seq_axis: int):
 
 def ablation_edits(params, tokens, config: Config, site: str, *, layers=None, heads=None, neurons=None, dims=None,
                    positions=None, method: str = "zero", reference=None, reference_mask=None,
-                   per_position: bool = True, seed: int = 0):
+                   per_position: bool = True, seed: int = 0, attention_mask=None):
     """{site: edit} ablating the selected part of `site` at `layers` (None: all), for `forward` on `tokens`
-    (e.g. combined with other edits)."""
+    (with the same `attention_mask`; e.g. combined with other edits)."""
     source, where, mask = ablation_arrays(params, tokens, config, site, layers=layers, heads=heads, neurons=neurons,
                                           dims=dims, positions=positions, method=method, reference=reference,
-                                          reference_mask=reference_mask, per_position=per_position, seed=seed)
+                                          reference_mask=reference_mask, per_position=per_position, seed=seed,
+                                          attention_mask=attention_mask)
     return {site: replace_edit(source, where, mask)}
 
 
 def ablation_arrays(params, tokens, config: Config, site: str, *, layers, method, reference, reference_mask,
-                    per_position, seed, **selected):
+                    per_position, seed, attention_mask=None, **selected):
     """(source, where, layer mask) of an ablation (see `replaced_forward`)."""
     batch, seq = np.shape(tokens)
-    where = site_where(site, config, seq, **selected)
+    where = site_where(site, config, seq, attention_mask=attention_mask, **selected)
     source = ablation_source(params, config, site, method, seq=seq, batch=batch, reference=reference,
-                             reference_mask=reference_mask, per_position=per_position, seed=seed)
+                             reference_mask=reference_mask, per_position=per_position, seed=seed,
+                             attention_mask=attention_mask, tokens=tokens)
     return source, where, layer_mask(layers, config)
 
 
@@ -180,7 +229,8 @@ def ablate(params, tokens, config: Config, site: str, *, layers=None, heads=None
     """The forward on `tokens` with the selected part of `site` ablated (see the module doc).  -> Trace"""
     source, where, mask = ablation_arrays(params, tokens, config, site, layers=layers, heads=heads, neurons=neurons,
                                           dims=dims, positions=positions, method=method, reference=reference,
-                                          reference_mask=reference_mask, per_position=per_position, seed=seed)
+                                          reference_mask=reference_mask, per_position=per_position, seed=seed,
+                                          attention_mask=attention_mask)
     keep = keep if isinstance(keep, str) else tuple(keep)
     return replaced_forward(params, jnp.asarray(tokens), config, site, source, where, mask,
                             attention_mask=attention_mask, keep=keep)
@@ -243,7 +293,8 @@ def neuron_study(params, tokens, config: Config, layer: int, neuron: int, *, act
         raise ValueError(f"neuron action {action!r} needs a value")
     tokens = jnp.asarray(tokens)
     layer = int(layer_list(layer, config)[0])
-    where = site_where("mlp_post", config, tokens.shape[1], neurons=[neuron], positions=positions)
+    where = site_where("mlp_post", config, tokens.shape[1], neurons=[neuron], positions=positions,
+                       attention_mask=attention_mask)
     clean = forward(params, tokens, config, attention_mask=attention_mask, keep=("mlp_post", "logits"))
     # the layer's input is unchanged, so its edited activation is a function of the clean one
     source = {"ablate": jnp.zeros_like(clean.mlp_post), "scale": clean.mlp_post * (value or 0.0),
@@ -317,8 +368,12 @@ def ablation_sweep(params, tokens, config: Config, *, site: str = "z", axis: str
     units = np.arange(size) if units is None else np.atleast_1d(np.asarray(units, np.int64))
     if units.size == 0 or units.min() < 0 or units.max() >= size:
         raise ValueError(f"units {units.tolist()} out of range for {axis} of size {size}")
+    if axis == "seq" and attention_mask is not None and not np.all(np.asarray(attention_mask)):
+        raise ValueError("a sweep over positions of a left-padded batch would ablate slots, which are different "
+                         "token positions in different rows; sweep unpadded prompts of equal length")
     source = ablation_source(params, config, site, method, seq=seq, batch=batch, reference=reference,
-                             reference_mask=reference_mask, per_position=per_position, seed=seed)
+                             reference_mask=reference_mask, per_position=per_position, seed=seed,
+                             attention_mask=attention_mask, tokens=tokens)
     values, baseline = compiled_unit_sweep(
         params, tokens, attention_mask, source, layers, units, _ids(answer), _ids(wrong), config=config,
         site=site, axis=axis, metric=metric, position=position, chunk_size=chunk_size)

@@ -198,3 +198,61 @@ def test_cli_ablate_errors_are_one_line(capsys):
     assert code == 2 and err.count("\n") == 1 and "--heads 7 is out of range" in err
     code = main(["ablate", "--model", MODEL_DIR, "--tokens", "1,2,3", "--method", "mean"])
     assert code == 2 and "needs --reference" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- left padding
+
+PAD = 2  # row 1 of the padded batch is TOKENS[1, PAD:] after PAD padding slots
+
+
+def padded_batch():
+    tokens = TOKENS.copy()
+    tokens[1, :PAD] = 0
+    mask = np.ones_like(tokens)
+    mask[1, :PAD] = 0
+    return tokens, mask
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
+@pytest.mark.parametrize("site, selected", [("mlp_out", {"positions": [1, 4]}), ("z", {"heads": [1]}),
+                                            ("mlp_post", {"neurons": [3], "positions": [0]})])
+def test_a_padded_row_is_ablated_at_its_token_positions(model, method, site, selected):
+    """The padded row's result equals the same ablation of its prompt run alone: positions and per-position
+    reference values follow the tokens, not the slots (before, position 1 of the padded row hit a padding
+    slot and changed nothing)."""
+    tokens, mask = padded_batch()
+    reference = OTHER[:1]  # one reference row: resample draws it for every row
+    kwargs = dict(site=site, layers=[1], method=method, keep=("logits",), **selected)
+    if method != "zero":
+        kwargs["reference"] = reference
+    padded = ablation.ablate(model.params, tokens, model.config, attention_mask=mask, **kwargs)
+    if method != "zero":  # the unpadded prompt is PAD shorter: so is its reference (causality: same values)
+        kwargs["reference"] = reference[:, :-PAD]
+    alone = ablation.ablate(model.params, TOKENS[1:, PAD:], model.config, **kwargs)
+    np.testing.assert_allclose(padded.logits[1, PAD:], alone.logits[0], atol=1e-4)
+    unpadded_row = ablation.ablate(model.params, TOKENS[:1], model.config,
+                                   **{**kwargs, **({"reference": reference} if method != "zero" else {})})
+    np.testing.assert_allclose(padded.logits[0], unpadded_row.logits[0], atol=1e-4)
+    clean = model(TOKENS[1:, PAD:], keep=("logits",)).logits[0]
+    assert np.abs(np.asarray(alone.logits[0]) - np.asarray(clean)).max() > 1e-3  # the ablation does something
+
+
+def test_resampling_the_prompt_batch_never_draws_a_row_itself(model):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.config.vocab_size, (8, 9)).astype(np.int32)
+    values = model(tokens, keep=("mlp_out",)).mlp_out
+    for seed in range(5):
+        source = ablation.ablation_source(model.params, model.config, "mlp_out", "resample", seq=9, batch=8,
+                                          reference=tokens, tokens=tokens, seed=seed)
+        same = [bool(np.allclose(source[:, b], values[:, b])) for b in range(8)]
+        assert not any(same), (seed, same)
+
+
+def test_padding_that_cannot_be_followed_is_refused(model):
+    tokens, mask = padded_batch()
+    with pytest.raises(ValueError, match="key axis"):
+        ablation.ablate(model.params, tokens, model.config, site="attn_pattern", method="mean",
+                        reference=OTHER, attention_mask=mask)
+    with pytest.raises(ValueError, match="sweep over positions of a left-padded batch"):
+        ablation.ablation_sweep(model.params, tokens, model.config, site="mlp_out", axis="seq", answer=ANSWER,
+                                attention_mask=mask)
