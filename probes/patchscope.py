@@ -30,7 +30,7 @@ from jax import lax
 import tinygpt
 from tinygpt.config import Config
 
-from .steering import RESID_SITES, distinguishable_prompt, resolve_positions
+from .steering import RESID_SITES, resolve_positions
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
@@ -41,15 +41,13 @@ def hidden_states(params, config: Config, tokens, position: int = -1, site: str 
     return trace[site][:, 0, position]
 
 
-def patch_edit(vector, layer, position, prompt_len: int):
-    """An edit replacing the residual at block `layer`, prompt position `position` (>= 0; both may be traced)
-    with `vector`; values of another length than the prompt (generated steps) pass unchanged."""
+def patch_edit(vector, layer, position):
+    """An edit replacing the residual at block `layer`, token position `position` (>= 0; both may be traced)
+    with `vector`. In generation the generated tokens' positions come after the prompt's: they pass unchanged.
+    """
 
-    def edit(value, at_layer):  # value [batch, seq, d_model]
-        seq = value.shape[1]
-        if seq != prompt_len:
-            return value
-        here = (at_layer == layer) & (jnp.arange(seq) == position)[None, :, None]  # [1, seq, 1]
+    def edit(value, at_layer, positions):  # value [batch, seq, d_model], positions [batch, seq]
+        here = (at_layer == layer) & (positions == position)[..., None]  # [batch, seq, 1]
         return jnp.where(here, vector.astype(value.dtype), value)
 
     return edit
@@ -59,11 +57,10 @@ def patch_edit(vector, layer, position, prompt_len: int):
 def _patched_next_tokens(params, target_tokens, vectors, layers, position, config: Config, site: str, k: int):
     """For each (vector, layer): the top-k next tokens after the target prompt [1, seq] with the patch.
     vectors [n, d_model], layers [n] -> ids [n, k], probabilities [n, k]"""
-    seq = target_tokens.shape[1]
 
     def one(xs):
         vector, layer = xs
-        edits = {site: patch_edit(vector, layer, position, seq)}
+        edits = {site: patch_edit(vector, layer, position)}
         logits = tinygpt.forward(params, target_tokens, config, edits=edits, keep=("logits",)).logits[0, -1]
         top_log_probs, top_ids = lax.top_k(jax.nn.log_softmax(logits), k)
         return top_ids, jnp.exp(top_log_probs)
@@ -72,15 +69,15 @@ def _patched_next_tokens(params, target_tokens, vectors, layers, position, confi
 
 
 @functools.partial(jax.jit, static_argnames=("config", "site", "max_new_tokens"))
-def _patched_generations(params, target_tokens, attention_mask, vectors, layers, position, config: Config, site: str,
+def _patched_generations(params, target_tokens, vectors, layers, position, config: Config, site: str,
                          max_new_tokens: int):
     """For each (vector, layer), vmapped: the greedy continuation of the target prompt [1, seq] with the patch
     in the prompt.  -> [n, new]"""
 
     def one(vector, layer):
-        edits = {site: patch_edit(vector, layer, position, target_tokens.shape[1])}
-        return tinygpt.generate(params, config, target_tokens, max_new_tokens, attention_mask=attention_mask,
-                                temperature=0.0, edits=edits).tokens[0]
+        edits = {site: patch_edit(vector, layer, position)}
+        return tinygpt.generate(params, config, target_tokens, max_new_tokens, temperature=0.0,
+                                edits=edits).tokens[0]
 
     return jax.vmap(one)(vectors, layers)
 
@@ -122,9 +119,8 @@ def patchscope(params, config: Config, source_tokens, target_tokens, *, source_l
                                               config, site, min(k, config.vocab_size))
     generated = None
     if max_new_tokens > 0:
-        padded, attention_mask, offset = distinguishable_prompt(target_tokens)
-        generated = np.asarray(_patched_generations(params, padded, attention_mask, vectors, layers,
-                                                    target_position + offset, config, site, max_new_tokens))
+        generated = np.asarray(_patched_generations(params, jnp.asarray(target_tokens), vectors, layers,
+                                                    target_position, config, site, max_new_tokens))
     return Patchscope(source_layers=source_layers, target_layers=target_layers, source_position=source_position,
                       target_position=target_position, top_ids=np.asarray(top_ids), top_probs=np.asarray(top_probs),
                       generated=generated)

@@ -2,9 +2,11 @@
 
 Three ways to get a vector:
 
-- difference of means (activation addition, Turner et al. 2023): the mean residual at the last token of
-  "positive" prompts minus that of "negative" prompts ("Love" - "Hate"), at the layer and site it will be
-  added to;
+- difference of means: the mean residual at the last token of "positive" prompts minus that of "negative"
+  prompts, at the layer and site it will be added to, as contrastive activation addition (Rimsky et al.
+  2024) builds its vectors from many contrasting prompts (activation addition, Turner et al. 2023, takes
+  the difference of one pair, "Love" - "Hate", at every position of the pair and adds it at the first
+  positions of the prompt: `steer(..., positions=[0, 1, ...])` with that vector);
 - function vectors (Todd et al., 2024): the mean output of attention heads at the last token of in-context
   prompts (`x -> y` pairs), for the heads with the largest indirect effect: patching a head's mean output
   into prompts whose examples were shuffled raises the probability of the right answer; their sum, added
@@ -12,11 +14,11 @@ Three ways to get a vector:
 - embedding arithmetic: wte[king] - wte[man] + wte[woman], and its nearest tokens.
 
 The edit adds `coefficient * vector` at the site (resid_pre, resid_mid or resid_post) of block `layer` and
-leaves every other layer, site and position alone. During `tinygpt.generate` the edit runs on the prompt
-(its value has the prompt's length) and then on every generated token (one position at a time). An edit
-does not receive the absolute position of a generated token, so positions are either all of them (prompt
-and generated tokens) or a set of prompt positions; the edit tells the prompt from a generated step by the
-length of the value it is given (a one-token prompt is left-padded by one masked token so the two differ).
+leaves every other layer, site and position alone. During `tinygpt.generate` the edit runs on the prompt and
+then on every generated token, and is given each token's absolute position (`tinygpt.forward`'s
+`positions`), so it steers every position, chosen token positions (prompt or generated), or every position
+from one on: `positions="generated"` steers the generated tokens only, as contrastive activation addition
+does.
 """
 
 from __future__ import annotations
@@ -82,25 +84,26 @@ def mean_difference(params, config: Config, positive, negative, layer: int, site
 # ----------------------------------------------------------------------------------------------- the edit
 
 
-def steering_edit(vector, layer: int, coefficient: float = 1.0, positions=None, prompt_len: int | None = None):
-    """An edit fn(value, at_layer) adding coefficient * vector at block `layer`, for a residual site.
+def steering_edit(vector, layer: int, coefficient: float = 1.0, positions=None, *, start=None):
+    """An edit fn(value, at_layer, positions) adding coefficient * vector at block `layer`, for a residual site.
 
-    positions   None: every position (in generation: the prompt and every generated token); or prompt
-                positions (non-negative indices into a prompt of `prompt_len` tokens), changed only in
-                the prompt's forward
-    prompt_len  the prompt's length, needed with positions (a value of another length is a generated step)
+    positions   None: every position; or token positions (as the position embedding counts them: prompt
+                positions 0 .. prompt_len - 1, then the generated tokens')
+    start       instead of positions: every position >= start (the prompt's length: generated tokens only)
     """
+    if positions is not None and start is not None:
+        raise ValueError("give positions or start, not both")
     vector = jnp.asarray(vector)
+    steered = None if positions is None else jnp.asarray(positions)
 
-    def edit(value, at_layer):  # value [batch, seq, d_model]
-        seq = value.shape[1]
-        if positions is None:
-            chosen = jnp.ones(seq, bool)  # [seq]
-        elif seq != prompt_len:  # a generated token: not one of the prompt positions
-            return value
+    def edit(value, at_layer, positions):  # value [batch, seq, d_model], positions [batch, seq]
+        if steered is not None:
+            chosen = (positions[..., None] == steered).any(-1)  # [batch, seq]
+        elif start is not None:
+            chosen = positions >= start
         else:
-            chosen = jnp.zeros(seq, bool).at[jnp.asarray(positions)].set(True)  # [seq]
-        here = (at_layer == layer) & chosen[None, :, None]  # [1, seq, 1]
+            chosen = jnp.ones(positions.shape, bool)
+        here = (at_layer == layer) & chosen[..., None]  # [batch, seq, 1]
         return jnp.where(here, value + coefficient * vector.astype(value.dtype), value)
 
     return edit
@@ -120,34 +123,24 @@ def resolve_positions(positions, prompt_len: int) -> list[int] | None:
     return sorted(resolved)
 
 
-def distinguishable_prompt(tokens):
-    """A prompt whose forward an edit can tell from a generated step by its length: a one-token prompt is
-    left-padded by one masked token (positions skip padding, so the model computes the same thing).
-    tokens [batch, seq] -> (tokens, attention_mask or None, offset: how far prompt positions moved)"""
-    tokens = np.asarray(tokens, np.int32)
-    if tokens.shape[1] > 1:
-        return tokens, None, 0
-    attention_mask = np.pad(np.ones(tokens.shape, np.int32), ((0, 0), (1, 0)))
-    return np.pad(tokens, ((0, 0), (1, 0))), attention_mask, 1
-
-
 @dataclasses.dataclass
 class Steered:
     tokens: np.ndarray  # [batch, new] generated with the vector added
     baseline: np.ndarray | None  # [batch, new] generated without it (same sampling seed), when compared
-    positions: list[int] | None  # the prompt positions steered (None: every position, generated ones too)
+    positions: list[int] | str | None  # the prompt positions steered, "generated", or None (every position)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "site", "max_new_tokens", "temperature", "top_k"))
-def _steered_generations(params, tokens, attention_mask, vector, layer, coefficients, positions, seed, config: Config,
+def _steered_generations(params, tokens, vector, layer, coefficients, positions, start, seed, config: Config,
                          site: str, max_new_tokens: int, temperature: float, top_k: int | None):
     """One generation per coefficient, vmapped (a coefficient of 0 is the unsteered model, same random draws).
-    positions: None (every position) or prompt positions [n] into tokens.  -> [coefficient, batch, new]"""
+    positions: None or prompt positions [n]; start: None or the first steered position.
+    -> [coefficient, batch, new]"""
 
     def one(coefficient):
-        edit = steering_edit(vector, layer, coefficient, positions, tokens.shape[1])
-        return tinygpt.generate(params, config, tokens, max_new_tokens, attention_mask=attention_mask,
-                                temperature=temperature, top_k=top_k, seed=seed, edits={site: edit}).tokens
+        edit = steering_edit(vector, layer, coefficient, positions, start=start)
+        return tinygpt.generate(params, config, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                                seed=seed, edits={site: edit}).tokens
 
     return jax.vmap(one)(coefficients)
 
@@ -156,18 +149,22 @@ def steer(params, config: Config, tokens, vector, layer: int, coefficient: float
           site: str = "resid_pre", positions=None, max_new_tokens: int = 20, temperature: float = 0.0,
           top_k: int | None = None, seed: int = 0, compare: bool = True) -> Steered:
     """Generate from tokens [batch, seq] with coefficient * vector added at `site` of block `layer`, at
-    `positions` (None: every position, generated tokens included; else prompt positions), and (compare)
-    without it. Both run as one compiled program, reused across calls of the same shapes."""
+    `positions` (None: every position, generated tokens included; "generated": the generated tokens only;
+    else prompt positions), and (compare) without it. Both run as one compiled program, reused across calls
+    of the same shapes."""
     check_site_layer(config, site, layer)
     tokens = np.asarray(tokens, np.int32)
-    positions = resolve_positions(positions, tokens.shape[1])
-    attention_mask, prompt_positions = None, None
-    if positions is not None:
-        tokens, attention_mask, offset = distinguishable_prompt(tokens)
-        prompt_positions = jnp.asarray([p + offset for p in positions])
+    start = None
+    if isinstance(positions, str):
+        if positions != "generated":
+            raise ValueError(f"positions must be None, 'generated' or prompt positions, got {positions!r}")
+        start = jnp.asarray(tokens.shape[1])
+    else:
+        positions = resolve_positions(positions, tokens.shape[1])
+    prompt_positions = None if positions is None or start is not None else jnp.asarray(positions)
     coefficients = jnp.asarray([coefficient, 0.0] if compare else [coefficient], f32)
-    generated = _steered_generations(params, tokens, attention_mask, jnp.asarray(vector), layer, coefficients,
-                                     prompt_positions, seed, config, site, max_new_tokens, float(temperature), top_k)
+    generated = _steered_generations(params, tokens, jnp.asarray(vector), layer, coefficients, prompt_positions,
+                                     start, seed, config, site, max_new_tokens, float(temperature), top_k)
     generated = np.asarray(generated)
     return Steered(tokens=generated[0], baseline=generated[1] if compare else None, positions=positions)
 

@@ -105,6 +105,10 @@ def test_steer_json(capsys):
                    "--coef", "8", "-n", "5")
     assert len(out["steered"]) == 5 and len(out["baseline"]) == 5 and out["positions"] is None
     assert out["vector_norm"] > 0
+    generated = run_json(capsys, "steer", "--tokens", "1,2,3,4", "--positive-tokens", "5,6,7,8,9,10,11",
+                         "--positive-tokens", "1,3,5,7,9,11,13", "--negative-tokens", "2,4,6,8", "--layer", "1",
+                         "--coef", "8", "-n", "5", "--positions", "generated")
+    assert generated["positions"] == "generated" and generated["baseline"] == out["baseline"]
 
 
 def test_attention_json_and_patterns(capsys, tmp_path):

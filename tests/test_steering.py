@@ -23,7 +23,7 @@ SITES = ("resid_pre", "resid_mid", "resid_post")
 
 @functools.partial(jax.jit, static_argnames=("all_positions",))
 def steered_trace(params, tokens, vector, layer, coefficient, positions, all_positions=False):
-    edit = steering.steering_edit(vector, layer, coefficient, None if all_positions else positions, tokens.shape[1])
+    edit = steering.steering_edit(vector, layer, coefficient, None if all_positions else positions)
     return tinygpt.forward(params, tokens, CFG, edits={"resid_mid": edit}, keep=SITES)
 
 
@@ -111,6 +111,23 @@ def test_one_token_prompt_is_steered_at_its_position_only():
     assert result.positions == [0] and result.baseline is None
     chosen = np.arange(1 + new) == 0
     np.testing.assert_array_equal(result.tokens[0], greedy_reference(params, prompt, new, vector, 0, 2.0, chosen))
+
+
+def test_generated_tokens_only():
+    """positions="generated" (contrastive activation addition's placement): the prompt is the unsteered
+    model's, every generated token gets the vector."""
+    params, vector = steering_case(13)
+    prompt = random_tokens(13, batch=1, seq=4)[0]
+    total = len(prompt) + NEW
+    result = steering.steer(params, CFG, prompt[None], vector, 1, 2.0, positions="generated", max_new_tokens=NEW)
+    assert result.positions == "generated"
+    np.testing.assert_array_equal(result.tokens[0], greedy_reference(params, prompt, NEW, vector, 1, 2.0,
+                                                                     np.arange(total) >= len(prompt)))
+    assert not np.array_equal(result.tokens[0], result.baseline[0])  # the vector changed the continuation
+    with pytest.raises(ValueError, match="'generated' or prompt positions"):
+        steering.steer(params, CFG, prompt[None], vector, 1, positions="prompt")
+    with pytest.raises(ValueError, match="positions or start, not both"):
+        steering.steering_edit(vector, 1, positions=[0], start=4)
 
 
 def test_positions_outside_the_prompt_are_a_clear_error():

@@ -666,8 +666,8 @@ def register_steer(subparsers) -> None:
         "steer", help="generate with a difference-of-means vector added to the residual stream",
         description="Build a steering vector as the mean residual (at the last token) of --positive prompts minus "
         "that of --negative prompts, at --site of block --layer, and generate from PROMPT with --coef times it "
-        "added there (at every position, generated ones included, or at --positions of the prompt), next to the "
-        "unsteered continuation.")
+        "added there (at every position, generated ones included, at the generated tokens only, or at --positions "
+        "of the prompt), next to the unsteered continuation.")
     add_prompt_args(p)
     add_model_args(p)
     p.add_argument("--positive", action="append", default=[], metavar="TEXT", help="a positive prompt (repeatable)")
@@ -678,7 +678,8 @@ def register_steer(subparsers) -> None:
     p.add_argument("--site", default="resid_pre", choices=RESID_SITES, help="residual site (default resid_pre)")
     p.add_argument("--coef", type=float, default=4.0, help="coefficient of the vector (default 4)")
     p.add_argument("--positions", default="all",
-                   help="'all' (prompt and generated tokens) or prompt positions, e.g. 0,1 (default all)")
+                   help="'all' (prompt and generated tokens), 'generated' (generated tokens only) or prompt "
+                        "positions, e.g. 0,1 (default all)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default 30, or as many as the context has room for)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
@@ -706,8 +707,10 @@ def cmd_steer(args) -> None:
     if new < 1 or len(ids) + new > config.n_ctx:
         raise CLIError(f"--max-new-tokens must be >= 1 and fit the context with the prompt of {len(ids)} tokens "
                        f"(n_ctx={config.n_ctx})")
-    positions = None if args.positions == "all" else [check_position(p, len(ids), "--positions")
-                                                      for p in parse_token_list(args.positions)]
+    if args.positions in ("all", "generated"):
+        positions = None if args.positions == "all" else "generated"
+    else:
+        positions = [check_position(p, len(ids), "--positions") for p in parse_token_list(args.positions)]
     positive = contrast_prompts(model, args.positive, args.positive_tokens, "positive")
     negative = contrast_prompts(model, args.negative, args.negative_tokens, "negative")
     vector = mean_difference(model.params, config, positive, negative, args.layer, args.site)
@@ -721,7 +724,12 @@ def cmd_steer(args) -> None:
     if args.json:
         print_json(out)
         return
-    where = "every position" if result.positions is None else f"prompt positions {result.positions}"
+    if result.positions is None:
+        where = "every position"
+    elif result.positions == "generated":
+        where = "the generated tokens"
+    else:
+        where = f"prompt positions {result.positions}"
     print(f"{model}\nvector: mean difference at {args.site} of block {args.layer} (norm {out['vector_norm']:.3f}), "
           f"x {args.coef:g} at {where}\n")
     prompt = decode(model, ids)
