@@ -241,7 +241,12 @@ def attribution_patching(params, clean_tokens, corrupt_tokens, config: Config, *
 
     Exact for patches that move the metric linearly; `tests/test_patching.py` shows it converging to exact
     patching as the corrupted prompt's activations approach the clean ones. KL's gradient at its minimum is
-    zero, so with direction="noise" and metric "kl" every estimate is 0 (use another metric)."""
+    zero, so direction="noise" with metric "kl" (KL from the clean run, around the clean run) is refused:
+    every estimate would be 0."""
+    if direction == "noise" and metric == "kl":
+        raise ValueError("attribution patching with metric 'kl' and direction 'noise' estimates around the clean "
+                         "run, where KL from it has zero gradient: every estimate would be 0; use "
+                         "direction='denoise' or another metric")
     clean, corrupt = check_pair(clean_tokens, corrupt_tokens)
     base, source_tokens = base_and_source(clean, corrupt, direction)
     sites = tuple(sites)

@@ -95,24 +95,27 @@ def nudged(model, scale: float):
     return {**model.params, "wte": wte}
 
 
-def test_attribution_converges_to_exact_patching(model):
-    """Attribution patching is the first-order Taylor expansion of patching: its error against the exact
-    sweep shrinks like the corruption squared (relative error like the corruption) as the corrupted
-    activations approach the clean ones. It is exactly 0 where nothing differs."""
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_converges_to_exact_patching(model, direction):
+    """Attribution patching is the first-order Taylor expansion of patching around the run being patched
+    (the corrupted one when denoising, the clean one when noising): its error against the exact sweep
+    shrinks like the corruption squared (relative error like the corruption) as the corrupted activations
+    approach the clean ones. It is exactly 0 where nothing differs."""
     clean = CLEAN.copy()
     clean[0, 3] = 17
     errors = []
     for scale in (0.1, 0.01):
         params = nudged(model, scale)
         estimate = patching.attribution_patching(params, clean, CORRUPT, model.config, sites=("resid_pre",),
-                                                 answer=ANSWER, wrong=WRONG)
+                                                 answer=ANSWER, wrong=WRONG, direction=direction)
         exact = patching.patching_sweep(params, clean, CORRUPT, model.config, site="resid_pre", answer=ANSWER,
-                                        wrong=WRONG)
-        effect = exact.values - exact.corrupt  # [layer, position]
+                                        wrong=WRONG, direction=direction)
+        base, source = (exact.corrupt, exact.clean) if direction == "denoise" else (exact.clean, exact.corrupt)
+        effect = exact.values - base  # [layer, position]
         approx = estimate.by("resid_pre", "seq")
         assert np.abs(approx[:, :3]).max() == 0  # the prompts agree there: no difference to patch
-        assert estimate.base == pytest.approx(exact.corrupt, abs=TOL)
-        assert estimate.source == pytest.approx(exact.clean, abs=TOL)
+        assert estimate.base == pytest.approx(base, abs=TOL)
+        assert estimate.source == pytest.approx(source, abs=TOL)
         errors.append(np.abs(approx - effect).max() / np.abs(effect).max())
     assert errors[1] < 0.02 and errors[1] < errors[0] / 5, errors
 
@@ -140,6 +143,8 @@ def test_errors(model):
                                 answer=ANSWER, wrong=WRONG)
     with pytest.raises(ValueError, match="unknown direction"):
         patching.patch(model.params, CLEAN, CORRUPT, model.config, "z", direction="sideways")
+    with pytest.raises(ValueError, match="zero gradient: every estimate would be 0"):
+        patching.attribution_patching(model.params, CLEAN, CORRUPT, model.config, metric="kl", direction="noise")
 
 
 # --------------------------------------------------------------------------------------------------- CLI
