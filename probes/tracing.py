@@ -2,11 +2,16 @@
 
 1. Clean run: the prompt ("The Eiffel Tower is in the city of"); the answer is its most likely next token
    (" Paris") unless given.
-2. Corrupted runs: Gaussian noise is added to the token embeddings of the subject ("The Eiffel Tower"), std
-   `noise` x the std of the subject tokens' embeddings (ROME uses 3x), one seeded sample per row.
+2. Corrupted runs: Gaussian noise is added to the token embeddings of the subject ("The Eiffel Tower"), one
+   seeded sample per row, std `noise` x the std of the subject tokens' embeddings. ROME fixes one std for
+   all its prompts, 3 x the std over the embeddings of every subject token of its dataset: pass
+   `noise_std=3 * embedding_std(params, subjects)` to compare prompts at one noise level (the default
+   takes this prompt's subject alone, so noise levels, and averages of effects over prompts, differ).
 3. Restored runs: each corrupted run with the clean value of one site put back at one (layer, position):
    the residual stream (window 1), or the MLP / attention output at the layers of a window around it
-   (ROME's window, 10 by default).
+   (ROME's window, 10 by default). ROME's hidden-state trace restores block outputs, `resid_post` (the
+   default); `resid_pre` of block l is `resid_post` of block l - 1, the same map shifted by one layer with
+   the embeddings first.
 
 Reported, P(answer) averaged over the noise samples: clean (`clean_prob`), corrupted (`corrupt_prob`),
 restored at each (layer, position) (`scores[kind]`); the total effect is clean - corrupt, the indirect effect
@@ -68,6 +73,15 @@ def check_subject(subject_positions, seq: int) -> tuple[int, ...]:
     return subject
 
 
+def embedding_std(params, subjects) -> float:
+    """The std of the token embeddings' values over every token of `subjects` (token-id lists, repeats
+    counted), ROME's `collect_embedding_std`: its noise std is 3 x this over the subjects of its dataset."""
+    ids = np.concatenate([np.asarray(s, np.int64).reshape(-1) for s in subjects]) if len(subjects) else []
+    if len(ids) == 0:
+        raise ValueError("embedding_std needs at least one subject token")
+    return float(jnp.std(jnp.asarray(params["wte"])[ids].astype(jnp.float32)))
+
+
 def subject_noise(params, tokens, subject_positions, *, samples: int = 10, noise: float = 3.0,
                   noise_std: float | None = None, seed: int = 0):
     """(noise [samples, n_subject, d_model], std): seeded Gaussian noise for the subject's embeddings, std
@@ -75,7 +89,7 @@ def subject_noise(params, tokens, subject_positions, *, samples: int = 10, noise
     tokens = np.asarray(tokens).reshape(-1)
     subject = check_subject(subject_positions, len(tokens))
     if noise_std is None:
-        noise_std = noise * float(jnp.std(params["wte"][tokens[list(subject)]]))
+        noise_std = noise * embedding_std(params, [tokens[list(subject)]])
     unit = jax.random.normal(jax.random.PRNGKey(seed), (samples, len(subject), params["wte"].shape[1]))
     return noise_std * unit, noise_std
 
@@ -116,7 +130,7 @@ compiled_trace = jax.jit(trace_scores, static_argnames=("config", "subject", "ki
 
 
 def causal_trace(params, tokens, config: Config, subject_positions, *, answer: int | None = None,
-                 kinds=("resid_pre", "mlp_out", "attn_out"), samples: int = 10, noise: float = 3.0,
+                 kinds=("resid_post", "mlp_out", "attn_out"), samples: int = 10, noise: float = 3.0,
                  noise_std: float | None = None, seed: int = 0, window: int = 10, buckets: int = 2,
                  chunk_size: int | None = None) -> CausalTrace:
     """ROME's causal trace of one prompt (see the module doc).
@@ -125,7 +139,8 @@ def causal_trace(params, tokens, config: Config, subject_positions, *, answer: i
     subject_positions  the positions of the subject's tokens
     answer             the traced token (default: the clean run's most likely next token)
     kinds              sites restored: "resid_pre", "resid_post", "mlp_out", "attn_out"
-    samples, noise, noise_std, seed   the corruption (noise_std overrides noise x the embeddings' std)
+    samples, noise, noise_std, seed   the corruption (noise_std overrides noise x the subject embeddings'
+                       std; ROME's: 3 * embedding_std(params, all the dataset's subjects))
     window             layers restored together for mlp_out / attn_out, centred on each layer"""
     tokens = np.asarray(tokens)
     if tokens.ndim == 2 and tokens.shape[0] == 1:

@@ -102,6 +102,21 @@ def test_noise_is_seeded_and_scaled(model):
     assert std == pytest.approx(3.0 * float(np.std(np.asarray(model.params["wte"])[PROMPT[SUBJECT]])), rel=1e-5)
     _, fixed = tracing.subject_noise(model.params, PROMPT, SUBJECT, noise_std=0.5)
     assert fixed == 0.5
+    # ROME's dataset-level std: over every subject token's embedding values, repeats counted
+    subjects = [[5, 17], [40], [5]]
+    rows = np.asarray(model.params["wte"], np.float64)[[5, 17, 40, 5]]
+    assert tracing.embedding_std(model.params, subjects) == pytest.approx(rows.std(), rel=1e-5)
+    with pytest.raises(ValueError, match="at least one subject token"):
+        tracing.embedding_std(model.params, [])
+
+
+def test_restoring_a_block_input_is_restoring_the_previous_blocks_output(model):
+    """resid_pre of block l + 1 is resid_post of block l: the two residual maps are one map shifted by a layer
+    (ROME restores block outputs, resid_post, the default)."""
+    trace = tracing.causal_trace(model.params, PROMPT, model.config, SUBJECT, kinds=("resid_pre", "resid_post"),
+                                 samples=SAMPLES)
+    np.testing.assert_allclose(trace.scores["resid_pre"][1:], trace.scores["resid_post"][:-1], atol=TOL)
+    assert np.abs(trace.scores["resid_post"][-1] - trace.scores["resid_pre"][-1]).max() > 1e-4
 
 
 def test_find_subject_on_token_bytes():
@@ -138,7 +153,8 @@ def test_cli_trace(capsys, tmp_path):
     out = json.loads(capsys.readouterr().out)
     assert {"clean_prob", "corrupt_prob", "total_effect", "scores", "indirect_effect", "answer", "noise_std",
             "subject_positions"} <= out.keys()
-    assert set(out["scores"]) == set(KINDS) and np.shape(out["scores"]["mlp_out"]) == (3, 8)
+    # the default kinds: block outputs (ROME's hidden-state trace), MLP and attention outputs
+    assert set(out["scores"]) == {"resid_post", "mlp_out", "attn_out"} and np.shape(out["scores"]["mlp_out"]) == (3, 8)
     assert plot.stat().st_size > 0
     assert main(argv) == 0 and "largest indirect effect" in capsys.readouterr().out
     assert main(["trace", "--model", MODEL_DIR, "--tokens", "1,2,3"]) == 2

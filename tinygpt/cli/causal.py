@@ -412,14 +412,16 @@ def register_trace(subparsers) -> None:
     p.add_argument("--subject-positions", default=None, metavar="P,..",
                    help="the subject's token positions (with --tokens)")
     add_token_arg(p, "answer", "the traced answer (default: the clean run's top token)")
-    p.add_argument("--kinds", default="resid_pre,mlp_out,attn_out", metavar="KIND,..",
+    p.add_argument("--kinds", default="resid_post,mlp_out,attn_out", metavar="KIND,..",
                    help="restored sites, of resid_pre, resid_post, mlp_out, attn_out (default: "
-                        "resid_pre,mlp_out,attn_out)")
+                        "resid_post,mlp_out,attn_out: block outputs, as ROME's hidden-state trace)")
     p.add_argument("--window", type=int, default=10, help="layers restored together for mlp_out/attn_out (10)")
     p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the subject embeddings' "
                                                             "std (default 3)")
-    p.add_argument("--noise-std", type=float, default=None, help="absolute noise std (overrides --noise)")
+    p.add_argument("--noise-std", type=float, default=None,
+                   help="absolute noise std (overrides --noise); ROME fixes it for all prompts at 3 x the std of "
+                        "the embeddings of all its subjects' tokens (probes.tracing.embedding_std)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--plot", default=None, metavar="PATH.png", help="save ROME's heatmaps (tokens x layers)")
     add_json_arg(p)
