@@ -142,6 +142,11 @@ def test_loss_recovered_splices_the_reconstruction_into_the_forward():
     result = saes.loss_recovered(params, CONFIG, zero, windows, batch=4)
     assert result.ce_sae == pytest.approx(result.ce_zero, abs=1e-5) and result.recovered == pytest.approx(0.0, abs=1e-3)
     assert result.ce_zero != pytest.approx(result.ce_clean, abs=1e-3)  # the ablation does change the loss
+    # mean ablation: by default the site's mean over every token of the windows (not zeros)
+    mean = np.asarray(tinygpt.forward(params, windows, CONFIG, keep=("resid_post",)).resid_post[0]).mean(axis=(0, 1))
+    given = saes.loss_recovered(params, CONFIG, zero, windows, batch=4, mean_activation=mean)
+    assert result.ce_mean == pytest.approx(given.ce_mean, abs=1e-5)
+    assert result.ce_mean != pytest.approx(result.ce_zero, abs=1e-3)
 
 
 def test_save_load_round_trip(tmp_path):
