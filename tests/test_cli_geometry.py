@@ -112,7 +112,11 @@ def test_manifold(capsys, corpus, tmp_path):
     result = run_json(capsys, "manifold", "--model", TINY, "--corpus", corpus, "--points", "300", "--plot",
                       str(tmp_path / "m.png"))
     assert [g["name"] for g in result["layers"]] == ["embed", "L0", "L1", "L2"]
-    assert result["property"] == "repeated" and all(g["probe"]["test_accuracy"] >= 0 for g in result["layers"])
+    assert result["property"] == "repeated"
+    probes_ = [g["probe"] for g in result["layers"]]
+    # fractions of the held-out tokens (the probe's power is tested in test_manifold.py; these weights are random)
+    assert all(0 <= p["test_accuracy"] <= 1 and 0 < p["majority"] <= 1 for p in probes_)
+    assert len({p["test_accuracy"] for p in probes_}) > 1  # each layer's own probe
     assert (tmp_path / "m.png").stat().st_size > 0
 
 

@@ -40,6 +40,34 @@ def test_identity_translators_are_the_logit_lens():
     assert comparison.n_tokens == 8 * (SEQ - 1)  # 10 windows, the 2 beyond a whole batch dropped
 
 
+def test_loss_is_forward_kl_of_the_translated_residual_through_the_final_layer_norm():
+    """With random translators: the loss is KL(final || lens) (not the reverse), the lens reading
+    ln_f(h + h A + b) @ wte.T (the translator before the final LayerNorm), computed here in float64."""
+    params, tokens = random_params(3), random_tokens(3)
+    rng = np.random.default_rng(3)
+    translators = {"A": 0.2 * rng.standard_normal((CFG.n_layer, CFG.d_model, CFG.d_model)).astype(np.float32),
+                   "b": rng.standard_normal((CFG.n_layer, CFG.d_model)).astype(np.float32)}
+    trace = tinygpt.forward(params, tokens, CFG, keep=("resid_pre", "logits"))
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    final = log_softmax(np.asarray(trace.logits, np.float64))
+    wte, w, b = (np.asarray(params[n], np.float64) for n in ("wte", "lnf_w", "lnf_b"))
+    forward_kl, reverse_kl = [], []
+    for layer in range(CFG.n_layer):
+        h = np.asarray(trace.resid_pre[layer], np.float64)
+        h = h + h @ translators["A"][layer] + translators["b"][layer]
+        normalized = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + CFG.ln_eps)
+        lens = log_softmax((normalized * w + b) @ wte.T)
+        forward_kl.append((np.exp(final) * (final - lens)).sum(-1).mean())
+        reverse_kl.append((np.exp(lens) * (lens - final)).sum(-1).mean())
+    loss = float(tl.loss_fn(translators, params, tokens, CFG))
+    assert loss == pytest.approx(np.mean(forward_kl), rel=1e-4)
+    assert abs(np.mean(forward_kl) - np.mean(reverse_kl)) > 0.05 * np.mean(forward_kl)  # the two differ here
+
+
 def test_training_beats_the_logit_lens_on_held_out_tokens_and_round_trips(tmp_path):
     params = random_params(3)
     trained = tl.train_tuned_lens(params, CFG, stream(4, 2000), steps=150, batch=BATCH, seq=SEQ, lr=3e-3)
