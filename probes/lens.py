@@ -138,10 +138,17 @@ def check_sites(sites) -> tuple[str, ...]:
 
 
 def broadcast_target(target, tokens) -> jnp.ndarray | None:
-    """None, one token id for every position, or ids [batch, seq]  ->  int32 [batch, seq] or None."""
+    """None, one token id for every position, or ids [batch, seq] (or broadcastable to it: [batch, 1] for one
+    per row)  ->  int32 [batch, seq] or None. A 1-d target is refused: it could mean one id per row or one
+    per position (the same shape when batch == seq)."""
     if target is None:
         return None
-    return jnp.broadcast_to(jnp.asarray(target, jnp.int32), jnp.shape(tokens))
+    target = jnp.asarray(target, jnp.int32)
+    shape = tuple(jnp.shape(tokens))
+    if target.ndim not in (0, 2) or any(t not in (1, s) for t, s in zip(target.shape, shape)):
+        raise ValueError(f"target must be one token id or ids broadcastable to the tokens' shape {shape} "
+                         f"(one per row: [batch, 1]), got shape {tuple(target.shape)}")
+    return jnp.broadcast_to(target, shape)
 
 
 def logit_lens(params, config: Config, tokens, *, sites=LENS_SITES, target=None, k: int = 5,

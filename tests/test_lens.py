@@ -108,3 +108,17 @@ def test_rows_are_the_documented_json_shape():
 def test_unknown_site_is_a_clear_error():
     with pytest.raises(ValueError, match="lens sites must be among resid_pre, resid_mid, resid_post"):
         logit_lens(random_params(0), CFG, random_tokens(0), sites=("mlp_out",))
+
+
+def test_target_shapes():
+    """One id, ids [batch, seq] or one per row [batch, 1]; a 1-d target (per row or per position?) is refused."""
+    from probes.lens import broadcast_target
+
+    tokens = np.zeros((3, 5), np.int32)
+    np.testing.assert_array_equal(broadcast_target(7, tokens), np.full((3, 5), 7))
+    per_row = broadcast_target(np.array([[1], [2], [3]]), tokens)
+    np.testing.assert_array_equal(per_row, np.repeat([[1], [2], [3]], 5, axis=1))
+    with pytest.raises(ValueError, match=r"got shape \(3,\)"):
+        broadcast_target(np.array([1, 2, 3]), tokens)
+    with pytest.raises(ValueError, match=r"broadcastable to the tokens' shape \(3, 5\)"):
+        broadcast_target(np.zeros((2, 5), np.int32), tokens)
