@@ -314,7 +314,12 @@ def _open_store(path: Path, windows: np.ndarray, info: dict):
                                f"remove {path} and harvest again")
         return acts, {**info, "rows_done": int(old["rows_done"])}
     path.mkdir(parents=True, exist_ok=True)
-    if any(path.iterdir()):
+    present = {p.name for p in path.iterdir()}
+    if present and present <= {TOKENS, ACTIVATIONS, sidecar.with_suffix(".tmp").name}:
+        # a creation interrupted before its sidecar (written last, before any row): nothing was harvested
+        for name in present:
+            (path / name).unlink()
+    elif present:
         raise HarvestError(f"{path} is not empty and holds no {SIDECAR}: choose an empty or new directory")
     np.save(path / TOKENS, windows)
     acts = np.lib.format.open_memmap(path / ACTIVATIONS, mode="w+", dtype=np.float32, shape=shape)
@@ -325,7 +330,10 @@ def _open_store(path: Path, windows: np.ndarray, info: dict):
 def _write_json(path: Path, obj: dict) -> None:
     """Write JSON atomically (a temporary file, then rename), so a crash never leaves half a file."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -97,6 +97,19 @@ def test_interrupted_harvest_resumes_to_the_same_result(params, stream, tmp_path
     assert (loaded.site, loaded.layer) == ("mlp_post", 0)
 
 
+def test_a_creation_interrupted_before_its_sidecar_starts_over(params, stream, tmp_path):
+    """The sidecar is written last when a harvest directory is created: without it nothing was harvested,
+    so the harvest's own leftovers are replaced (anything else in the directory is still refused)."""
+    reference = harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, progress=False)
+    leftover = tmp_path / "h"
+    leftover.mkdir()
+    np.save(leftover / TOKENS, np.zeros((2, 8), np.int32))
+    (leftover / "harvest.tmp").write_text("{")
+    harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=leftover, progress=False)
+    np.testing.assert_array_equal(np.asarray(load_harvest(leftover).acts), reference.acts)
+    assert sorted(p.name for p in leftover.iterdir()) == sorted([ACTIVATIONS, TOKENS, SIDECAR])
+
+
 def test_resuming_a_different_harvest_fails(params, stream, tmp_path):
     harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=tmp_path / "h", progress=False)
     with pytest.raises(HarvestError, match="different harvest.*layer"):
