@@ -101,6 +101,8 @@ def test_a_creation_interrupted_before_its_sidecar_starts_over(params, stream, t
     """The sidecar is written last when a harvest directory is created: without it nothing was harvested,
     so the harvest's own leftovers are replaced (anything else in the directory is still refused)."""
     reference = harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, progress=False)
+    from probes.harvest import ACTIVATIONS, SIDECAR, TOKENS
+
     leftover = tmp_path / "h"
     leftover.mkdir()
     np.save(leftover / TOKENS, np.zeros((2, 8), np.int32))
