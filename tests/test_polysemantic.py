@@ -1,0 +1,95 @@
+"""probes.polysemantic against direct computations: the top contexts are the neuron's largest activations,
+the entropies count token types, and with an SAE the features' Pearson correlations, shares of the top
+activations and key cosines are the documented formulas (checked with an exact SAE, whose latents are
+relu(x) and relu(-x) of each input dimension)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tinygpt
+from conftest import GOLDEN_DIR
+from probes import polysemantic
+from probes.sae import SAE, SAEConfig
+
+LAYER, NEURON, K = 1, 3, 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tinygpt.load(str(GOLDEN_DIR / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def windows(model):
+    return np.random.default_rng(0).integers(0, model.config.vocab_size, (10, 9)).astype(np.int32)
+
+
+def exact_sae(d: int, site: str, layer: int) -> SAE:
+    eye = np.eye(d, dtype=np.float32)
+    params = {"W_enc": np.concatenate([eye, -eye], axis=1), "b_enc": np.zeros(2 * d, np.float32),
+              "W_dec": np.concatenate([eye, -eye], axis=0), "b_dec": np.zeros(d, np.float32)}
+    return SAE(SAEConfig(d_in=d, d_sae=2 * d, site=site, layer=layer), params)
+
+
+def pearson(x, y):
+    return float(np.corrcoef(np.asarray(x, np.float64), np.asarray(y, np.float64))[0, 1])
+
+
+def test_top_contexts_and_entropies(model, windows):
+    report = polysemantic.neuron_report(model.params, model.config, windows, LAYER, NEURON, k=K, context=4)
+    a = np.asarray(model(windows, keep=("mlp_post",)).mlp_post[LAYER, ..., NEURON])  # [window, seq]
+    order = np.argsort(-a.reshape(-1), kind="stable")[:K]
+    assert [(c.window, c.position) for c in report.top] == [divmod(int(r), windows.shape[1]) for r in order]
+    np.testing.assert_allclose([c.activation for c in report.top], a.reshape(-1)[order], rtol=1e-5)
+    tokens = [int(windows.reshape(-1)[r]) for r in order]
+    assert [c.token for c in report.top] == tokens
+    _, counts = np.unique(tokens, return_counts=True)
+    p = counts / counts.sum()
+    assert report.token_entropy == pytest.approx(float(-(p * np.log2(p)).sum()))
+    assert report.fire_rate == pytest.approx(float((a > 0).mean()))
+    assert all(c.context[-1] == c.token and len(c.context) <= 4 for c in report.top)
+
+
+def test_features_of_an_sae_on_the_neurons_own_layer(model, windows):
+    """Latent NEURON is relu(a): the most correlated, and all of the top activations (share 1 when they are
+    positive); its mirror relu(-a) has share 0 there."""
+    d_mlp = model.config.d_mlp
+    report = polysemantic.neuron_report(model.params, model.config, windows, LAYER, NEURON, k=K,
+                                        sae=exact_sae(d_mlp, "mlp_post", LAYER), n_features=3)
+    a = np.asarray(model(windows, keep=("mlp_post",)).mlp_post[LAYER, ..., NEURON]).reshape(-1)
+    best = report.features[0]
+    assert best.feature == NEURON and best.key_cosine is None
+    assert best.correlation == pytest.approx(pearson(np.maximum(a, 0), a), abs=1e-5)
+    assert all(c.activation > 0 for c in report.top)
+    assert best.share == pytest.approx(1.0, abs=1e-5)
+    for f in report.features[1:]:  # other latents decode to other neurons, or are relu(-a) = 0 at the top
+        assert f.share == pytest.approx(0.0, abs=1e-6)
+        i, sign = (f.feature, 1.0) if f.feature < d_mlp else (f.feature - d_mlp, -1.0)
+        a_i = np.asarray(model(windows, keep=("mlp_post",)).mlp_post[LAYER, ..., i]).reshape(-1)
+        assert f.correlation == pytest.approx(pearson(np.maximum(sign * a_i, 0), a), abs=1e-5)
+
+
+def test_features_of_an_sae_on_the_residual_stream(model, windows):
+    """Latent i of an exact SAE on resid_mid reads dimension i: its correlation is Pearson's of relu(x_i) with
+    the neuron, and its key cosine is the neuron's centred key's i-th component over the key's norm."""
+    d_model = model.config.d_model
+    report = polysemantic.neuron_report(model.params, model.config, windows, LAYER, NEURON, k=K,
+                                        sae=exact_sae(d_model, "resid_mid", LAYER), n_features=4)
+    trace = model(windows, keep=("mlp_post", "resid_mid"))
+    a = np.asarray(trace.mlp_post[LAYER, ..., NEURON]).reshape(-1)
+    x = np.asarray(trace.resid_mid[LAYER]).reshape(-1, d_model)
+    key = polysemantic.neuron_key(model.params, LAYER, NEURON)
+    blocks = model.params["blocks"]
+    raw = np.asarray(blocks["ln2_w"][LAYER], np.float64) * np.asarray(blocks["W_in"][LAYER][:, NEURON], np.float64)
+    np.testing.assert_allclose(key, raw - raw.mean(), rtol=1e-6, atol=1e-9)
+    correlations = []
+    for f in report.features:
+        i, sign = (f.feature, 1.0) if f.feature < d_model else (f.feature - d_model, -1.0)
+        expected = pearson(np.maximum(sign * x[:, i], 0), a)
+        assert f.correlation == pytest.approx(expected, abs=1e-5)
+        assert f.key_cosine == pytest.approx(sign * key[i] / np.linalg.norm(key), abs=1e-6)
+        assert f.share is None
+        correlations.append(f.correlation)
+    assert correlations == sorted(correlations, reverse=True)
