@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from probes import metrics
+from probes.transforms import unembedding_weight
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.model import positions_from_mask
 from tinygpt.sites import SITES, check_site_names
 from tinygpt.sweep import axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_units
 
@@ -44,11 +46,10 @@ SELECTORS = {"heads": "head", "neurons": "d_mlp", "dims": "d_model", "positions"
 # ------------------------------------------------------------------------------------------ what is ablated
 
 
-def token_positions(attention_mask, batch: int, seq: int) -> np.ndarray:
+def token_positions(attention_mask) -> np.ndarray:
     """Each slot's position among its row's real tokens, as the position embedding counts them (left padding
-    skipped; padding slots 0).  -> int [batch, seq]"""
-    mask = np.ones((batch, seq), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+    skipped), on the host.  [batch, seq] -> int [batch, seq]"""
+    return np.asarray(positions_from_mask(jnp.asarray(attention_mask)))
 
 
 def site_where(site: str, config: Config, seq: int, *, attention_mask=None, **selected) -> jax.Array:
@@ -79,7 +80,7 @@ def site_where(site: str, config: Config, seq: int, *, attention_mask=None, **se
         index = shape.index(axis)
         if axis == "seq" and attention_mask is not None:  # by token position, row by row
             real = np.asarray(attention_mask).astype(bool)  # [batch, seq]
-            rows = hot[token_positions(attention_mask, *real.shape)] & real  # [batch, seq]
+            rows = hot[token_positions(attention_mask)] & real  # [batch, seq]
             batch_index = shape.index("batch")
             rows = rows.reshape([real.shape[0] if i == batch_index else size if i == index else 1
                                  for i in range(len(shape))])
@@ -185,7 +186,7 @@ def at_token_positions(values, site: str, attention_mask):
     batch, seq = np.shape(attention_mask)
     seq_axis = 1 + SITES[site].shape.index("seq")
     values = jnp.broadcast_to(values, (values.shape[0], batch) + values.shape[2:])
-    index = token_positions(attention_mask, batch, seq).reshape(
+    index = token_positions(attention_mask).reshape(
         [batch if i == 1 else seq if i == seq_axis else 1 for i in range(values.ndim)])
     return jnp.take_along_axis(values, jnp.asarray(np.broadcast_to(index, values.shape)), axis=seq_axis)
 
@@ -302,7 +303,7 @@ def neuron_study(params, tokens, config: Config, layer: int, neuron: int, *, act
     edited = replaced_forward(params, tokens, config, "mlp_post", source, where, layer_mask(layer, config),
                               attention_mask=attention_mask, keep=("logits",)).logits
     direction = params["blocks"]["W_out"][layer, neuron]  # [d_model]
-    W_U = params["W_U"] if "W_U" in params else params["wte"].T  # [d_model, vocab]
+    W_U = unembedding_weight(params)  # [d_model, vocab]
     return NeuronStudy(layer, int(neuron), action, value, np.asarray(clean.mlp_post[layer, :, :, neuron]),
                        output_change(clean.logits, edited, position=position), np.asarray(direction @ W_U))
 

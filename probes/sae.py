@@ -40,6 +40,8 @@ import optax
 from tinygpt.config import Config
 from tinygpt.model import forward
 
+from .harvest import site_chunks
+
 KINDS = ("relu", "topk")
 
 
@@ -406,12 +408,6 @@ def _spliced_losses_fn(config: Config, sae_config: SAEConfig, site: str, layer: 
     return run
 
 
-def site_values(params, tokens, config: Config, site: str, layer: int | None):
-    """The site's value at `layer` (None for sites outside the blocks), float32.  -> [batch, seq, d_in]"""
-    values = forward(params, tokens, config, keep=(site,))[site]
-    return (values if layer is None else values[layer]).astype(jnp.float32)
-
-
 def loss_recovered(params, config: Config, sae: SAE, windows, *, mean_activation=None, batch: int = 8,
                    site: str | None = None, layer: int | None = None) -> LossRecovered:
     """Cross-entropy on token windows [n, seq] with the SAE's reconstruction spliced in at its site (from the
@@ -422,18 +418,18 @@ def loss_recovered(params, config: Config, sae: SAE, windows, *, mean_activation
     if site is None:
         raise SAEError("the SAE does not record its site: pass site= (and layer=)")
     windows = np.asarray(windows, np.int32)
-    starts = range(0, len(windows), batch)
-    chunks = [windows[start: start + batch] for start in starts]
-    padded = [np.concatenate([c, np.repeat(c[-1:], batch - len(c), axis=0)]) for c in chunks]  # one shape
     if mean_activation is None:  # the site's mean over every token of the windows
-        sums = [site_values(params, p, config, site, layer)[: len(c)].sum(axis=(0, 1)) for c, p in zip(chunks, padded)]
-        mean = sum(sums) / windows.size
+        sums = [values.sum(axis=(0, 1), dtype=np.float64) for _, values in
+                site_chunks(params, config, windows, site, layer, batch=batch)]
+        mean = jnp.asarray(sum(sums) / windows.size, jnp.float32)
     else:
         mean = jnp.asarray(mean_activation, jnp.float32)
     run = _spliced_losses_fn(config, sae.config, site, layer)
     per_window = {"clean": [], "sae": [], "zero": [], "mean": []}
-    for chunk, padded_chunk in zip(chunks, padded):
-        for mode, losses in run(params, sae.params, mean, padded_chunk).items():
+    for start in range(0, len(windows), batch):
+        chunk = windows[start: start + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])  # one shape
+        for mode, losses in run(params, sae.params, mean, padded).items():
             per_window[mode].append(np.asarray(losses)[: len(chunk)])
     ce = {mode: float(np.concatenate(losses).mean()) for mode, losses in per_window.items()}
     return LossRecovered(ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"], ce_mean=ce["mean"],

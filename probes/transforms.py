@@ -53,19 +53,24 @@ def untie_unembedding(params: Params) -> Params:
     return {**params, "W_U": W_U, "b_U": b_U}
 
 
+def unembedding_weight(params: Params) -> jnp.ndarray:
+    """The unembedding as a matrix [d_model, vocab]: W_U where params carry one, else wte.T."""
+    return params["W_U"] if "W_U" in params else jnp.asarray(params["wte"]).T
+
+
 def unembedding_matrix(params: Params) -> jnp.ndarray:
     """The map from the normalised final residual n(x) to the logits, without bias: lnf_w[:, None] * W_U,
     in float32 [d_model, vocab]. The same for original params (W_U = wte.T) and folded ones (lnf_w = 1).
     Reading a residual direction through it gives that direction's direct effect on every logit, up to the
     positive factor 1 / ln_final_scale."""
-    W_U = params["W_U"] if "W_U" in params else jnp.asarray(params["wte"]).T  # [d_model, vocab]
+    W_U = unembedding_weight(params)  # [d_model, vocab]
     return params["lnf_w"].astype(f32)[:, None] * W_U.astype(f32)
 
 
 def unembedding_bias(params: Params) -> jnp.ndarray:
     """The logits' constant part, lnf_b @ W_U + b_U, in float32 [vocab]: what the final LayerNorm's bias
     (and an explicit b_U) adds to every logit whatever the residual."""
-    W_U = params["W_U"] if "W_U" in params else jnp.asarray(params["wte"]).T  # [d_model, vocab]
+    W_U = unembedding_weight(params)  # [d_model, vocab]
     b_U = params["b_U"].astype(f32) if "b_U" in params else 0.0
     return params["lnf_b"].astype(f32) @ W_U.astype(f32) + b_U
 
