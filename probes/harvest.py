@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.errors import ArtifactError
 from tinygpt.model import causal_mask, forward, run_blocks
 from tinygpt.sites import SITES, check_site_names
 
@@ -48,7 +49,7 @@ ACTIVATIONS, TOKENS, SIDECAR = "activations.npy", "tokens.npy", "harvest.json"
 FORMAT = 1
 
 
-class HarvestError(ValueError):
+class HarvestError(ArtifactError):
     """A site that cannot be harvested, a corpus too short, or a harvest directory that does not match."""
 
 

