@@ -37,6 +37,7 @@ from tinygpt.config import Config
 from tinygpt.model import positions_from_mask
 from tinygpt.sites import SITES, check_site_names
 from tinygpt.sweep import axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_units
+from tinygpt.inputs import checks_tokens
 
 METHODS = ("zero", "mean", "resample")
 # keyword -> the axis (dimension name of `tinygpt.sites`) it selects on
@@ -224,6 +225,7 @@ def ablation_arrays(params, tokens, config: Config, site: str, *, layers, method
     return source, where, layer_mask(layers, config)
 
 
+@checks_tokens("tokens", "reference")
 def ablate(params, tokens, config: Config, site: str, *, layers=None, heads=None, neurons=None, dims=None,
            positions=None, method: str = "zero", reference=None, reference_mask=None, per_position: bool = True,
            seed: int = 0, attention_mask=None, keep=("logits",)):
@@ -283,6 +285,7 @@ class NeuronStudy:
     direct_logits: np.ndarray  # [vocab] its output direction through the unembedding, W_out[neuron] @ W_U (wte.T)
 
 
+@checks_tokens("tokens")
 def neuron_study(params, tokens, config: Config, layer: int, neuron: int, *, action: str = "ablate",
                  value: float | None = None, positions=None, attention_mask=None, position: int = -1) -> NeuronStudy:
     """Zero (ablate), multiply by `value` (scale) or set to `value` (set) one neuron's activation at `layer`
@@ -347,6 +350,7 @@ compiled_unit_sweep = jax.jit(unit_sweep_scores,
                               static_argnames=("config", "site", "axis", "metric", "position", "chunk_size"))
 
 
+@checks_tokens("tokens", "reference")
 def ablation_sweep(params, tokens, config: Config, *, site: str = "z", axis: str | None = "head",
                    metric: str = "log_prob", answer=None, wrong=None, method: str = "zero", reference=None,
                    reference_mask=None, per_position: bool = True, seed: int = 0, layers=None, units=None,

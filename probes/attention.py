@@ -22,9 +22,12 @@ import numpy as np
 
 import tinygpt
 from tinygpt.config import Config
+from tinygpt.files import save_figure
+from tinygpt.inputs import checks_tokens
 
 
 
+@checks_tokens("tokens")
 def attention_patterns(params, config: Config, tokens, attention_mask=None):
     """The attention pattern of every head.  tokens [batch, seq] -> [layer, batch, head, seq, key] float32"""
     return tinygpt.forward(params, tokens, config, attention_mask=attention_mask, keep=("attn_pattern",)).attn_pattern
@@ -96,6 +99,7 @@ class HeadSummary:
                 for layer in range(n_layer) for head in range(n_head)]
 
 
+@checks_tokens("tokens")
 def head_summary(params, config: Config, tokens, *, induction_n: int | None = None, seed: int = 0) -> HeadSummary:
     """Per-head pattern summaries on tokens [batch, seq] (at least 2 positions, no padding), and each head's
     induction score on repeated random tokens."""
@@ -136,5 +140,5 @@ def plot_patterns(pattern, labels, path, *, layers=None, title: str = "") -> Non
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -36,6 +36,7 @@ import numpy as np
 
 from tinygpt.config import Config
 from tinygpt.model import forward
+from tinygpt.inputs import checks_tokens
 
 from .transforms import center, unembedding_bias, unembedding_matrix
 
@@ -71,6 +72,7 @@ def stack_components(trace, params):
     return jnp.concatenate([trace.embed[None], trace.pos_embed[None], per_layer], axis=0)
 
 
+@checks_tokens("tokens")
 def residual_decomposition(params, config: Config, tokens, attention_mask=None):
     """(labels, vectors [component, batch, seq, d_model]) whose sum over components is the final residual."""
     trace = forward(params, tokens, config, attention_mask=attention_mask, keep=DECOMPOSITION_SITES[:4])
@@ -138,6 +140,7 @@ def check_read(config: Config, seq: int, position: int, target: int, baseline: i
             raise ValueError(f"{name} token id {token} is outside the vocabulary [0, {config.vocab_size})")
 
 
+@checks_tokens("tokens")
 def direct_logit_attribution(params, config: Config, tokens, target: int, *, baseline: int | None = None,
                              position: int = -1, attention_mask=None) -> Attribution:
     """Each component's direct contribution to the logit of `target` (or target - baseline) at `position`
@@ -183,6 +186,7 @@ def _attribute_neurons(params, tokens, attention_mask, layer, target, baseline, 
     return neurons.T, activations.T, bias, total
 
 
+@checks_tokens("tokens")
 def neuron_attribution(params, config: Config, tokens, layer: int, target: int, *, baseline: int | None = None,
                        position: int = -1, attention_mask=None) -> NeuronAttribution:
     """Each neuron of MLP `layer`: its direct contribution to the logit of `target` (or target - baseline)

@@ -23,6 +23,7 @@ from jax import lax
 
 from tinygpt.config import Config
 from tinygpt.model import forward, ln_apply, ln_scale, unembed
+from tinygpt.inputs import checks_tokens
 
 f32 = jnp.float32
 
@@ -151,6 +152,7 @@ def broadcast_target(target, tokens) -> jnp.ndarray | None:
     return jnp.broadcast_to(target, shape)
 
 
+@checks_tokens("tokens")
 def logit_lens(params, config: Config, tokens, *, sites=LENS_SITES, target=None, k: int = 5,
                attention_mask=None) -> LensSummary:
     """The logit lens at every layer of `sites` and every position of tokens [batch, seq].

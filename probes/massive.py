@@ -32,6 +32,8 @@ import numpy as np
 from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.files import save_figure
+from tinygpt.inputs import checks_tokens
 
 # --------------------------------------------------------------------------------------------------- detect
 
@@ -73,6 +75,7 @@ def scaled_sublayers(params, tokens, config: Config, attention, mlp):
     return forward(params, tokens[None], config, edits=edits, keep=("resid_post",)).resid_post[:, 0]
 
 
+@checks_tokens("prompts")
 def detect(params, config: Config, prompts, *, threshold: float = 100.0, ratio: float = 1000.0) -> list[Activation]:
     """Every massive activation of every prompt (token id arrays), largest |value| first."""
     found = []
@@ -107,6 +110,7 @@ def top_activations(activations: list[Activation], top: int) -> list[Activation]
     return out[:top]
 
 
+@checks_tokens("prompts")
 def trajectories(params, config: Config, prompts, activations: list[Activation]) -> list[Trajectory]:
     """For each massive dim, its value at every layer, at the (prompt, position) where it is largest."""
     out, done = [], set()
@@ -148,6 +152,7 @@ class Exclusion:
         return self.percent(self.mlp_off, self.baseline)
 
 
+@checks_tokens("prompts")
 def exclusion(params, config: Config, prompts, tops: list[Activation]) -> list[Exclusion]:
     out = []
     for a in tops:
@@ -181,6 +186,7 @@ class MLPStages:
     argmax: dict  # stage -> index (neuron or dim) of the max at the massive positions
 
 
+@checks_tokens("prompts")
 def mlp_stages(params, config: Config, prompts, activations: list[Activation], layer: int) -> MLPStages:
     massive_max = dict.fromkeys(MLP_STAGES, 0.0)
     others_max = dict.fromkeys(MLP_STAGES, None)
@@ -228,6 +234,7 @@ def linear_fit(x, y):
     return float(slope), float(intercept), float(r2)
 
 
+@checks_tokens("prompts")
 def geometry(params, config: Config, prompts, activations: list[Activation], layer: int, dim: int) -> Geometry:
     W_out = np.asarray(params["blocks"]["W_out"][layer], np.float64)  # [d_mlp, d_model]
     U, S, _ = np.linalg.svd(W_out, full_matrices=False)
@@ -281,6 +288,7 @@ class Intervention:
         return self.loss_mean - self.loss
 
 
+@checks_tokens("prompts")
 def intervention(params, config: Config, prompts, activations: list[Activation], layer: int) -> Intervention:
     at_layer = [a for a in activations if a.layer == layer]
     dims = sorted({a.dim for a in at_layer})
@@ -324,6 +332,7 @@ class MassiveReport:
     intervention: Intervention | None
 
 
+@checks_tokens("prompts")
 def investigate(params, config: Config, prompts, *, threshold: float = 100.0, ratio: float = 1000.0,
                 top: int = 4) -> MassiveReport:
     """Every stage of the module doc on `prompts` (a list of token id sequences). The MLP, geometry and
@@ -375,5 +384,5 @@ def plot_report(report: MassiveReport, path: str) -> None:
         right.legend(fontsize=7)
     right.set_title("W_out geometry", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -35,6 +35,7 @@ from tinygpt.model import unembed
 from tinygpt.sites import SITES
 from tinygpt.sweep import (axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_positions,
                            sweep_units)
+from tinygpt.inputs import checks_tokens
 
 DIRECTIONS = ("denoise", "noise")
 GRANULARITIES = {"position": "seq", "head": "head", "neuron": "d_mlp", "dim": "d_model", "layer": None}
@@ -70,6 +71,7 @@ def first_difference(clean, corrupt) -> int:
 # ----------------------------------------------------------------------------------------- a single patch
 
 
+@checks_tokens("clean_tokens", "corrupt_tokens")
 def patch(params, clean_tokens, corrupt_tokens, config: Config, site: str, *, layers=None, positions=None,
           heads=None, neurons=None, dims=None, direction: str = "denoise", keep=("logits",)):
     """The run on the corrupted prompt with `site` taken from the clean run (denoise), or the reverse
@@ -137,6 +139,7 @@ compiled_patching = jax.jit(patching_scores, static_argnames=(
     "chunk_size"))
 
 
+@checks_tokens("clean_tokens", "corrupt_tokens")
 def patching_sweep(params, clean_tokens, corrupt_tokens, config: Config, *, site: str = "resid_pre",
                    by: str = "position", metric: str = "logit_diff", answer=None, wrong=None,
                    direction: str = "denoise", layers=None, units=None, position: int = -1, buckets: int = 2,
@@ -233,6 +236,7 @@ compiled_attribution = jax.jit(attribution_scores,
                                static_argnames=("config", "sites", "metric", "position", "direction"))
 
 
+@checks_tokens("clean_tokens", "corrupt_tokens")
 def attribution_patching(params, clean_tokens, corrupt_tokens, config: Config, *,
                          sites=("resid_pre", "attn_out", "mlp_out", "z"), metric: str = "logit_diff", answer=None,
                          wrong=None, direction: str = "denoise", position: int = -1) -> Attribution:

@@ -29,12 +29,14 @@ from jax import lax
 
 import tinygpt
 from tinygpt.config import Config
+from tinygpt.inputs import checks_tokens
 
 from .steering import RESID_SITES, resolve_positions
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
 
+@checks_tokens("tokens")
 def hidden_states(params, config: Config, tokens, position: int = -1, site: str = "resid_post"):
     """The residual at `site` of every block at one position of tokens [1, seq].  -> [layer, d_model]"""
     trace = tinygpt.forward(params, tokens, config, keep=(site,))
@@ -93,6 +95,7 @@ class Patchscope:
     generated: np.ndarray | None  # [n, new] greedy continuation of each patched target prompt
 
 
+@checks_tokens("source_tokens", "target_tokens")
 def patchscope(params, config: Config, source_tokens, target_tokens, *, source_layers=None,
                source_position: int = -1, target_layer: int | None = None, target_position: int = -1,
                site: str = "resid_post", k: int = 5, max_new_tokens: int = 0) -> Patchscope:
@@ -126,6 +129,7 @@ def patchscope(params, config: Config, source_tokens, target_tokens, *, source_l
                       generated=generated)
 
 
+@checks_tokens("first_tokens", "template_tokens")
 def multihop(params, config: Config, first_tokens, template_tokens, placeholder_position: int, **kwargs) -> Patchscope:
     """Patch the last state of the first prompt into the template's placeholder position (e.g. the X of
     "the language spoken in X is"), at each layer, and decode what follows the template. Keyword arguments

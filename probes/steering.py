@@ -33,6 +33,7 @@ import numpy as np
 
 import tinygpt
 from tinygpt.config import Config
+from tinygpt.inputs import checks_tokens
 
 f32 = jnp.float32
 
@@ -64,6 +65,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
 # ---------------------------------------------------------------------------------------- difference of means
 
 
+@checks_tokens("prompts")
 def mean_last_resid(params, config: Config, prompts: Sequence[Sequence[int]], layer: int,
                     site: str = "resid_pre"):
     """The mean over prompts of the residual at `site` of block `layer`, at each prompt's last token.
@@ -74,6 +76,7 @@ def mean_last_resid(params, config: Config, prompts: Sequence[Sequence[int]], la
     return trace[site][layer, :, -1].astype(f32).mean(axis=0)
 
 
+@checks_tokens("positive", "negative")
 def mean_difference(params, config: Config, positive, negative, layer: int, site: str = "resid_pre"):
     """Difference-of-means steering vector: mean last-token residual of `positive` prompts minus that of
     `negative` prompts (lists of token-id lists), at `site` of block `layer`.  -> [d_model]"""
@@ -145,6 +148,7 @@ def _steered_generations(params, tokens, vector, layer, coefficients, positions,
     return jax.vmap(one)(coefficients)
 
 
+@checks_tokens("tokens")
 def steer(params, config: Config, tokens, vector, layer: int, coefficient: float = 1.0, *,
           site: str = "resid_pre", positions=None, max_new_tokens: int = 20, temperature: float = 0.0,
           top_k: int | None = None, seed: int = 0, compare: bool = True) -> Steered:
@@ -219,6 +223,7 @@ class FunctionVector:
     vector: np.ndarray  # [d_model] sum of the chosen heads' mean outputs
 
 
+@checks_tokens("clean", "corrupted")
 def function_vector(params, config: Config, clean, corrupted, answers, *, n_heads: int = 10) -> FunctionVector:
     """A function vector from in-context prompts: `clean` and `corrupted` are lists of token-id prompts
     (corrupted: the same prompts with the examples' answers shuffled), `answers` the id each should predict

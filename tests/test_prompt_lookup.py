@@ -228,7 +228,7 @@ def test_errors(model):
         generate(params, config, prompt, 4, temperature=0, keep="resid_post", prompt_lookup=4)
     with pytest.raises(ValueError, match="does not stream"):
         generate(params, config, prompt, 4, temperature=0, on_token=print, prompt_lookup=4)
-    with pytest.raises(ValueError, match="positive number of draft tokens"):
+    with pytest.raises(ValueError, match="prompt_lookup must be >= 1"):
         generate(params, config, prompt, 4, temperature=0, prompt_lookup=-2)
 
 

@@ -250,3 +250,10 @@ def parse_json(data: bytes | str, where: str, *, error=OutputError):
         raise error(f"{where} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise error(f"{where} is nested too deeply to be a tinygpt/GPT-2 file") from None
+
+
+def save_figure(fig, path, **savefig_kwargs) -> None:
+    """A matplotlib figure written atomically, in the format its extension names (.png, .pdf, .svg, ...)."""
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png", **savefig_kwargs)

@@ -22,11 +22,14 @@ from jax import lax
 from jax.experimental import io_callback
 
 from .config import Config
+from .errors import InputError
+from .inputs import check_float, check_int, check_seed
 from .model import (
     _at_top_level,
     block_attend_mlp,
     block_qkv,
     check_inputs,
+    embedding,
     final_sites,
     forward,
     positions_from_mask,
@@ -46,16 +49,23 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "temperature", check_float(self.temperature, "temperature", low=0.0))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", check_int(self.top_k, "top_k", low=1))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", check_float(self.top_p, "top_p", low=0.0, high=1.0, low_open=True))
 
 
 def sample(logits, key, sampling: Sampling):
-    """Next token ids from logits [batch, vocab] (float32). -> [batch]"""
+    """Next token ids from logits [batch, vocab] (float32). -> [batch]
+
+    A row whose logits are NaN (its prompt held an id outside the vocabulary, fed under jit where it cannot be
+    checked: see `tinygpt.inputs`) gets -1, never a real token."""
+    return jnp.where(jnp.isnan(logits).any(axis=-1), -1, choose(logits, key, sampling))  # [batch]
+
+
+def choose(logits, key, sampling: Sampling):
+    """Greedy, temperature, top-k and top-p choice of the next token ids.  logits [batch, vocab] -> [batch]"""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / sampling.temperature
@@ -102,7 +112,7 @@ def decode_step(params, layers, tokens, positions, cache, index, mask, config: C
     is a compile time that grows with depth (a 12-layer model's `generate` compiles in ~3 s on CPU, a
     48-layer one in ~11 s); the prompt's forward still scans."""
     outer = SiteRecorder(edits, keep | {"logits"}, None, positions)
-    embed = outer("embed", params["wte"][tokens])  # [batch, new, d_model]
+    embed = outer("embed", embedding(params["wte"], tokens))  # [batch, new, d_model]
     pos_embed = outer("pos_embed", params["wpe"][positions])  # [batch, new, d_model]
 
     resid = embed + pos_embed  # [batch, new, d_model]
@@ -173,11 +183,11 @@ def generate(
     if prompt_lookup:
         _check_lookup(prompt_lookup, sampling, keep, on_token)
     tokens, attention_mask = check_inputs(tokens, attention_mask, config)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", low=1)
+    seed = check_seed(seed)
     total = tokens.shape[1] + max_new_tokens
     if total > config.n_ctx:
-        raise ValueError(
+        raise InputError(
             f"prompt of {tokens.shape[1]} tokens + {max_new_tokens} new tokens = {total} exceeds the model's "
             f"context n_ctx={config.n_ctx}"
         )
@@ -201,15 +211,14 @@ def generate(
 
 
 def _check_lookup(n_draft, sampling: Sampling, keep, on_token):
-    if not isinstance(n_draft, int) or n_draft < 1:
-        raise ValueError(f"prompt_lookup must be a positive number of draft tokens, got {n_draft!r}")
+    check_int(n_draft, "prompt_lookup", low=1)
     if sampling.temperature != 0:
-        raise ValueError("prompt_lookup verifies drafts against greedy choices: it needs temperature=0")
+        raise InputError("prompt_lookup verifies drafts against greedy choices: it needs temperature=0")
     if keep:
-        raise ValueError("prompt_lookup keeps no traces (a pass feeds draft tokens that may be rejected); "
+        raise InputError("prompt_lookup keeps no traces (a pass feeds draft tokens that may be rejected); "
                          "generate without it to keep sites")
     if on_token is not None:
-        raise ValueError("prompt_lookup does not stream (rows gain several tokens per pass); generate "
+        raise InputError("prompt_lookup does not stream (rows gain several tokens per pass); generate "
                          "without it to use on_token")
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from jax import lax
 
 from .config import Config
-from .errors import InputError
+from .errors import InputError  # noqa: F401  (re-exported: tinygpt.model.InputError)
+from .inputs import check_inputs, is_concrete as _is_concrete  # noqa: F401
 from .params import Params
 from .sites import DERIVED
 from .trace import Edits, SiteRecorder, Trace, derived_sites, normalize_edits, normalize_keep
@@ -29,6 +30,12 @@ f32 = jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------- components
+
+
+def embedding(wte, tokens):
+    """wte[tokens]; an id outside [0, vocab) embeds as NaN, so whatever depends on it is NaN rather than another
+    token's value (a plain gather would clamp it: see `tinygpt.inputs`).  tokens [batch, seq] -> [batch, seq, d_model]"""
+    return wte.at[tokens].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
 
 
 def gelu_new(x):
@@ -432,58 +439,13 @@ def _forward(params, tokens, attention_mask, config: Config, edits, keep, derive
     store = keep - derived
 
     outer = SiteRecorder(edits, store, None, positions)
-    embed = outer("embed", params["wte"][tokens])  # [batch, seq, d_model]
+    embed = outer("embed", embedding(params["wte"], tokens))  # [batch, seq, d_model]
     pos_embed = outer("pos_embed", params["wpe"][positions])  # [batch, seq, d_model]
     resid, per_layer = run_blocks(params["blocks"], embed + pos_embed, mask, config, edits, store,
                                   positions=positions)
 
     final_sites(resid, params, outer, config.ln_eps)
     return Trace(derived=derived, **outer.kept, **per_layer)
-
-
-# ------------------------------------------------------------------------------------------- input checks
-
-
-
-
-def check_inputs(tokens, attention_mask, config: Config):
-    """Shape and dtype checks always (they are static); value checks (ids in range) where the values are
-    concrete, so `forward` stays traceable under an outer jit/vmap."""
-    if isinstance(tokens, (list, tuple)):
-        tokens = np.asarray(tokens)
-        if tokens.size == 0:  # np.asarray([[]]) is float64: report it as empty, not as a dtype problem
-            tokens = tokens.astype(np.int32)
-    if not hasattr(tokens, "dtype") or not hasattr(tokens, "shape"):
-        raise InputError(f"tokens must be an integer array of shape [batch, seq], got {type(tokens).__name__}")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise InputError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
-    if tokens.ndim != 2:
-        hint = " (use tokens[None] for a single sequence)" if tokens.ndim == 1 else ""
-        raise InputError(f"tokens must have shape [batch, seq], got shape {tuple(tokens.shape)}{hint}")
-    batch, seq = tokens.shape
-    if seq == 0:
-        raise InputError("tokens is empty: need at least one position")
-    if seq > config.n_ctx:
-        raise InputError(f"sequence of {seq} tokens is longer than the model's context n_ctx={config.n_ctx}")
-    if _is_concrete(tokens):
-        values = np.asarray(tokens)
-        if values.size and (values.min() < 0 or values.max() >= config.vocab_size):
-            bad = int(values.min()) if values.min() < 0 else int(values.max())
-            raise InputError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size})")
-    tokens = jnp.asarray(tokens)
-    if attention_mask is not None:
-        if isinstance(attention_mask, (list, tuple)):
-            attention_mask = np.asarray(attention_mask)
-        if tuple(attention_mask.shape) != (batch, seq):
-            raise InputError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, tokens have shape {(batch, seq)}"
-            )
-        attention_mask = jnp.asarray(attention_mask)
-    return tokens, attention_mask
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _at_top_level() -> bool:

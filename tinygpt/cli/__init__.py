@@ -6,17 +6,22 @@ subcommand's handler returns nothing and prints its result (the probe's result, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 
-from .common import CLIError, fail
+from tinygpt.errors import TinyGPTError
+
+from .common import CLIError, Parser, fail  # noqa: F401  (CLIError: re-exported)
 
 # Modules of subcommands, in the order `--help` lists them. A module that is missing is skipped.
 COMMAND_MODULES = ["core", "causal", "reading", "geometry"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tinygpt",
         description="A minimal GPT-2 in JAX for interpretability: generate, inspect every intermediate, and "
         "probe. --model takes a hub id (gpt2, gpt2-medium, ...) or a local directory; by default it is the "
@@ -34,33 +39,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that files being written are cleaned up as for Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command line `argv` (default: sys.argv[1:]) and return the exit code: 0 success, 2 a bad
+    argument, input or file (one line `tinygpt: error: ...` on stderr, never a traceback), 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM). Errors that are tinygpt's own bugs still show their traceback."""
+    as_script = argv is None
+    if as_script:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = _run(build_parser(), argv)
+    except KeyboardInterrupt:
+        code = _interrupted("interrupted", 130)
+    except Terminated:
+        code = _interrupted("terminated", 143)
+    if as_script and code in (130, 143):
+        # Leave without tearing down the interpreter: XLA's threads may still be running a computation, and
+        # Python's shutdown under them can crash (a segfault instead of exit 130). Every file being written
+        # has been cleaned up by now (tinygpt.files.atomic_write), and the output streams are flushed.
+        os._exit(code)
+    return code
+
+
+def _interrupted(what: str, code: int) -> int:
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    print(f"tinygpt: {what}", file=sys.stderr, flush=True)
+    return code
+
+
+def _run(parser, argv) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         args.func(args)
-    except CLIError as e:
+    except TinyGPTError as e:  # bad input, options, files: CLIError, InputError, WeightsError, ...
         return fail(str(e))
-    except BrokenPipeError:
+    except BrokenPipeError:  # `tinygpt ... | head -1`: the reader left; stop quietly
+        _silence_stdout()
         return 0
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # errors tinygpt raises for bad input or files are one line, exit code 2
-        from tinygpt.config import ConfigError
-        from tinygpt.model import InputError
-        from tinygpt.sites import SiteError
-
-        try:
-            from weights import WeightsError
-        except ImportError:  # pragma: no cover
-            WeightsError = ()
-        if isinstance(e, (InputError, SiteError, ConfigError, WeightsError)):
-            return fail(str(e))
-        raise
+    except OSError as e:  # the disk, not tinygpt: full, read-only, permission denied while writing
+        where = f" {e.filename!r}" if e.filename else ""
+        return fail(f"{e.strerror or e}{where}")
     return 0
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so Python's final flush does not fail again."""
+    with contextlib.suppress(Exception):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

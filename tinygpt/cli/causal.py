@@ -7,16 +7,26 @@ import argparse
 
 import numpy as np
 
+from tinygpt.files import save_figure
+
 from .common import (
+    add_plot_arg,
     CLIError,
     add_json_arg,
     add_model_args,
     add_prompt_args,
     add_token_arg,
+    count,
+    integer,
     load_model,
+    nonnegative,
+    parse_token_list,
     pieces,
+    positive,
     print_json,
     prompt_ids,
+    real,
+    seed,
     table,
     token_arg,
 )
@@ -35,15 +45,7 @@ def register(subparsers) -> None:
 
 
 def int_list(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise CLIError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise CLIError(f"{flag} is empty")
-    return values
+    return None if text is None else parse_token_list(text, flag)
 
 
 def check_range(values: list[int] | None, size: int, flag: str, what: str) -> None:
@@ -83,7 +85,7 @@ def plot_grid(path: str, grids: dict, xlabel: str, xticks: list[str], title: str
             ax.set_xticks(range(len(xticks)), xticks, rotation=90, fontsize=7)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -115,17 +117,17 @@ def register_ablate(subparsers) -> None:
                    help="reference prompt as token ids (repeatable)")
     p.add_argument("--mean-over-positions", action="store_true",
                    help="mean over the reference's positions too (needed when its length differs)")
-    p.add_argument("--seed", type=int, default=0, help="resample seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="resample seed (default 0)")
     p.add_argument("--neuron-action", default=None, choices=["ablate", "scale", "set"],
                    help="study one neuron: zero it, scale it by --value, or set it to --value")
-    p.add_argument("--value", type=float, default=None, help="factor (scale) or activation (set)")
+    p.add_argument("--value", type=real, default=None, help="factor (scale) or activation (set)")
     p.add_argument("--sweep", default=None, choices=["heads", "neurons"], help="ablate every head / neuron in turn")
     p.add_argument("--metric", default=None, choices=CAUSAL_METRICS,
                    help="sweep metric at the last position (default: log_prob with --answer, else kl)")
     add_token_arg(p, "answer", "the answer token for the sweep metric")
     add_token_arg(p, "wrong", "the wrong token for logit_diff")
-    p.add_argument("--top", type=int, default=10, help="tokens / units to list (default 10)")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="sweeps: save a layer x unit heatmap")
+    p.add_argument("--top", type=count, default=10, help="tokens / units to list (default 10)")
+    add_plot_arg(p, "sweeps: save a layer x unit heatmap")
     add_json_arg(p)
     p.set_defaults(func=cmd_ablate)
 
@@ -133,7 +135,7 @@ def register_ablate(subparsers) -> None:
 def reference_batch(model, args, seq: int):
     """(tokens [ref_batch, ref_seq], mask or None, per_position) of the --reference prompts, left-padded."""
     refs = [prompt_ids(model, text, None, what="--reference") for text in args.reference or []]
-    refs += [prompt_ids(model, None, ids, what="--reference-tokens") for ids in args.reference_tokens or []]
+    refs += [prompt_ids(model, None, ids, tokens_flag="--reference-tokens") for ids in args.reference_tokens or []]
     if not refs:
         if args.method != "zero":
             raise CLIError(f"{args.method} ablation needs --reference TEXT (or --reference-tokens IDS) prompts")
@@ -313,7 +315,7 @@ def register_patch(subparsers) -> None:
     p.add_argument("--direction", default="denoise", choices=["denoise", "noise"], help="default denoise")
     p.add_argument("--layers", default=None, metavar="L,..", help="layers (default: all)")
     p.add_argument("--attribution", action="store_true", help="also report attribution patching's estimates")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save a layer x unit heatmap per site")
+    add_plot_arg(p, "save a layer x unit heatmap per site")
     add_json_arg(p)
     p.set_defaults(func=cmd_patch)
 
@@ -326,8 +328,9 @@ def cmd_patch(args) -> None:
 
     model = load_model(args)
     config = model.config
-    clean = prompt_ids(model, args.clean, args.clean_tokens, what="--clean")
-    corrupt = prompt_ids(model, args.corrupt, args.corrupt_tokens, what="--corrupt")
+    clean = prompt_ids(model, args.clean, args.clean_tokens, what="--clean", tokens_flag="--clean-tokens")
+    corrupt = prompt_ids(model, args.corrupt, args.corrupt_tokens, what="--corrupt",
+                         tokens_flag="--corrupt-tokens")
     if len(clean) != len(corrupt):
         raise CLIError(f"the clean prompt has {len(clean)} tokens and the corrupted one {len(corrupt)}: patching "
                        f"matches positions, so they must have the same length ({pieces(model, clean)} vs "
@@ -402,28 +405,35 @@ def cmd_patch(args) -> None:
 def register_trace(subparsers) -> None:
     p = subparsers.add_parser(
         "trace", help="causal tracing (ROME): where the state recalling a fact lives",
-        description="Corrupt the subject's token embeddings with Gaussian noise (--noise x the std of their "
-        "embeddings, --samples seeded samples), then restore the clean state at each layer x position for the "
-        "residual stream, the MLP output and the attention output (the latter two over a --window of layers); "
-        "report P(answer) restored, and the total and indirect effects. --plot draws ROME's heatmaps.")
+        description="Corrupt the subject's token embeddings (its first occurrence in the prompt, as ROME; "
+        "--occurrence picks another) with Gaussian noise (--noise x the std of their embeddings, --samples seeded "
+        "samples; --noise-draw rome draws them as ROME does), then restore the clean state at each layer x "
+        "position for the residual stream, the MLP output and the attention output (the latter two over a --window "
+        "of layers); report P(answer) restored, and the total and indirect effects. --plot draws ROME's heatmaps.")
     add_prompt_args(p)
     add_model_args(p)
     p.add_argument("--subject", default=None, metavar="TEXT", help="the subject, as it appears in PROMPT")
     p.add_argument("--subject-positions", default=None, metavar="P,..",
                    help="the subject's token positions (with --tokens)")
+    p.add_argument("--occurrence", type=integer, default=None, metavar="N",
+                   help="which occurrence of --subject to corrupt: 0 the first (default, as ROME), 1 the second, "
+                        "-1 the last")
     add_token_arg(p, "answer", "the traced answer (default: the clean run's top token)")
     p.add_argument("--kinds", default="resid_post,mlp_out,attn_out", metavar="KIND,..",
                    help="restored sites, of resid_pre, resid_post, mlp_out, attn_out (default: "
                         "resid_post,mlp_out,attn_out: block outputs, as ROME's hidden-state trace)")
-    p.add_argument("--window", type=int, default=10, help="layers restored together for mlp_out/attn_out (10)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples (default 10)")
-    p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the subject embeddings' "
+    p.add_argument("--window", type=count, default=10, help="layers restored together for mlp_out/attn_out (10)")
+    p.add_argument("--samples", type=count, default=10, help="noise samples (default 10)")
+    p.add_argument("--noise", type=positive, default=3.0, help="noise std as a multiple of the subject embeddings' "
                                                             "std (default 3)")
-    p.add_argument("--noise-std", type=float, default=None,
+    p.add_argument("--noise-std", type=positive, default=None,
                    help="absolute noise std (overrides --noise); ROME fixes it for all prompts at 3 x the std of "
                         "the embeddings of all its subjects' tokens (probes.tracing.embedding_std)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save ROME's heatmaps (tokens x layers)")
+    p.add_argument("--seed", type=seed, default=0, help="noise seed (default 0)")
+    p.add_argument("--noise-draw", choices=["jax", "rome"], default="jax",
+                   help="jax: seeded jax.random (default); rome: ROME's numpy RandomState(1).randn draw, to "
+                        "reproduce its numbers (--seed unused)")
+    add_plot_arg(p, "save ROME's heatmaps (tokens x layers)")
     add_json_arg(p)
     p.set_defaults(func=cmd_trace)
 
@@ -439,10 +449,12 @@ def cmd_trace(args) -> None:
         if model.tokenizer is None:
             raise CLIError(f"model {model.source!r} has no tokenizer; use --subject-positions P,..")
         try:
-            subject = tracing.find_subject(model.tokenizer, ids, args.subject)
+            subject = tracing.find_subject(model.tokenizer, ids, args.subject, occurrence=args.occurrence or 0)
         except ValueError as e:
-            raise CLIError(str(e)) from None
+            raise CLIError(str(e).replace("occurrence=", "--occurrence ")) from None
     else:
+        if args.occurrence is not None:
+            raise CLIError("--occurrence picks an occurrence of --subject TEXT; leave it out with --subject-positions")
         subject = int_list(args.subject_positions, "--subject-positions")
         check_range(subject, len(ids), "--subject-positions", "positions in the prompt")
     answer = token_arg(model, args.answer, args.answer_id, "answer")
@@ -452,7 +464,8 @@ def cmd_trace(args) -> None:
     try:
         result = tracing.causal_trace(model.params, ids, model.config, subject, answer=answer, kinds=kinds,
                                       samples=args.samples, noise=args.noise, noise_std=args.noise_std,
-                                      seed=args.seed, window=args.window)
+                                      seed=args.seed, window=args.window,
+                                      noise_values="rome" if args.noise_draw == "rome" else None)
     except ValueError as e:
         raise CLIError(str(e)) from None
     labels = pieces(model, ids)
@@ -461,14 +474,16 @@ def cmd_trace(args) -> None:
     out = {"tokens": ids, "pieces": labels, "subject_positions": subject, "answer": result.answer,
            "answer_piece": piece(model, result.answer), "clean_prob": result.clean_prob,
            "corrupt_prob": result.corrupt_prob, "total_effect": result.total_effect, "noise_std": result.noise_std,
-           "samples": result.samples, "window": result.window, "seed": result.seed, "scores": result.scores,
+           "samples": result.samples, "window": result.window, "seed": result.seed,
+           "noise_draw": result.noise_draw, "scores": result.scores,
            "indirect_effect": {k: result.indirect_effect(k) for k in result.scores}}
     if args.json:
         print_json(out)
         return
     print(f"{model}\nprompt: {labels}\nsubject: {[labels[i] for i in subject]} (positions {subject})\n"
           f"P({piece(model, result.answer)!r}): clean {result.clean_prob:.4g}, corrupted {result.corrupt_prob:.4g} "
-          f"(noise std {result.noise_std:.3g}, {result.samples} samples); total effect {result.total_effect:.4g}\n")
+          f"(noise std {result.noise_std:.3g}, {result.samples} samples, {result.noise_draw} draw); "
+          f"total effect {result.total_effect:.4g}\n")
     for kind, scores in result.scores.items():
         print(f"P(answer) restoring {kind}" + ("" if kind in tracing.RESIDUAL_KINDS else
                                                f" (window {result.window})") + " (rows: tokens, columns: layers)")
@@ -497,10 +512,10 @@ def register_massive(subparsers) -> None:
     p.add_argument("--tokens", action="append", default=None, metavar="IDS",
                    help="a prompt as comma-separated token ids (repeatable)")
     add_model_args(p)
-    p.add_argument("--threshold", type=float, default=100.0, help="minimum |value| (default 100)")
-    p.add_argument("--ratio", type=float, default=1000.0, help="minimum |value| / median |value| (default 1000)")
-    p.add_argument("--top", type=int, default=4, help="activations followed in the exclusion test (default 4)")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save trajectories and the W_out regression")
+    p.add_argument("--threshold", type=nonnegative, default=100.0, help="minimum |value| (default 100)")
+    p.add_argument("--ratio", type=nonnegative, default=1000.0, help="minimum |value| / median |value| (default 1000)")
+    p.add_argument("--top", type=count, default=4, help="activations followed in the exclusion test (default 4)")
+    add_plot_arg(p, "save trajectories and the W_out regression")
     add_json_arg(p)
     p.set_defaults(func=cmd_massive)
 

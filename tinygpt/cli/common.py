@@ -9,13 +9,111 @@ import sys
 import numpy as np
 
 
-class CLIError(Exception):
+from tinygpt.errors import InputError, OutputError, TinyGPTError, require
+from tinygpt.files import check_output_file
+from tinygpt.inputs import SEED_RANGE, check_float, check_int
+
+
+class CLIError(TinyGPTError):
     """A problem with the command's arguments or inputs: printed as one line, exit code 2."""
 
 
 def fail(message: str) -> int:
-    print(f"tinygpt: error: {message}", file=sys.stderr)
+    print(f"tinygpt: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
     return 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with tinygpt's error format: one line `tinygpt: error: ...` naming the flag, exit code 2
+    (argparse's own prints the usage first). Subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("tinygpt").strip()
+        fail(f"{command}: {message}" if command else message)
+        self.exit(2)
+
+
+# -------------------------------------------------------------------------------------------- option types
+# Every numeric option takes one of these types (tests/test_cli_options.py walks the parser to make sure):
+# each refuses, while the command line is parsed and so before any work, what the option cannot mean (NaN,
+# infinities, negatives, zero counts, absurd sizes), with argparse's "argument --FLAG: ..." naming the flag.
+# The bounds are the API's own (tinygpt.inputs.check_int / check_float), so both refuse the same values.
+
+INT_LIMIT = 2**31 - 1  # no count, size or index of a GPT-2 run comes near it
+
+
+class Number:
+    """An argparse type for an int or a finite float within bounds."""
+
+    def __init__(self, kind, low=None, high=None, *, low_open=False, high_open=False, name=None):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.__name__ = name or kind.__name__  # argparse names the type in some messages
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text.strip())
+        except ValueError:
+            word = "an integer" if self.kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {word}, got {text!r}") from None
+        try:
+            if self.kind is int:
+                value = check_int(value, "value", low=self.low, high=self.high)
+                if abs(value) > INT_LIMIT:
+                    raise argparse.ArgumentTypeError(f"{value} is out of range (more than {INT_LIMIT} in size)")
+                return value
+            return check_float(value, "value", low=self.low, high=self.high, low_open=self.low_open,
+                               high_open=self.high_open)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+
+    def __repr__(self):
+        return f"Number({self.__name__})"
+
+
+count = Number(int, 1, name="count")  # how many: steps, tokens, samples, rows (>= 1)
+natural = Number(int, 0, name="natural")  # an index (layer, head, neuron) or a count where 0 means none
+integer = Number(int, name="integer")  # a position: negative counts from the end
+seed = Number(int, *SEED_RANGE, name="seed")  # jax's PRNGKey keeps 32 bits
+real = Number(float, name="real")  # any finite number (coefficients, values)
+nonnegative = Number(float, 0.0, name="nonnegative")  # temperatures, thresholds, L1 coefficients
+positive = Number(float, 0.0, low_open=True, name="positive")  # learning rates, noise levels
+probability = Number(float, 0.0, 1.0, low_open=True, name="probability")  # top-p: (0, 1]
+
+
+def output_file(flag: str, suffixes: tuple[str, ...] | None = None):
+    """An argparse type for a file the command will write: its directory exists and is writable (checked
+    while parsing, so a typo fails at once, not after the computation)."""
+
+    def parse(text: str):
+        try:
+            return str(check_output_file(text, flag, suffixes=suffixes))
+        except OutputError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag} ")) from None
+
+    parse.__name__ = "path"
+    return parse
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")
+_plot_file = output_file("--plot", PLOT_SUFFIXES)
+
+
+def plot_file(text: str):
+    """--plot PATH: a writable path with an image extension matplotlib writes, and matplotlib installed."""
+    path = _plot_file(text)
+    try:
+        require("matplotlib", "plot", "--plot")
+    except TinyGPTError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path
+
+
+plot_file.__name__ = "path"
+
+
+def add_plot_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--plot", type=plot_file, default=None, metavar="PATH.png",
+                        help=f"{help} (.png, .pdf, .svg, ...; needs matplotlib)")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -44,43 +142,50 @@ def load_model(args):
     return tinygpt.load(args.model, dtype=args.dtype, revision=getattr(args, "revision", None))
 
 
-def parse_token_list(text: str) -> list[int]:
+def parse_token_list(text: str, flag: str = "--tokens") -> list[int]:
+    """Comma-separated integers given to `flag` (token ids, positions, ...)."""
     try:
         ids = [int(part) for part in text.replace(" ", "").split(",") if part != ""]
     except ValueError:
-        raise CLIError(f"--tokens must be comma-separated integers, got {text!r}") from None
+        raise CLIError(f"{flag} must be comma-separated integers, got {text!r}") from None
     if not ids:
-        raise CLIError("--tokens is empty")
+        raise CLIError(f"{flag} is empty")
+    if any(abs(i) > INT_LIMIT for i in ids):
+        raise CLIError(f"{flag}: {next(i for i in ids if abs(i) > INT_LIMIT)} is out of range")
     return ids
 
 
-def prompt_ids(model, prompt: str | None, tokens: str | None, *, what: str = "PROMPT") -> list[int]:
-    """Token ids of the prompt (text through the model's tokenizer, or --tokens), checked against the
-    vocabulary and context."""
+def prompt_ids(model, prompt: str | None, tokens: str | None, *, what: str = "PROMPT",
+               tokens_flag: str = "--tokens") -> list[int]:
+    """Token ids of the prompt (text through the model's tokenizer, or token ids given to `tokens_flag`),
+    checked against the vocabulary and context. `what` names the text argument in messages."""
     if tokens is not None and prompt is not None:
-        raise CLIError(f"give either {what} or --tokens, not both")
+        raise CLIError(f"give either {what} or {tokens_flag}, not both")
     if tokens is not None:
-        ids = parse_token_list(tokens)
+        ids = parse_token_list(tokens, tokens_flag)
+        where = tokens_flag
     elif prompt is not None:
         if model.tokenizer is None:
-            raise CLIError(f"model {model.source!r} has no tokenizer (vocab.json/merges.txt); use --tokens 12,7,99")
+            raise CLIError(f"model {model.source!r} has no tokenizer (vocab.json/merges.txt); use {tokens_flag} "
+                           "12,7,99")
         ids = model.tokenizer.encode(prompt)
         if not ids:
             raise CLIError(f"{what} is empty")
+        where = what
     else:
-        raise CLIError(f"give a {what} or --tokens")
+        raise CLIError(f"give a {what} or {tokens_flag}")
     bad = [i for i in ids if not 0 <= i < model.config.vocab_size]
     if bad:
-        raise CLIError(f"token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
+        raise CLIError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})")
     if len(ids) > model.config.n_ctx:
-        raise CLIError(f"prompt of {len(ids)} tokens is longer than the model's context n_ctx={model.config.n_ctx}")
+        raise CLIError(f"{where}: {len(ids)} tokens is longer than the model's context n_ctx={model.config.n_ctx}")
     return ids
 
 
 def add_token_arg(parser, name: str, what: str) -> None:
     """--NAME TEXT (one token of the model's tokenizer) or --NAME-id ID."""
     parser.add_argument(f"--{name}", default=None, metavar="TEXT", help=f"{what}, as text that is one token")
-    parser.add_argument(f"--{name}-id", type=int, default=None, metavar="ID", help=f"{what}, as a token id")
+    parser.add_argument(f"--{name}-id", type=natural, default=None, metavar="ID", help=f"{what}, as a token id")
 
 
 def token_arg(model, text: str | None, token_id: int | None, flag: str) -> int | None:

@@ -12,11 +12,16 @@ from .common import (
     add_json_arg,
     add_model_args,
     add_prompt_args,
+    count,
     decode,
     load_model,
+    natural,
+    nonnegative,
     pieces,
     print_json,
+    probability,
     prompt_ids,
+    seed,
     table,
 )
 
@@ -28,12 +33,13 @@ def register(subparsers) -> None:
         "one compiled program and tokens are printed as they are produced. Temperature 0 is greedy.")
     add_prompt_args(p)
     add_model_args(p)
-    p.add_argument("-n", "--max-new-tokens", type=int, default=60, help="tokens to generate (default 60)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most probable tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+    p.add_argument("-n", "--max-new-tokens", type=count, default=60, help="tokens to generate (default 60)")
+    p.add_argument("--temperature", type=nonnegative, default=1.0,
+                   help="sampling temperature; 0 = greedy (default 1.0, as tinygpt.generate's)")
+    p.add_argument("--top-k", type=count, default=None, help="sample among the k most probable tokens")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling: smallest set with mass >= p")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    p.add_argument("--prompt-lookup", type=natural, default=0, metavar="K",
                    help="greedy only (--temperature 0): draft K tokens by prompt lookup and verify them in one "
                    "pass; the same tokens in fewer passes where text repeats, printed when complete (default off)")
     add_json_arg(p)
@@ -57,7 +63,7 @@ def register(subparsers) -> None:
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_prompt_args(p)
     add_model_args(p)
-    p.add_argument("--top", type=int, default=10, help="how many next-token predictions to show (default 10)")
+    p.add_argument("--top", type=count, default=10, help="how many next-token predictions to show (default 10)")
     add_json_arg(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -68,12 +74,6 @@ def register(subparsers) -> None:
 def cmd_generate(args) -> None:
     import tinygpt
 
-    if args.max_new_tokens < 1:
-        raise CLIError("--max-new-tokens must be at least 1")
-    if args.temperature < 0:
-        raise CLIError("--temperature must be >= 0")
-    if args.prompt_lookup < 0:
-        raise CLIError("--prompt-lookup must be a number of draft tokens >= 1 (0: off)")
     if args.prompt_lookup and args.temperature != 0:
         raise CLIError("--prompt-lookup verifies drafts against greedy choices: add --temperature 0")
     model = load_model(args)
@@ -92,7 +92,7 @@ def cmd_generate(args) -> None:
     seconds = time.perf_counter() - start
     if args.json:
         print_json({"prompt_tokens": ids, "tokens": new, "text": decode(model, new),
-                    "prompt": decode(model, ids), "seconds": seconds, "passes": int(out.passes)})
+                    "prompt": decode(model, ids), "passes": int(out.passes), "timing": {"seconds": seconds}})
     else:
         stream.finish(new)
 
@@ -102,19 +102,31 @@ class _Streamer:
     character until it is complete)."""
 
     def __init__(self, model, prompt):
-        self.model, self.prompt, self.ids, self.printed = model, prompt, [], ""
+        self.model, self.prompt, self.ids, self.printed, self.closed = model, prompt, [], "", False
+
+    def write(self, text: str) -> None:
+        """Print `text` now; once the reader has gone (`| head -1`), stop printing. The callback runs inside the
+        compiled program, where an exception would surface as a JaxRuntimeError: none may escape it."""
+        if self.closed:
+            return
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.closed = True
+            from . import _silence_stdout
+
+            _silence_stdout()
 
     def start(self):
-        sys.stdout.write(decode(self.model, self.prompt))
-        sys.stdout.flush()
+        self.write(decode(self.model, self.prompt))
 
     def __call__(self, step, ids):
         self.ids.append(int(ids[0]))
         text = decode(self.model, self.ids)
         if text.endswith("\ufffd") and self.model.tokenizer is not None:
             return  # wait for the rest of the character
-        sys.stdout.write(text[len(self.printed):] if self.model.tokenizer is not None else " " + text.split()[-1])
-        sys.stdout.flush()
+        self.write(text[len(self.printed):] if self.model.tokenizer is not None else " " + text.split()[-1])
         self.printed = text
 
     def finish(self, new):
@@ -123,11 +135,10 @@ class _Streamer:
         jax.effects_barrier()
         text = decode(self.model, new)
         if self.model.tokenizer is not None and len(text) > len(self.printed):
-            sys.stdout.write(text[len(self.printed):])
+            self.write(text[len(self.printed):])
         elif self.model.tokenizer is None and not self.ids:  # nothing streamed (prompt lookup): all of it now
-            sys.stdout.write(" " + text)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+            self.write(" " + text)
+        self.write("\n")
 
 
 # ------------------------------------------------------------------------------------------------- tokens

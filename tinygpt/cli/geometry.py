@@ -12,7 +12,24 @@ import dataclasses
 
 import numpy as np
 
-from .common import CLIError, add_json_arg, add_model_args, load_model, pieces, print_json, table
+from tinygpt.files import save_figure
+
+from .common import (
+    add_plot_arg,
+    CLIError,
+    Number,
+    add_json_arg,
+    add_model_args,
+    count,
+    load_model,
+    natural,
+    nonnegative,
+    pieces,
+    positive,
+    print_json,
+    seed,
+    table,
+)
 
 
 def register(subparsers) -> None:
@@ -32,12 +49,12 @@ def add_corpus_args(parser, max_tokens: int | None) -> None:
                              "corpus")
     parser.add_argument("--split", default="val", choices=["val", "train"],
                         help="which part of the embedded corpus: val (held-out plays, default) or train")
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+    parser.add_argument("--max-tokens", type=count, default=max_tokens, metavar="N",
                         help="use the first N tokens of the corpus" + (f" (default {max_tokens})" if max_tokens
                                                                          else " (default: all)"))
-    parser.add_argument("--seq", type=int, default=None, metavar="N",
+    parser.add_argument("--seq", type=count, default=None, metavar="N",
                         help="window length in tokens (default: the model's context n_ctx)")
-    parser.add_argument("--batch", type=int, default=None, metavar="N", help="windows per forward call")
+    parser.add_argument("--batch", type=count, default=None, metavar="N", help="windows per forward call")
 
 
 def pyplot():
@@ -49,19 +66,92 @@ def pyplot():
     return plt
 
 
-def probe_errors(fn):
-    """Turn the probes' input errors into one-line CLI errors."""
+def cli_message(error, flags: dict[str, str] | None = None) -> str:
+    """An error's message in the command's terms: a probe's error about an API argument
+    (`probes.harvest.argument_error`) names the command's flag for it instead, when `flags` maps the argument
+    ({"steps": "--steps"}); any other error, its own message."""
+    argument = getattr(error, "argument", None)
+    if flags and argument in flags and hasattr(error, "template"):
+        return error.template.format(argument=flags[argument], **error.values)
+    return str(error)
+
+
+def probe_errors(fn=None, *, flags: dict[str, str] | None = None):
+    """Turn tinygpt's errors (bad input, damaged artifacts, a missing corpus package, a locked output) into
+    one-line CLI errors, naming the command's flags (`cli_message`)."""
+    if fn is None:
+        return lambda fn: probe_errors(fn, flags=flags)
 
     def wrapped(args):
-        from probes.harvest import HarvestError
-        from probes.sae import SAEError
+        from tinygpt.errors import TinyGPTError
 
         try:
             return fn(args)
-        except (HarvestError, SAEError) as e:
-            raise CLIError(str(e)) from None
+        except CLIError:
+            raise
+        except TinyGPTError as e:
+            raise CLIError(cli_message(e, flags)) from None
 
     return wrapped
+
+
+class InterruptLatch:
+    """Remembers a Ctrl-C (SIGINT) while a command prepares a file, so that it is never written after one.
+
+    Ctrl-C raises KeyboardInterrupt as usual; the latch also records it, because a KeyboardInterrupt can be
+    lost: Python runs the signal handler at the next line of Python code, and when that line belongs to a
+    garbage-collector callback (JAX registers one, jax._src.lib._xla_gc_callback) the exception is printed as
+    "Exception ignored in ..." and dropped, and the command ran on and replaced its --out. `check()` raises
+    KeyboardInterrupt if a Ctrl-C was ever received: call it before writing and between steps."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        import signal
+
+        if self._previous == signal.SIG_IGN:
+            return
+        self.interrupted = True
+        if callable(self._previous):
+            self._previous(signum, frame)  # signal.default_int_handler raises KeyboardInterrupt
+        else:
+            raise KeyboardInterrupt
+
+    def check(self, *_) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+
+def remove_own_temporaries(path) -> None:
+    """Delete temporary files that an earlier writer of `path` (killed before it could clean up) left beside
+    it; only this file's (`.NAME.tinygpt-tmp.*`), never another writer's. Call holding path's writer lock."""
+    from pathlib import Path
+
+    from tinygpt.files import TEMP_MARK
+
+    path = Path(path)
+    prefix = f".{path.name}{TEMP_MARK}."
+    for entry in (path.parent if str(path.parent) else Path(".")).iterdir():
+        if entry.name.startswith(prefix):
+            entry.unlink(missing_ok=True)
 
 
 def corpus_windows(model, args) -> tuple[np.ndarray, str]:
@@ -93,24 +183,31 @@ def register_harvest(subparsers) -> None:
         description="Run the corpus through the model in windows and store SITE's activation at every token "
         "(one row per token) in OUT_DIR/activations.npy, a memory-mapped float32 [tokens, width] array, with the "
         "windows in tokens.npy and progress in harvest.json. Only the blocks up to --layer run. Interrupted, the "
-        "same command resumes where it stopped.")
+        "same command resumes where it stopped. OUT_DIR must be new, empty, or a harvest to resume: tinygpt never "
+        "writes over or deletes a file it did not create, and a second harvest into OUT_DIR while one runs fails "
+        "at once, naming the first.")
     p.add_argument("out", metavar="OUT_DIR", help="directory for the harvest (new, empty, or one to resume)")
     p.add_argument("--site", required=True, choices=SITE_NAMES, metavar="SITE", help="site name, e.g. resid_post")
-    p.add_argument("--layer", type=int, default=None, help="block index (for per-layer sites)")
+    p.add_argument("--layer", type=natural, default=None, help="block index (for per-layer sites)")
     add_corpus_args(p, None)
     add_model_args(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_harvest)
 
 
-@probe_errors
-def cmd_harvest(args) -> None:
-    from probes.harvest import harvest
+HARVEST_FLAGS = {"layer": "--layer", "seq": "--seq", "batch": "--batch", "corpus": "--corpus"}
 
-    model = load_model(args)
-    windows, description = corpus_windows(model, args)
-    store = harvest(model.params, model.config, windows.reshape(-1), args.site, args.layer, seq=windows.shape[1],
-                    batch=args.batch, path=args.out, source=model.source)
+
+@probe_errors(flags=HARVEST_FLAGS)
+def cmd_harvest(args) -> None:
+    from probes.harvest import check_not_written, harvest
+
+    check_not_written(args.corpus, args.out, "corpus")
+    with InterruptLatch() as latch:
+        model = load_model(args)
+        windows, description = corpus_windows(model, args)
+        store = harvest(model.params, model.config, windows.reshape(-1), args.site, args.layer, seq=windows.shape[1],
+                        batch=args.batch, path=args.out, source=model.source, on_chunk=latch.check)
     result = {"path": str(store.path), "site": store.site, "layer": store.layer, "rows": int(store.acts.shape[0]),
               "width": int(store.acts.shape[1]), "windows": int(len(store.windows)), "seq": int(store.windows.shape[1]),
               "corpus": description, "model": model.source}
@@ -135,19 +232,20 @@ def register_sae(subparsers) -> None:
         "train", help="train an SAE on a harvest directory",
         description="Train a sparse autoencoder (ReLU + L1, or TopK) on the activations of a harvest made with "
         "`tinygpt harvest`, save it as safetensors with its config, and report L0, the fraction of variance "
-        "explained and the dead fraction on the training activations.")
+        "explained and the dead fraction on the training activations. --out is replaced only when training "
+        "completes (Ctrl-C leaves it as it was), and two runs writing the same --out are refused.")
     t.add_argument("harvest", metavar="HARVEST_DIR", help="a finished harvest (tinygpt harvest)")
     t.add_argument("--out", required=True, metavar="SAE.safetensors", help="where to save the SAE")
     t.add_argument("--kind", default="topk", choices=["relu", "topk"], help="relu (L1 penalty) or topk (default)")
-    t.add_argument("--expansion", type=int, default=8, help="latents per input dimension (default 8)")
-    t.add_argument("--d-sae", type=int, default=None, help="number of latents (overrides --expansion)")
-    t.add_argument("--k", type=int, default=32, help="active latents per token for topk (default 32)")
-    t.add_argument("--l1", type=float, default=2.0, help="L1 coefficient for relu (default 2.0)")
-    t.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
-    t.add_argument("--batch-size", type=int, default=1024, help="rows per step (default 1024)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    t.add_argument("--resample-every", type=int, default=500, help="resample dead latents every N steps (0: never)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--expansion", type=count, default=8, help="latents per input dimension (default 8)")
+    t.add_argument("--d-sae", type=count, default=None, help="number of latents (overrides --expansion)")
+    t.add_argument("--k", type=count, default=32, help="active latents per token for topk (default 32)")
+    t.add_argument("--l1", type=nonnegative, default=2.0, help="L1 coefficient for relu (default 2.0)")
+    t.add_argument("--steps", type=count, default=3000, help="training steps (default 3000)")
+    t.add_argument("--batch-size", type=count, default=1024, help="rows per step (default 1024)")
+    t.add_argument("--lr", type=positive, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--resample-every", type=natural, default=500, help="resample dead latents every N steps (0: never)")
+    t.add_argument("--seed", type=seed, default=0)
     add_json_arg(t)
     t.set_defaults(func=cmd_sae_train)
 
@@ -168,20 +266,32 @@ def cmd_sae_missing(args) -> None:
     raise CLIError("give an action: tinygpt sae train HARVEST_DIR --out SAE.safetensors, or tinygpt sae eval SAE")
 
 
-@probe_errors
-def cmd_sae_train(args) -> None:
-    from probes import sae as saes
-    from probes.harvest import load_harvest
+SAE_TRAIN_FLAGS = {"out": "--out", "d_sae": "--d-sae", "k": "--k", "l1_coeff": "--l1", "steps": "--steps",
+                   "batch_size": "--batch-size", "lr": "--lr", "resample_every": "--resample-every", "seed": "--seed"}
 
-    store = load_harvest(args.harvest)
-    d_in = store.acts.shape[1]
-    config = saes.SAEConfig(d_in=d_in, d_sae=args.d_sae or args.expansion * d_in, kind=args.kind, k=args.k,
-                            l1_coeff=args.l1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                            resample_every=args.resample_every, seed=args.seed, site=store.site, layer=store.layer)
-    sae, history = saes.train_sae(store.acts, config)
-    saes.save_sae(sae, args.out, extra={"harvest": str(store.path), "model": store.info.get("source", ""),
-                                         "model_fingerprint": store.info.get("model")})
-    metrics = saes.evaluate(sae, store.acts)
+
+@probe_errors(flags=SAE_TRAIN_FLAGS)
+def cmd_sae_train(args) -> None:
+    """Holds --out's writer lock throughout; writes --out only after the whole training ran uninterrupted."""
+    from probes import sae as saes
+    from probes.harvest import check_not_written, load_harvest
+    from tinygpt.files import check_output_file, writer_lock
+
+    out = check_output_file(args.out, "--out")
+    check_not_written(out, args.harvest, "out")
+    with writer_lock(out, "--out"), InterruptLatch() as latch:
+        remove_own_temporaries(out)
+        store = load_harvest(args.harvest)
+        d_in = store.acts.shape[1]
+        config = saes.SAEConfig(d_in=d_in, d_sae=args.d_sae or args.expansion * d_in, kind=args.kind, k=args.k,
+                                l1_coeff=args.l1, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                resample_every=args.resample_every, seed=args.seed, site=store.site,
+                                layer=store.layer)
+        sae, history = saes.train_sae(store.acts, config, on_round=latch.check)
+        metrics = saes.evaluate(sae, store.acts)
+        latch.check()
+        saes.save_sae(sae, out, extra={"harvest": str(store.path), "model": store.info.get("source", ""),
+                                       "model_fingerprint": store.info.get("model")})
     result = {"path": args.out, "config": dataclasses.asdict(sae.config), "metrics": dataclasses.asdict(metrics),
               "history": history}
     if args.json:
@@ -195,15 +305,16 @@ def cmd_sae_train(args) -> None:
           f"dead {metrics.dead_fraction:.3f}")
 
 
-@probe_errors
+@probe_errors(flags={"seq": "--seq", "batch": "--batch"})
 def cmd_sae_eval(args) -> None:
     from probes import sae as saes
     from probes.harvest import harvest
 
     sae = saes.load_sae(args.sae)
-    model = load_model(args)
     if sae.config.site is None:
         raise CLIError(f"{args.sae} records no site: it was not trained on model activations")
+    model = load_model(args)
+    saes.check_sae_model(sae, model.params, f"SAE file {args.sae!r}")
     windows, description = corpus_windows(model, args)
     store = harvest(model.params, model.config, windows.reshape(-1), sae.config.site, sae.config.layer,
                     seq=windows.shape[1], batch=args.batch)
@@ -234,16 +345,17 @@ def register_superposition(subparsers) -> None:
     p = subparsers.add_parser(
         "superposition", help="pairwise cosines of embeddings, neurons and SAE features vs random vectors",
         description="Distribution of pairwise cosines among token embeddings, a layer's neuron keys (W_in "
-        "columns x ln2_w) and values (W_out rows), and an SAE's decoder rows, each next to as many Gaussian random "
-        "vectors of the same dimension; and the Johnson-Lindenstrauss view: how many directions fit in d_model "
-        "dims pairwise within --angle degrees of orthogonal.")
-    p.add_argument("--layer", type=int, default=0, help="block whose neurons to measure (default 0)")
+        "columns x ln2_w, centred: the residual direction each neuron reads, probes.memory.residual_keys, as "
+        "`tinygpt polysemantic` uses it) and values (W_out rows), and an SAE's decoder rows, each next to as many "
+        "Gaussian random vectors of the same dimension; and the Johnson-Lindenstrauss view: how many directions "
+        "fit in d_model dims pairwise within --angle degrees of orthogonal.")
+    p.add_argument("--layer", type=natural, default=0, help="block whose neurons to measure (default 0)")
     p.add_argument("--sae", default=None, metavar="SAE.safetensors", help="also measure this SAE's decoder rows")
-    p.add_argument("--angle", type=float, default=15.0,
+    p.add_argument("--angle", type=Number(float, 0.0, 90.0, low_open=True, high_open=True, name="angle"), default=15.0,
                    help="degrees from orthogonal counted as 'nearly orthogonal' (default 15: |cos| <= sin 15)")
-    p.add_argument("--pairs", type=int, default=200_000, help="pairs sampled per set (default 200000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save histograms of the cosines")
+    p.add_argument("--pairs", type=count, default=200_000, help="pairs sampled per set (default 200000)")
+    p.add_argument("--seed", type=seed, default=0)
+    add_plot_arg(p, "save histograms of the cosines")
     add_model_args(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_superposition)
@@ -263,7 +375,7 @@ def cmd_superposition(args) -> None:
     if args.sae:
         from probes.sae import load_sae
 
-        sae = load_sae(args.sae)
+        sae = load_sae(args.sae, model.params)
         name = "sae_decoder" + (f" {sae.config.site} L{sae.config.layer}" if sae.config.site else "")
         sets[name] = sae.params["W_dec"]
     eps = geometry.epsilon_for_angle(args.angle)
@@ -305,7 +417,7 @@ def plot_superposition(results, eps: float, path: str) -> None:
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("pairwise cosine")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -319,12 +431,15 @@ def register_polysemantic(subparsers) -> None:
         "entropy (bits) of the token types at those positions and of the tokens just before them (0: one type; "
         "compare with the entropy of as many random tokens), and with --sae the SAE features most correlated "
         "with the neuron (their share of its top activations for SAEs on that layer's mlp_post, the cosine of "
-        "their direction with the neuron's key for SAEs on the residual stream).")
+        "their direction with the neuron's key for SAEs on the residual stream). An activation is mlp_post (after "
+        "GELU) at a token, its window of --seq tokens run from the window's start (probes.memory."
+        "neuron_activations), as `tinygpt neuron` reports it; the neuron's key is the centred ln2_w x W_in column "
+        "(probes.memory.residual_keys), as `tinygpt superposition` measures it.")
     p.add_argument("neuron", metavar="LAYER.INDEX", help="the neuron, e.g. 2.317")
-    p.add_argument("--top", type=int, default=20, help="top activating contexts (default 20)")
-    p.add_argument("--context", type=int, default=8, help="tokens of context shown (default 8)")
+    p.add_argument("--top", type=count, default=20, help="top activating contexts (default 20)")
+    p.add_argument("--context", type=natural, default=8, help="tokens of context shown (default 8)")
     p.add_argument("--sae", default=None, metavar="SAE.safetensors", help="explain the neuron with this SAE's features")
-    p.add_argument("--features", type=int, default=5, help="SAE features shown (default 5)")
+    p.add_argument("--features", type=count, default=5, help="SAE features shown (default 5)")
     add_corpus_args(p, 50_000)
     add_model_args(p)
     add_json_arg(p)
@@ -354,7 +469,7 @@ def cmd_polysemantic(args) -> None:
     if args.sae:
         from probes.sae import load_sae
 
-        sae = load_sae(args.sae)
+        sae = load_sae(args.sae, model.params)
     windows, description = corpus_windows(model, args)
     try:
         report = neuron_report(model.params, model.config, windows, layer, neuron, k=args.top, context=args.context,
@@ -366,10 +481,12 @@ def cmd_polysemantic(args) -> None:
         c["piece"] = pieces(model, [c["token"]])[0]
         c["text"] = "".join(pieces(model, c["context"]))
     if args.json:
-        print_json({**result, "corpus": description})
+        print_json({**result, "corpus": description, "seq": windows.shape[1]})
         return
     print(f"neuron {layer}.{neuron} over {report.n_tokens:,} tokens of {description}: max {report.max_activation:.3f},"
-          f" active (> 0) on {report.fire_rate:.1%}")
+          f" active (> 0) on {report.fire_rate:.1%}\n(activation: mlp_post after GELU, each window of "
+          f"{windows.shape[1]} tokens run from its start, as `tinygpt neuron`; the context is its last "
+          f"{args.context} tokens)")
     print(table([[c["activation"], repr(c["piece"]), repr(c["text"])] for c in result["top"]],
                 ["activation", "token", "context"]))
     print(f"\ntop {len(report.top)}: {report.distinct_tokens} token types, entropy {report.token_entropy:.2f} bits; "
@@ -393,12 +510,12 @@ def register_manifold(subparsers) -> None:
         "its TwoNN intrinsic dimension (Facco et al. 2017; linear fit with the 10% largest ratios discarded, and "
         "the MLE), its PCA participation ratio, and the held-out accuracy of a logistic-regression probe for "
         "--property. Properties: " + "; ".join(f"{k}: {v}" for k, v in PROPERTIES.items()) + ".")
-    p.add_argument("--points", type=int, default=2000, help="tokens sampled (default 2000)")
+    p.add_argument("--points", type=count, default=2000, help="tokens sampled (default 2000)")
     p.add_argument("--property", default=None, choices=[*PROPERTIES, "none"],
                    help="labelled property for the linear probe (default: line_end with a tokenizer, else "
                         "repeated; none: no probe)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save the curves across depth")
+    p.add_argument("--seed", type=seed, default=0)
+    add_plot_arg(p, "save the curves across depth")
     add_corpus_args(p, 20_000)
     add_model_args(p)
     add_json_arg(p)
@@ -463,5 +580,5 @@ def plot_manifold(report, path: str) -> None:
     axes[-1, 0].set_xticks(x, names)
     axes[-1, 0].set_xlabel("depth (embed = entering block 0, Li = leaving block i)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -8,21 +8,32 @@ import sys
 
 import numpy as np
 
+from tinygpt import files
+
 from .common import (
+    add_plot_arg,
     CLIError,
     add_json_arg,
     add_model_args,
     add_prompt_args,
     add_token_arg,
+    count,
     decode,
+    integer,
     load_model,
+    natural,
+    nonnegative,
     parse_token_list,
     pieces,
+    positive,
     print_json,
     prompt_ids,
+    real,
+    seed,
     table,
     token_arg,
 )
+from .geometry import InterruptLatch, cli_message, probe_errors, remove_own_temporaries
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
 
@@ -47,7 +58,7 @@ def layer_list(text: str | None, config, flag: str = "--layers") -> list[int] | 
     """'all' / None -> None (every layer); '0,2' -> [0, 2], checked against the model."""
     if text is None or text == "all":
         return None
-    layers = parse_token_list(text) if text else []
+    layers = parse_token_list(text, flag) if text else []
     for layer in layers:
         if not 0 <= layer < config.n_layer:
             raise CLIError(f"{flag}: layer {layer} is out of range (the model has {config.n_layer} layers, 0-based)")
@@ -86,7 +97,7 @@ def pyplot():
 
 def save_figure(fig, path: str) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.save_figure(fig, path, dpi=100)
     pyplot().close(fig)
     print(f"wrote {path}", file=sys.stderr)
 
@@ -105,10 +116,10 @@ def register_lens(subparsers) -> None:
     add_model_args(p)
     p.add_argument("--site", default="all", choices=["all", *RESID_SITES],
                    help="residual site(s) to read (default all)")
-    p.add_argument("--top", type=int, default=5, help="top tokens per cell in --json (default 5)")
+    p.add_argument("--top", type=count, default=5, help="top tokens per cell in --json (default 5)")
     add_token_arg(p, "target", "a token whose probability and rank to report")
     p.add_argument("--tuned", default=None, metavar="PATH", help="a tuned lens (.safetensors) to read with instead")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save a layer x position grid image")
+    add_plot_arg(p, "save a layer x position grid image")
     add_json_arg(p)
     p.set_defaults(func=cmd_lens)
 
@@ -127,7 +138,7 @@ def cmd_lens(args) -> None:
 
         if args.site not in ("all", "resid_pre"):
             raise CLIError("the tuned lens reads block inputs: --site must be resid_pre (or left out) with --tuned")
-        result = tuned_lens(model.params, model.config, load_lens(args.tuned, model.config), tokens,
+        result = tuned_lens(model.params, model.config, load_lens(args.tuned, model.config, model.params), tokens,
                             target=target, k=args.top)
     else:
         sites = LENS_SITES if args.site == "all" else (args.site,)
@@ -204,15 +215,17 @@ def register_tuned_lens(subparsers) -> None:
         "the training plays for `train`, the held-out plays for `eval`; other models need --text or --stream.")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     train = sub.add_parser("train", help="train translators and save them",
-                           description="Train tuned-lens translators with Adam on random windows of a token stream.")
+                           description="Train tuned-lens translators with Adam on random windows of a token stream. "
+                           "--out is replaced only when training completes (Ctrl-C leaves it as it was); --json "
+                           "reports the wall time under 'timing', the one key that differs between identical runs.")
     add_stream_args(train)
     add_model_args(train)
     train.add_argument("--out", required=True, metavar="PATH", help="where to save the translators (.safetensors)")
-    train.add_argument("--steps", type=int, default=300, help="optimisation steps (default 300)")
-    train.add_argument("--batch", type=int, default=8, help="windows per step (default 8)")
-    train.add_argument("--seq", type=int, default=64, help="window length in tokens (default 64)")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the window sampling (default 0)")
+    train.add_argument("--steps", type=count, default=300, help="optimisation steps (default 300)")
+    train.add_argument("--batch", type=count, default=8, help="windows per step (default 8)")
+    train.add_argument("--seq", type=count, default=64, help="window length in tokens (default 64)")
+    train.add_argument("--lr", type=positive, default=1e-3, help="Adam learning rate (default 1e-3)")
+    train.add_argument("--seed", type=seed, default=0, help="seed of the window sampling (default 0)")
     add_json_arg(train)
     train.set_defaults(func=cmd_tuned_lens_train)
 
@@ -222,8 +235,8 @@ def register_tuned_lens(subparsers) -> None:
     add_stream_args(ev)
     add_model_args(ev)
     ev.add_argument("--lens", required=True, metavar="PATH", help="translators saved by `tunedlens train`")
-    ev.add_argument("--seq", type=int, default=64, help="window length in tokens (default 64)")
-    ev.add_argument("--windows", type=int, default=64, help="at most this many windows (default 64)")
+    ev.add_argument("--seq", type=count, default=64, help="window length in tokens (default 64)")
+    ev.add_argument("--windows", type=count, default=64, help="at most this many windows (default 64)")
     add_json_arg(ev)
     ev.set_defaults(func=cmd_tuned_lens_eval)
     p.set_defaults(func=cmd_tuned_lens_no_action)
@@ -236,7 +249,7 @@ def cmd_tuned_lens_no_action(args) -> None:
 def add_stream_args(parser) -> None:
     parser.add_argument("--text", default=None, metavar="FILE", help="a UTF-8 text file to tokenise")
     parser.add_argument("--stream", default=None, metavar="IDS", help="comma-separated token ids instead of --text")
-    parser.add_argument("--max-chars", type=int, default=300_000,
+    parser.add_argument("--max-chars", type=count, default=300_000,
                         help="use at most this many characters of text (default 300000)")
 
 
@@ -247,7 +260,7 @@ def stream_of(model, args, split: str) -> np.ndarray:
     if args.stream is not None and args.text is not None:
         raise CLIError("give either --text or --stream, not both")
     if args.stream is not None:
-        ids = parse_token_list(args.stream)
+        ids = parse_token_list(args.stream, "--stream")
         if max(ids) >= model.config.vocab_size or min(ids) < 0:
             raise CLIError(f"--stream has ids outside the vocabulary [0, {model.config.vocab_size})")
         return np.asarray(ids, np.int32)
@@ -278,37 +291,46 @@ def corpus_texts(split: str) -> list[str]:
     return list((train if split == "train" else held_out).values())
 
 
-def load_lens(path: str, config) -> dict:
+def load_lens(path: str, config, params=None) -> dict:
+    """The tuned lens at `path`, checked against the model (its config; its fingerprint given `params`)."""
     from probes.tuned_lens import TunedLensError, load_translators
 
     try:
-        return load_translators(path, config)
+        return load_translators(path, config, params)
     except TunedLensError as e:
         raise CLIError(str(e)) from None
 
 
+TUNED_LENS_FLAGS = {"steps": "--steps", "batch": "--batch", "seq": "--seq", "lr": "--lr"}
+
+
+@probe_errors(flags=TUNED_LENS_FLAGS)
 def cmd_tuned_lens_train(args) -> None:
+    """Holds --out's writer lock throughout; writes --out only after the whole training ran uninterrupted.
+    --json keeps the run's wall time under "timing" (the one field two identical runs differ in)."""
     import time
 
-    from probes.tuned_lens import TunedLensError, save_translators, train_tuned_lens
+    from probes.tuned_lens import save_translators, train_tuned_lens
+    from tinygpt.files import check_output_file, writer_lock
 
-    if args.steps < 1 or args.batch < 1:
-        raise CLIError("--steps and --batch must be at least 1")
-    model = load_model(args)
-    stream = stream_of(model, args, "train")
-    start = time.perf_counter()
-    try:
+    out = check_output_file(args.out, "--out")
+    with writer_lock(out, "--out"), InterruptLatch() as latch:
+        remove_own_temporaries(out)
+        model = load_model(args)
+        stream = stream_of(model, args, "train")
+        start = time.perf_counter()
         trained = train_tuned_lens(model.params, model.config, stream, steps=args.steps, batch=args.batch,
-                                   seq=args.seq, lr=args.lr, seed=args.seed, progress=not args.json)
-    except TunedLensError as e:
-        raise CLIError(str(e)) from None
-    seconds = time.perf_counter() - start
-    save_translators(args.out, trained.translators, model.config, model=model.source, steps=args.steps,
-                     batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed, stream_tokens=len(stream))
+                                   seq=args.seq, lr=args.lr, seed=args.seed, progress=not args.json,
+                                   on_step=latch.check)
+        seconds = time.perf_counter() - start
+        latch.check()
+        save_translators(out, trained.translators, model.config, params=model.params, model=model.source,
+                         steps=args.steps, batch=args.batch, seq=args.seq, lr=args.lr, seed=args.seed,
+                         stream_tokens=len(stream))
     losses = trained.losses
     tail = max(1, len(losses) // 10)
     result = {"out": args.out, "steps": args.steps, "stream_tokens": int(len(stream)), "first_loss": float(losses[0]),
-              "final_loss": float(losses[-tail:].mean()), "seconds": seconds}
+              "final_loss": float(losses[-tail:].mean()), "timing": {"seconds": seconds}}
     if args.json:
         print_json(result)
         return
@@ -316,17 +338,14 @@ def cmd_tuned_lens_train(args) -> None:
           f"{result['first_loss']:.4f} -> {result['final_loss']:.4f} nats (last {tail} steps); wrote {args.out}")
 
 
+@probe_errors(flags={"seq": "--seq"})
 def cmd_tuned_lens_eval(args) -> None:
-    from probes.tuned_lens import TunedLensError, evaluate_lenses
+    from probes.tuned_lens import evaluate_lenses
 
     model = load_model(args)
-    translators = load_lens(args.lens, model.config)
+    translators = load_lens(args.lens, model.config, model.params)
     stream = stream_of(model, args, "held_out")
-    try:
-        result = evaluate_lenses(model.params, model.config, translators, stream, seq=args.seq,
-                                 max_windows=args.windows)
-    except TunedLensError as e:
-        raise CLIError(str(e)) from None
+    result = evaluate_lenses(model.params, model.config, translators, stream, seq=args.seq, max_windows=args.windows)
     if args.json:
         print_json({"rows": result.rows(), "ppl_model": result.ppl_model, "n_tokens": result.n_tokens})
         return
@@ -351,15 +370,15 @@ def register_patchscope(subparsers) -> None:
         "--target-position.")
     add_prompt_args(p)
     add_model_args(p)
-    p.add_argument("--position", type=int, default=-1, help="source position (default -1, the last)")
+    p.add_argument("--position", type=integer, default=-1, help="source position (default -1, the last)")
     p.add_argument("--layers", default="all", help="source layers, e.g. 0,2 (default all)")
     p.add_argument("--target-prompt", default=None, metavar="TEXT", help="target prompt (default: identity prompt)")
     p.add_argument("--target-tokens", default=None, metavar="IDS", help="target prompt as token ids")
-    p.add_argument("--target-position", type=int, default=-1, help="target position (default -1, the last)")
-    p.add_argument("--target-layer", type=int, default=None, help="target layer (default: the source layer)")
+    p.add_argument("--target-position", type=integer, default=-1, help="target position (default -1, the last)")
+    p.add_argument("--target-layer", type=natural, default=None, help="target layer (default: the source layer)")
     p.add_argument("--site", default="resid_post", choices=RESID_SITES, help="residual site (default resid_post)")
-    p.add_argument("--top", type=int, default=5, help="next-token candidates to show (default 5)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=0, help="greedy tokens to generate (default 0)")
+    p.add_argument("--top", type=count, default=5, help="next-token candidates to show (default 5)")
+    p.add_argument("-n", "--max-new-tokens", type=natural, default=0, help="greedy tokens to generate (default 0)")
     add_json_arg(p)
     p.set_defaults(func=cmd_patchscope)
 
@@ -372,7 +391,8 @@ def cmd_patchscope(args) -> None:
     if args.target_prompt is None and args.target_tokens is None and model.tokenizer is None:
         raise CLIError(f"model {model.source!r} has no tokenizer for the identity prompt: give --target-tokens")
     target_text = IDENTITY_PROMPT if args.target_prompt is None and args.target_tokens is None else args.target_prompt
-    target = prompt_ids(model, target_text, args.target_tokens, what="--target-prompt")
+    target = prompt_ids(model, target_text, args.target_tokens, what="--target-prompt",
+                        tokens_flag="--target-tokens")
     layers = layer_list(args.layers, model.config)
     if args.target_layer is not None:
         check_layer(args.target_layer, model.config, "--target-layer")
@@ -422,9 +442,9 @@ def register_attribute(subparsers) -> None:
     add_model_args(p)
     add_token_arg(p, "target", "the token whose logit to explain (default: the model's top prediction)")
     add_token_arg(p, "baseline", "explain target's logit minus this token's")
-    p.add_argument("--position", type=int, default=-1, help="position (default -1, the last)")
-    p.add_argument("--top", type=int, default=12, help="components to list, largest |contribution| first (default 12)")
-    p.add_argument("--neurons", type=int, default=None, metavar="LAYER", help="also split MLP LAYER over its neurons")
+    p.add_argument("--position", type=integer, default=-1, help="position (default -1, the last)")
+    p.add_argument("--top", type=count, default=12, help="components to list, largest |contribution| first (default 12)")
+    p.add_argument("--neurons", type=natural, default=None, metavar="LAYER", help="also split MLP LAYER over its neurons")
     add_json_arg(p)
     p.set_defaults(func=cmd_attribute)
 
@@ -484,13 +504,17 @@ def register_neuron(subparsers) -> None:
         description="Neuron INDEX of MLP LAYER: its value vector (row of W_out) read through the unembedding (the "
         "tokens it promotes and suppresses per unit of activation); with PROMPT, its activation at every position "
         "and its direct effect on the logits at the last position; with --corpus (default for the embedded model: "
-        "its held-out plays), the tokens where it is most active.")
+        "its held-out plays), the tokens where it is most active. An activation is mlp_post (after GELU) at a "
+        "token, its window run from the window's first token (probes.memory.neuron_activations): PROMPT is run "
+        "as one document, <|endoftext|> first, as each document of a corpus, which is cut into windows of --seq "
+        "tokens exactly as `tinygpt polysemantic` cuts it, so both report the same numbers.")
     p.add_argument("neuron", metavar="LAYER.INDEX", help="e.g. 2.137")
     add_prompt_args(p)
     add_model_args(p)
-    p.add_argument("--corpus", default=None, metavar="FILE", help="text file to find top activations in")
-    p.add_argument("--max-chars", type=int, default=50_000, help="characters of the corpus to use (default 50000)")
-    p.add_argument("--top", type=int, default=10, help="tokens / activations to list (default 10)")
+    from .geometry import add_corpus_args
+
+    add_corpus_args(p, 50_000)
+    p.add_argument("--top", type=count, default=10, help="tokens / activations to list (default 10)")
     add_json_arg(p)
     p.set_defaults(func=cmd_neuron)
 
@@ -506,30 +530,23 @@ def parse_neuron(text: str, config) -> tuple[int, int]:
     return layer, index
 
 
-def corpus_windows(model, args, seq: int) -> np.ndarray | None:
-    """Windows [n, seq] of --corpus (or the embedded model's held-out plays); None when there is no corpus."""
-    from probes.tuned_lens import tiled_windows, token_stream
-
-    if args.corpus is None and (model.source != "embedded" or model.tokenizer is None):
-        return None
-    if model.tokenizer is None:
-        raise CLIError(f"model {model.source!r} has no tokenizer to read --corpus with")
-    if args.corpus is not None:
-        try:
-            with open(args.corpus, encoding="utf-8") as f:
-                texts = [f.read()]
-        except OSError as e:
-            raise CLIError(f"cannot read --corpus {args.corpus}: {e.strerror}") from None
-    else:
-        texts = corpus_texts("held_out")
-    stream = token_stream(model.tokenizer, texts, args.max_chars)
-    if len(stream) < seq:
-        return stream[None] if len(stream) else None
-    return tiled_windows(stream, seq)
+def document_ids(model, args) -> list[int]:
+    """The prompt's token ids as one document: PROMPT text with <|endoftext|> first (when the vocabulary has it),
+    as `probes.harvest.text_stream` puts it before each document of a corpus; --tokens as given."""
+    ids = prompt_ids(model, args.prompt, args.tokens)
+    if args.prompt is None or model.tokenizer.eos_id is None:
+        return ids
+    if len(ids) + 1 > model.config.n_ctx:
+        raise CLIError(f"prompt of {len(ids)} tokens and <|endoftext|> before it is longer than the model's context "
+                       f"n_ctx={model.config.n_ctx}")
+    return [model.tokenizer.eos_id] + ids
 
 
 def cmd_neuron(args) -> None:
+    from probes.harvest import HarvestError
     from probes.memory import neuron_on_prompt, top_activations, value_tokens
+
+    from .geometry import corpus_windows
 
     model = load_model(args)
     layer, index = parse_neuron(args.neuron, model.config)
@@ -537,16 +554,20 @@ def cmd_neuron(args) -> None:
     out = {"layer": layer, "neuron": index, "promoted": token_pairs(model, values.promoted),
            "suppressed": token_pairs(model, values.suppressed)}
     if args.prompt is not None or args.tokens is not None:
-        ids = prompt_ids(model, args.prompt, args.tokens)
+        ids = document_ids(model, args)
         on_prompt = neuron_on_prompt(model.params, model.config, np.asarray([ids]), layer, index, k=args.top)
         out["prompt"] = {"tokens": ids, "activations": on_prompt.activations.tolist(),
                          "promoted": token_pairs(model, on_prompt.promoted),
                          "suppressed": token_pairs(model, on_prompt.suppressed)}
-    windows = corpus_windows(model, args, min(64, model.config.n_ctx))
-    if windows is not None:
-        top = top_activations(model.params, model.config, windows, layer, index, k=args.top)
+    if args.corpus is not None or (model.source == "embedded" and model.tokenizer is not None):
+        try:
+            windows, out["corpus"] = corpus_windows(model, args)
+        except HarvestError as e:
+            raise CLIError(str(e)) from None
+        out["seq"] = windows.shape[1]
+        top = top_activations(model.params, model.config, windows, layer, index, k=args.top, batch=args.batch or 16)
         out["top_activations"] = [
-            {"activation": float(a), "token": int(t), "piece": piece(model, t),
+            {"activation": float(a), "token": int(t), "piece": piece(model, t), "window": int(w), "position": int(p),
              "context": decode(model, windows[w, max(0, p - 8): p + 1])}
             for a, w, p, t in zip(top.activations, top.windows, top.positions, top.tokens)]
     if args.json:
@@ -558,13 +579,16 @@ def cmd_neuron(args) -> None:
                 ["promoted", "logit", "suppressed", "logit"]))
     if "prompt" in out:
         p = out["prompt"]
-        print("\non the prompt (activation per position):")
+        print("\non the prompt (activation = mlp_post after GELU, the prompt run as one document"
+              + (", <|endoftext|> first" if args.prompt is not None and model.tokenizer.eos_id is not None else "")
+              + "):")
         print(table([[i, repr(s), a] for i, (s, a) in enumerate(zip(pieces(model, p["tokens"]), p["activations"]))],
                     ["position", "token", "activation"]))
         print("direct effect on the last position's logits: "
               + ", ".join(f"{t['piece']!r} {t['value']:+.3f}" for t in p["promoted"][:5]))
     if "top_activations" in out:
-        print("\ntop activations in the corpus:")
+        print(f"\ntop activations in {out['corpus']} (mlp_post after GELU, each window of {out['seq']} tokens run "
+              f"from its start, as `tinygpt polysemantic`):")
         print(table([[a["activation"], repr(a["piece"]), repr(a["context"])] for a in out["top_activations"]],
                     ["activation", "token", "context (ending at the token)"]))
 
@@ -580,15 +604,17 @@ def register_svd(subparsers) -> None:
         description="SVD of a weight matrix of block --layer: W_Q, W_K, W_V, W_O, OV = W_V W_O, QK = W_Q W_K^T "
         "(per head; OV and QK from their factors, never formed), W_in, W_out. With --head (or for W_in/W_out): "
         "the top singular directions read through the embedding (input side) and unembedding (output side). "
-        "Without --head for a per-head matrix: every head's spectrum.")
+        "Without --head for a per-head matrix: every head's spectrum. Every d_model side is centred first (the "
+        "mean over d_model removed, as TransformerLens's processed weights): LayerNorm removes it from whatever "
+        "reads the residual stream, so the model cannot see it; exact with --fold-ln (probes.svd).")
     p.add_argument("matrix", choices=list(MATRICES), help="which matrix")
     add_model_args(p)
-    p.add_argument("--layer", type=int, required=True, help="block (0-based)")
-    p.add_argument("--head", type=int, default=None, help="head (0-based), for per-head matrices")
-    p.add_argument("--vectors", type=int, default=5, help="singular directions to read (default 5)")
-    p.add_argument("--top", type=int, default=5, help="tokens per direction end (default 5)")
+    p.add_argument("--layer", type=natural, required=True, help="block (0-based)")
+    p.add_argument("--head", type=natural, default=None, help="head (0-based), for per-head matrices")
+    p.add_argument("--vectors", type=count, default=5, help="singular directions to read (default 5)")
+    p.add_argument("--top", type=count, default=5, help="tokens per direction end (default 5)")
     p.add_argument("--fold-ln", action="store_true", help="fold LayerNorm weights into the matrices first")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save the singular value spectrum")
+    add_plot_arg(p, "save the singular value spectrum")
     add_json_arg(p)
     p.set_defaults(func=cmd_svd)
 
@@ -608,7 +634,7 @@ def cmd_svd(args) -> None:
     params = fold_layer_norm(model.params) if args.fold_ln else model.params
     spectrum = spectra(params, config, args.matrix, args.layer)  # [head or 1, rank]
     out = {"matrix": args.matrix, "layer": args.layer, "head": args.head, "fold_ln": args.fold_ln,
-           "singular_values": spectrum.tolist() if per_head else spectrum[0].tolist()}
+           "centred": "d_model sides", "singular_values": spectrum.tolist() if per_head else spectrum[0].tolist()}
     if args.head is not None or not per_head:
         svd = weight_svd(params, config, args.matrix, args.layer, args.head)
         out["singular_values"] = svd.S.tolist()
@@ -623,7 +649,8 @@ def cmd_svd(args) -> None:
         print_json(out)
         return
     name = f"{args.matrix} of layer {args.layer}" + (f" head {args.head}" if args.head is not None else "")
-    print(f"{model}\n{name}{' (LayerNorm folded)' if args.fold_ln else ''}\n")
+    print(f"{model}\n{name}{' (LayerNorm folded)' if args.fold_ln else ''}, d_model sides centred "
+          f"(LayerNorm removes the mean)\n")
     if "directions" not in out:
         rank = spectrum.shape[1]
         shown = min(rank, 8)
@@ -674,23 +701,23 @@ def register_steer(subparsers) -> None:
     p.add_argument("--negative", action="append", default=[], metavar="TEXT", help="a negative prompt (repeatable)")
     p.add_argument("--positive-tokens", action="append", default=[], metavar="IDS", help="a positive prompt as ids")
     p.add_argument("--negative-tokens", action="append", default=[], metavar="IDS", help="a negative prompt as ids")
-    p.add_argument("--layer", type=int, required=True, help="block to add the vector at (0-based)")
+    p.add_argument("--layer", type=natural, required=True, help="block to add the vector at (0-based)")
     p.add_argument("--site", default="resid_pre", choices=RESID_SITES, help="residual site (default resid_pre)")
-    p.add_argument("--coef", type=float, default=4.0, help="coefficient of the vector (default 4)")
+    p.add_argument("--coef", type=real, default=4.0, help="coefficient of the vector (default 4)")
     p.add_argument("--positions", default="all",
                    help="'all' (prompt and generated tokens), 'generated' (generated tokens only) or prompt "
                         "positions, e.g. 0,1 (default all)")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=None,
+    p.add_argument("-n", "--max-new-tokens", type=count, default=None,
                    help="tokens to generate (default 30, or as many as the context has room for)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--temperature", type=nonnegative, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     add_json_arg(p)
     p.set_defaults(func=cmd_steer)
 
 
 def contrast_prompts(model, texts, token_lists, flag: str) -> list[list[int]]:
     prompts = [prompt_ids(model, text, None, what=f"--{flag}") for text in texts]
-    prompts += [prompt_ids(model, None, ids, what=f"--{flag}-tokens") for ids in token_lists]
+    prompts += [prompt_ids(model, None, ids, tokens_flag=f"--{flag}-tokens") for ids in token_lists]
     if not prompts:
         raise CLIError(f"give at least one --{flag} prompt (or --{flag}-tokens)")
     return prompts
@@ -710,7 +737,7 @@ def cmd_steer(args) -> None:
     if args.positions in ("all", "generated"):
         positions = None if args.positions == "all" else "generated"
     else:
-        positions = [check_position(p, len(ids), "--positions") for p in parse_token_list(args.positions)]
+        positions = [check_position(p, len(ids), "--positions") for p in parse_token_list(args.positions, "--positions")]
     positive = contrast_prompts(model, args.positive, args.positive_tokens, "positive")
     negative = contrast_prompts(model, args.negative, args.negative_tokens, "negative")
     vector = mean_difference(model.params, config, positive, negative, args.layer, args.site)
@@ -747,10 +774,10 @@ def register_attention(subparsers) -> None:
         "to the token after its first). --plot saves the patterns on PROMPT.")
     add_prompt_args(p)
     add_model_args(p)
-    p.add_argument("--induction-n", type=int, default=None, help="length of the repeated random block "
+    p.add_argument("--induction-n", type=count, default=None, help="length of the repeated random block "
                    "(default: half the context, at most 50)")
     p.add_argument("--layers", default="all", help="layers to plot, e.g. 0,1 (default all)")
-    p.add_argument("--plot", default=None, metavar="PATH.png", help="save the attention patterns on PROMPT")
+    add_plot_arg(p, "save the attention patterns on PROMPT")
     add_json_arg(p)
     p.set_defaults(func=cmd_attention)
 
