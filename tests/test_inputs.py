@@ -191,3 +191,108 @@ def test_static_checks_still_raise_under_vmap():
         jax.vmap(logits)(TOKENS)  # each mapped slice is 1-D
     with pytest.raises(InputError, match="integer"):
         jax.vmap(logits)(np.zeros((2, 1, 3), np.float32))
+
+
+# ------------------------------------------------------------------------- issue 17: batches and masks
+
+
+def test_a_batch_of_zero_sequences_is_an_input_error():
+    """It was a ZeroDivisionError."""
+    with pytest.raises(InputError, match="batch of 0"):
+        run(np.zeros((0, 4), np.int32))
+    with pytest.raises(InputError, match="batch of 0"):
+        tinygpt.generate(PARAMS, CFG, np.zeros((0, 4), np.int32), 2)
+
+
+@pytest.mark.parametrize("mask, message", [
+    ([1, 1, 1, 0, 0], r"row 1 is \[1, 1, 1, 0, 0\].*left padding"),
+    ([1, 0, 1, 1, 1], "left padding"),
+    ([0, 1, 1, 0, 1], "left padding"),
+    ([0, 0, 0, 0, 0], "row 1 has no real token"),
+    ([0, 2, 1, 1, 1], "only 0 .* and 1"),
+    ([0, -1, 1, 1, 1], "only 0 .* and 1"),
+])
+def test_masks_must_be_left_padding_with_a_real_token_per_row(mask, message):
+    """A right-padded mask made generate continue from the padding, silently; an empty row was accepted."""
+    masks = np.array([[1, 1, 1, 1, 1], mask], np.int32)
+    with pytest.raises(InputError, match=message):
+        run(TOKENS, masks)
+    with pytest.raises(InputError, match=message):
+        tinygpt.generate(PARAMS, CFG, TOKENS, 2, attention_mask=masks)
+    with pytest.raises(InputError, match=message):
+        tinygpt.make_forward(CFG, keep=KEEP)(PARAMS, TOKENS, masks)
+
+
+@given(st.lists(st.integers(0, 1), min_size=5, max_size=5))
+def test_any_mask_is_accepted_exactly_when_it_is_left_padding(row):
+    is_left_padding = any(row) and row == sorted(row)
+    masks = np.array([[1] * 5, row], np.int32)
+    try:
+        tinygpt.inputs.check_mask(masks, (2, 5))
+        accepted = True
+    except InputError:
+        accepted = False
+    assert accepted == is_left_padding
+
+
+# -------------------------------------------------------- issue 17: ids out of range inside a transformation
+
+
+@pytest.mark.parametrize("bad", [V, V + 16, 2053, -1])
+def test_under_jit_a_bad_id_gives_nan_never_another_tokens_logits(bad):
+    """Under jit the ids cannot be looked at; jnp's gather clamped id 2053 to the last row (and -1 wrapped to
+    it), answering for the wrong token. Now the sequence holding it is NaN (the masked attention weights times
+    its NaN value reach every position), and the other rows are exact."""
+    tokens = TOKENS.copy()
+    tokens[1, 2] = bad
+    logits = np.asarray(jitted_logits(tokens))
+    assert np.isnan(logits[1]).all()
+    np.testing.assert_allclose(logits[0], reference_logits()[0], rtol=1e-5, atol=1e-5)
+    vmapped = jax.vmap(lambda t: tinygpt.forward(PARAMS, t[None], CFG, keep=KEEP).logits[0])(tokens)
+    assert np.isnan(np.asarray(vmapped)[1]).all() and not np.isnan(np.asarray(vmapped)[0]).any()
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+def test_checked_mode_raises_under_jit_and_vmap(bad):
+    tokens = TOKENS.copy()
+    tokens[0, 1] = bad
+    with pytest.raises(InputError, match=rf"index {bad} is out of bounds"):
+        tinygpt.checked(jitted_logits)(tokens)
+    with pytest.raises(InputError, match="out of bounds"):
+        tinygpt.checked(jax.vmap(lambda t: tinygpt.forward(PARAMS, t[None], CFG, keep=KEEP).logits))(tokens)
+    good = tinygpt.checked(jitted_logits)(TOKENS)  # a good input runs and gives the same logits
+    np.testing.assert_allclose(np.asarray(good), reference_logits(), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_under_jit_with_a_bad_id_gives_minus_one_never_a_real_token():
+    tokens = TOKENS.copy()
+    tokens[1, 4] = V + 3
+
+    @jax.jit
+    def greedy(t):
+        return tinygpt.generate(PARAMS, CFG, t, 3, temperature=0).tokens
+
+    out = np.asarray(greedy(tokens))
+    assert (out[1] == -1).all()
+    np.testing.assert_array_equal(out[0], np.asarray(greedy(TOKENS))[0])
+    with pytest.raises(InputError, match="out of bounds"):
+        tinygpt.checked(greedy)(tokens)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
+    ({"temperature": -1.0}, "temperature must be"),
+    ({"top_p": 1.5}, r"top_p must be a finite number in \(0.0, 1.0\]"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_k": 0}, "top_k must be >= 1"),
+    ({"top_k": 2.5}, "top_k must be an integer"),
+    ({"seed": 2**64}, r"seed must be an integer in \[0, 4294967295\]"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),  # it silently equalled seed 0
+])
+def test_generate_checks_its_arguments_with_named_errors(kwargs, message):
+    """These raised plain ValueErrors (or none: NaN passed and sampled token 0s; 2**64 overflowed in jax)."""
+    with pytest.raises(InputError, match=message):
+        tinygpt.generate(PARAMS, CFG, TOKENS, 2, **kwargs)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        tinygpt.generate(PARAMS, CFG, TOKENS, 0)

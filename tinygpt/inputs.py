@@ -7,7 +7,7 @@ What is checked, and when:
   them): every id is in [0, vocab); the mask holds only 0 and 1, every row has a real token, and padding
   comes first (left padding: `[0, 0, 1, 1, 1]`, never `[1, 1, 1, 0, 0]`).
 - inside a transformation (the values are tracers): the values cannot be looked at. The forward then embeds
-  an id outside the vocabulary as NaN (`model.embedding`), so every result that depends on it is NaN, never
+  an id outside the vocabulary as NaN (`model.embedding`), so its whole sequence comes out NaN, never
   another token's (a plain `wte[ids]` would clamp id 2053 to 2047 and answer for the wrong token). To get an
   error instead, wrap the transformed function in `checked`: `tinygpt.checked(jax.jit(f))(tokens)` raises
   InputError naming the bad id. Masks are not checked inside a transformation.
