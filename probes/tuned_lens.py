@@ -11,7 +11,9 @@ Adam to minimise KL(final || tuned lens), averaged over positions and layers, on
 the model's weights are fixed.
 
 Translators are a dict {"A": [layer, d_model, d_model], "b": [layer, d_model]}, saved as safetensors
-(`safetensors.numpy`) with the model's config in the file's metadata.
+(atomically, with sorted metadata: two identical runs give identical bytes) with the model's config and its
+fingerprint (`probes.harvest.fingerprint`) in the file's metadata; `load_translators` checks the shapes,
+dtypes and finiteness of the tensors and that they were trained for the model at hand.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
+import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +34,11 @@ from jax import lax
 
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
+from tinygpt.files import save_safetensors
 from tinygpt.model import forward
 
+from .harvest import argument_error, check_model, check_tensors, fingerprint, is_integer, metadata_json, \
+    read_safetensors
 from .lens import LensSummary, broadcast_target, final_top, kl_divergence, lens_logits, summarize
 
 #: The site the translators read: block l's input.
@@ -128,8 +137,9 @@ def token_stream(tokenizer, texts, max_chars: int | None = None) -> np.ndarray:
 
 def check_stream(stream, seq: int, config: Config) -> np.ndarray:
     stream = np.asarray(stream, np.int32).reshape(-1)
-    if seq < 2 or seq > config.n_ctx:
-        raise TunedLensError(f"window length {seq} must be between 2 and the model's context n_ctx={config.n_ctx}")
+    if not is_integer(seq) or seq < 2 or seq > config.n_ctx:
+        raise argument_error(TunedLensError, "seq", "{argument} (the window length) {seq!r} must be between 2 and "
+                             "the model's context n_ctx={n_ctx}", seq=seq, n_ctx=config.n_ctx)
     if len(stream) < seq:
         raise TunedLensError(f"the token stream has {len(stream)} tokens, fewer than one window of {seq}")
     if stream.min() < 0 or stream.max() >= config.vocab_size:
@@ -144,9 +154,15 @@ class TrainedLens:
 
 
 def train_tuned_lens(params, config: Config, stream, *, steps: int = 300, batch: int = 8, seq: int = 64,
-                     lr: float = 1e-3, seed: int = 0, translators=None, progress: bool = False) -> TrainedLens:
+                     lr: float = 1e-3, seed: int = 0, translators=None, progress: bool = False,
+                     on_step: Callable[[int], None] | None = None) -> TrainedLens:
     """Train translators on random windows [batch, seq] of a token stream with Adam (learning rate `lr`),
-    starting from identity (or from `translators`)."""
+    starting from identity (or from `translators`). on_step(steps done) is called after each step."""
+    for name, value in (("steps", steps), ("batch", batch)):
+        if not is_integer(value) or value < 1:
+            raise argument_error(TunedLensError, name, "{argument} must be at least 1, got {value!r}", value=value)
+    if not isinstance(lr, numbers.Real) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+        raise argument_error(TunedLensError, "lr", "{argument} must be a finite number > 0, got {value!r}", value=lr)
     stream = check_stream(stream, seq, config)
     optimizer, train_step = make_trainer(config, float(lr))
     translators = init_translators(config) if translators is None else translators
@@ -158,10 +174,12 @@ def train_tuned_lens(params, config: Config, stream, *, steps: int = 300, batch:
         from tqdm import tqdm
 
         steps_iter = tqdm(steps_iter, desc="tuned lens", unit="step")
-    for _ in steps_iter:
+    for step in steps_iter:
         tokens = jnp.asarray(random_windows(rng, stream, batch, seq))
         translators, opt_state, loss = train_step(translators, opt_state, params, tokens)
         losses.append(loss)
+        if on_step is not None:
+            on_step(step + 1)
     return TrainedLens(translators=translators, losses=np.asarray(jax.device_get(losses), np.float32))
 
 
@@ -262,33 +280,42 @@ def config_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
-def save_translators(path, translators, config: Config, **info) -> None:
-    """Write translators to a safetensors file; the metadata holds the format, site, config and `info`."""
-    from safetensors.numpy import save_file
-
+def save_translators(path, translators, config: Config, *, params=None, **info) -> None:
+    """Write translators to a safetensors file, atomically; the metadata holds the format, site, config,
+    the model fingerprint (given the model's `params`) and `info` (JSON, sorted keys)."""
     tensors = {name: np.ascontiguousarray(np.asarray(value, np.float32)) for name, value in translators.items()}
-    metadata = {"format": FORMAT, "site": SITE, "config": json.dumps(config_dict(config)),
-                "info": json.dumps(info)}
-    save_file(tensors, str(path), metadata=metadata)
+    metadata = {"format": FORMAT, "site": SITE, "config": json.dumps(config_dict(config), sort_keys=True),
+                "info": json.dumps(info, sort_keys=True)}
+    if params is not None:
+        metadata["model_fingerprint"] = fingerprint(params)
+    save_safetensors(path, tensors, metadata)
 
 
-def load_translators(path, config: Config) -> dict:
-    """Read translators written by `save_translators`, checking that they were trained for `config`."""
-    from safetensors import safe_open
-
+def load_translators(path, config: Config, params=None) -> dict:
+    """Read translators written by `save_translators`, checked: the format and site, the config they were
+    trained for equal to `config`, tensors A [layer, d_model, d_model] and b [layer, d_model] float32 and
+    finite, and (given the model's `params`, when the file records one) the model fingerprint."""
+    where = f"tuned lens {str(path)!r}"
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except FileNotFoundError:
-        raise TunedLensError(f"no tuned lens at {path}") from None
-    except Exception as e:  # not a safetensors file
-        raise TunedLensError(f"{path} is not a tuned-lens safetensors file ({e})") from None
-    if metadata.get("format") != FORMAT or set(tensors) != {"A", "b"}:
-        raise TunedLensError(f"{path} is not a tuned lens written by tinygpt (format {metadata.get('format')!r})")
-    saved = json.loads(metadata["config"])
+        tensors, metadata = read_safetensors(path, "tuned lens", error=TunedLensError)
+    except TunedLensError:
+        if not os.path.lexists(path):
+            raise TunedLensError(f"no tuned lens at {path}") from None
+        raise
+    if metadata.get("format") != FORMAT:
+        raise TunedLensError(f"{where} is not a tuned lens written by tinygpt (format {metadata.get('format')!r})")
+    if metadata.get("site") != SITE:
+        raise TunedLensError(f"{where} reads the unknown site {metadata.get('site')!r}; tinygpt's tuned lens reads "
+                             f"{SITE!r}")
+    saved = metadata_json(metadata, "config", where, error=TunedLensError)
+    if not isinstance(saved, dict):
+        raise TunedLensError(f"{where}: metadata 'config' is not a JSON object")
     if saved != config_dict(config):
         differ = ", ".join(f"{k}={saved.get(k)} (model: {v})" for k, v in config_dict(config).items()
                            if saved.get(k) != v)
         raise TunedLensError(f"the tuned lens in {path} was trained for another model: {differ}")
+    metadata_json(metadata, "info", where, error=TunedLensError)  # must parse
+    L, d = config.n_layer, config.d_model
+    check_tensors(tensors, {"A": (L, d, d), "b": (L, d)}, where, error=TunedLensError)
+    check_model(metadata.get("model_fingerprint"), params, where, error=TunedLensError)
     return {name: jnp.asarray(value) for name, value in tensors.items()}

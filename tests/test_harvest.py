@@ -97,19 +97,52 @@ def test_interrupted_harvest_resumes_to_the_same_result(params, stream, tmp_path
     assert (loaded.site, loaded.layer) == ("mlp_post", 0)
 
 
-def test_a_creation_interrupted_before_its_sidecar_starts_over(params, stream, tmp_path):
-    """The sidecar is written last when a harvest directory is created: without it nothing was harvested,
-    so the harvest's own leftovers are replaced (anything else in the directory is still refused)."""
+def test_a_creation_interrupted_after_its_sidecar_starts_over(params, stream, tmp_path):
+    """The sidecar is written first when a harvest directory is created (it claims the directory): with
+    rows_done 0, the harvest's own half-written files and temporaries are replaced."""
     reference = harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, progress=False)
     from probes.harvest import ACTIVATIONS, SIDECAR, TOKENS
 
     leftover = tmp_path / "h"
-    leftover.mkdir()
-    np.save(leftover / TOKENS, np.zeros((2, 8), np.int32))
-    (leftover / "harvest.tmp").write_text("{")
+    calls = []
+    with pytest.raises(KeyboardInterrupt):  # interrupted before the first chunk was recorded
+        harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=leftover, progress=False,
+                on_chunk=lambda *_: calls.append(1) or (_ for _ in ()).throw(KeyboardInterrupt))
+    info = json.loads((leftover / SIDECAR).read_text())
+    (leftover / SIDECAR).write_text(json.dumps({**info, "rows_done": 0}))
+    (leftover / TOKENS).write_bytes(b"half a file")
+    (leftover / ".activations.npy.tinygpt-tmp.1.ab").write_bytes(b"a temporary")
     harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=leftover, progress=False)
     np.testing.assert_array_equal(np.asarray(load_harvest(leftover).acts), reference.acts)
     assert sorted(p.name for p in leftover.iterdir()) == sorted([ACTIVATIONS, TOKENS, SIDECAR])
+
+
+def test_files_tinygpt_did_not_create_are_never_overwritten_or_deleted(params, stream, tmp_path):
+    """A directory without the harvest's sidecar, or with files beside it, is refused; nothing in it changes
+    (before, the user's own tokens.npy was replaced and activations.npy deleted)."""
+    from probes.harvest import ACTIVATIONS, SIDECAR, TOKENS
+
+    mine = tmp_path / "data"
+    mine.mkdir()
+    np.save(mine / TOKENS, np.arange(100, dtype=np.int64))
+    np.save(mine / ACTIVATIONS, np.ones((3, 4)))
+    (mine / ".notes").write_text("hidden")
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    with pytest.raises(HarvestError, match="did not create.*activations.npy, tokens.npy"):
+        harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, path=mine, progress=False)
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+
+    (mine / SIDECAR).write_text('{"my": "own json"}')  # a harvest.json tinygpt did not write
+    with pytest.raises(HarvestError, match="not the sidecar of a tinygpt harvest"):
+        harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, path=mine, progress=False)
+    assert (mine / SIDECAR).read_text() == '{"my": "own json"}' and (mine / TOKENS).read_bytes() == before[TOKENS]
+
+    ours = tmp_path / "h"
+    harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=ours, progress=False)
+    (ours / "notes.txt").write_text("mine")
+    with pytest.raises(HarvestError, match="files tinygpt did not create \\(notes.txt\\)"):
+        harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=ours, progress=False)
+    assert (ours / "notes.txt").read_text() == "mine"
 
 
 def test_resuming_a_different_harvest_fails(params, stream, tmp_path):
@@ -121,7 +154,7 @@ def test_resuming_a_different_harvest_fails(params, stream, tmp_path):
         harvest(other_model, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=tmp_path / "h", progress=False)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(HarvestError, match="not empty"):
+    with pytest.raises(HarvestError, match="did not create"):
         harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, path=tmp_path / "busy", progress=False)
 
 

@@ -92,7 +92,7 @@ def test_bad_files_and_streams_are_clear_errors(tmp_path):
     with pytest.raises(tl.TunedLensError, match="no tuned lens at"):
         tl.load_translators(tmp_path / "missing.safetensors", CFG)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(tl.TunedLensError, match="is not a tuned-lens safetensors file"):
+    with pytest.raises(tl.TunedLensError, match="is not a readable safetensors file"):
         tl.load_translators(tmp_path / "junk.safetensors", CFG)
     with pytest.raises(tl.TunedLensError, match="fewer than one window of 8"):
         tl.train_tuned_lens(random_params(0), CFG, stream(0, 5), steps=1, seq=SEQ)
