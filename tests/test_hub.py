@@ -214,6 +214,45 @@ def test_unreachable_hub(tmp_path, hub):
     assert any("openai-community/gpt2" in url for url in hub.requests)
 
 
+@pytest.mark.parametrize("how, reason, fix", [
+    ("HF_HUB_OFFLINE=1", "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE"),
+    ("TRANSFORMERS_OFFLINE=1", "TRANSFORMERS_OFFLINE is set", "unset TRANSFORMERS_OFFLINE"),
+    ("offline=True", "offline=True", "pass offline=False"),
+    ("set at import", "HF_HUB_OFFLINE was set when huggingface_hub was imported",
+     "start Python without HF_HUB_OFFLINE"),
+    ("offline=False, HF_HUB_OFFLINE=1 at import", "HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE"),
+])
+def test_offline_message_names_what_is_set_and_never_advises_setting_it(tmp_path, hub, monkeypatch, how, reason, fix):
+    """Offline and not cached: the message used to end 'then set HF_HUB_OFFLINE=1' when it was already set."""
+    kwargs = {}
+    if how == "offline=True":
+        kwargs["offline"] = True
+    elif how == "set at import":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    elif how.startswith("offline=False"):
+        kwargs["offline"] = False
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setenv(how.split("=")[0], "1")
+    with pytest.raises(HubError) as e:
+        tinygpt.load("someorg/tiny-gpt2", cache_dir=tmp_path, **kwargs)
+    message = str(e.value)
+    assert f"is not in the local Hugging Face cache ({tmp_path}) and offline mode is on ({reason})" in message
+    assert LOCAL_HINT in message and f"on a machine that can reach the hub, {fix} so that it is downloaded" in message
+    assert "set HF_HUB_OFFLINE=1" not in message and "\n" not in message
+    assert hub.requests == []
+
+
+def test_unreachable_hub_online_advises_offline_mode(tmp_path, hub):
+    with pytest.raises(HubError) as e:
+        tinygpt.load("someorg/tiny-gpt2", cache_dir=tmp_path)
+    message = str(e.value)
+    assert "could not reach the Hugging Face hub" in message and "offline mode is on" not in message
+    assert message.endswith("download it once on a connected machine so it is in the cache, then set "
+                            "HF_HUB_OFFLINE=1.")
+
+
 def test_unknown_hub_id(tmp_path, hub):
     def not_found(request):  # what the hub answers for a missing (or private) repository
         return httpx2.Response(401, headers={"X-Error-Code": "RepoNotFound"}, request=request)

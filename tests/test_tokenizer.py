@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tinygpt.errors import WeightsError
 from tinygpt.tokenizer import (
     ENDOFTEXT,
     WHITESPACE,
@@ -407,13 +408,13 @@ def test_project_vocabulary_with_custom_special_token(tmp_path):
 
 
 def test_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="directory not found"):
+    with pytest.raises(WeightsError, match="directory not found"):
         Tokenizer.from_dir(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="vocab.json"):
+    with pytest.raises(WeightsError, match=r"vocab\.json' does not exist"):
         Tokenizer.from_dir(tmp_path)
     directory = _write_tiny_tokenizer(tmp_path / "t")
     (directory / "merges.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="merges.txt"):
+    with pytest.raises(WeightsError, match=r"merges\.txt' does not exist"):
         Tokenizer.from_dir(directory)
 
 
@@ -427,7 +428,7 @@ def test_malformed_files(tmp_path):
     with pytest.raises(ValueError, match="'qz' is not in the vocabulary"):
         Tokenizer.from_dir(directory)
     (directory / "vocab.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(ValueError, match="not a valid JSON vocabulary"):
+    with pytest.raises(WeightsError, match=r"vocab\.json' is not valid JSON"):
         Tokenizer.from_dir(directory)
     (directory / "vocab.json").write_text('{"a": 0, "b": 0}', encoding="utf-8")
     with pytest.raises(ValueError, match="share the id 0"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import safetensors.numpy
 
 import tinygpt
 import weights
+from tinygpt.errors import ConfigError
 from weights import WeightsError
 
 # Deliberately lopsided: 3 heads of width 4, a non-default MLP width (n_inner), vocab not a multiple of 8.
@@ -237,15 +239,14 @@ def test_failed_save_leaves_existing_files_untouched(hf_dir, tmp_path, monkeypat
     weights.save(model, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def failing_save_file(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a safetensors file")  # as if the disk filled up mid-write
+    def failing_fsync(fd):  # as if the disk filled up while the files were written
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save_file)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     edited = tinygpt.Model(config=model.config, params=jax.tree_util.tree_map(lambda x: x * 2, model.params))
     with pytest.raises(OSError, match="No space left"):
         weights.save(edited, out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file left either
 
     with pytest.raises(OSError, match="No space left"):
         weights.save(edited, tmp_path / "new")
@@ -279,14 +280,17 @@ def test_path_is_a_file(ckpt):
 
 def test_missing_config(ckpt):
     (ckpt / "config.json").unlink()
-    with pytest.raises(WeightsError, match=rf"no config\.json at {ckpt}"):
+    with pytest.raises(ConfigError, match=rf"^config file '{ckpt / 'config.json'}' does not exist$"):
         tinygpt.load(ckpt)
 
 
-@pytest.mark.parametrize("content", [b'{"model_type": "gpt2",', b"", b"\xff\xfe\x00garbage"])
-def test_invalid_config_json(ckpt, content):
+@pytest.mark.parametrize("content, problem", [(b'{"model_type": "gpt2",', "is not valid JSON"),
+                                              (b"", "is not valid JSON"),
+                                              (b"\xff\xfe\x00garbage", r"is not UTF-8 text \(byte 0\)")])
+def test_invalid_config_json(ckpt, content, problem):
+    """config.json problems are ConfigErrors (model.safetensors, vocab.json, merges.txt ones WeightsErrors)."""
     (ckpt / "config.json").write_bytes(content)
-    with pytest.raises(WeightsError, match=rf"{ckpt / 'config.json'} is not valid JSON"):
+    with pytest.raises(ConfigError, match=rf"config file '{ckpt / 'config.json'}' {problem}"):
         tinygpt.load(ckpt)
 
 
@@ -302,7 +306,7 @@ def test_invalid_config_json(ckpt, content):
 )
 def test_config_that_is_not_gpt2(ckpt, changes, message):
     edit_config(ckpt, **changes)
-    with pytest.raises(WeightsError, match=message):
+    with pytest.raises(ConfigError, match=message):
         tinygpt.load(ckpt)
 
 

@@ -53,6 +53,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .errors import WeightsError
+from .files import atomic_write, parse_json, read_bytes
+
 __all__ = [
     "ENDOFTEXT",
     "WHITESPACE",
@@ -211,8 +214,8 @@ class Tokenizer:
 
     Args:
         vocab: maps token strings (in the :func:`bytes_to_unicode` alphabet,
-            e.g. ``"Ġthe"``) to integer ids.  Special tokens are stored
-            verbatim (e.g. ``"<|endoftext|>"``).
+            e.g. ``"Ġthe"``) to the ids ``0 .. len(vocab) - 1``, each used
+            once.  Special tokens are stored verbatim (e.g. ``"<|endoftext|>"``).
         merges: the BPE merge rules ``(left, right)`` in priority order: the
             first pair has rank 0 and is merged first.  Both halves and their
             concatenation must be in ``vocab``.
@@ -235,16 +238,10 @@ class Tokenizer:
         cache_size: int = 100_000,
     ) -> None:
         self._token_to_id: dict[str, int] = _validated_vocab(vocab)
-        self._merges: list[tuple[str, str]] = [tuple(pair) for pair in merges]
+        self._merges: list[tuple[str, str]] = _validated_merges(merges, self._token_to_id)
         self._merge_ranks: dict[tuple[str, str], int] = {}
         for rank, pair in enumerate(self._merges):
-            left, right = pair
-            for piece in (left, right, left + right):
-                if piece not in self._token_to_id:
-                    raise ValueError(
-                        f"merge #{rank} {left!r} {right!r}: token {piece!r} is not in the vocabulary"
-                    )
-            self._merge_ranks[(left, right)] = rank  # a later duplicate wins, as in Hugging Face
+            self._merge_ranks[pair] = rank  # a later duplicate wins, as in Hugging Face
 
         if special_tokens is None:
             special_tokens = [ENDOFTEXT] if ENDOFTEXT in self._token_to_id else []
@@ -261,8 +258,8 @@ class Tokenizer:
             re.compile("|".join(re.escape(t) for t in by_length)) if by_length else None
         )
 
-        # id -> raw bytes, used by decode() and pieces().
-        self._vocab_size = max(self._token_to_id.values(), default=-1) + 1
+        # id -> raw bytes, used by decode() and pieces(). The ids are exactly 0 .. len(vocab) - 1.
+        self._vocab_size = len(self._token_to_id)
         self._id_to_token: list[str | None] = [None] * self._vocab_size
         self._id_to_bytes: list[bytes | None] = [None] * self._vocab_size
         for token, token_id in self._token_to_id.items():
@@ -284,43 +281,39 @@ class Tokenizer:
     ) -> "Tokenizer":
         """Load a tokenizer from Hugging Face GPT-2 style files.
 
-        ``vocab.json`` is a JSON object mapping token strings to ids.
-        ``merges.txt`` holds one merge ``"left right"`` per line, best rank
-        first, optionally preceded by a ``#version: ...`` header line.  Blank
-        lines are ignored.
+        ``vocab.json`` is a JSON object mapping token strings to the ids
+        ``0 .. N-1``, each used once.  ``merges.txt`` holds one merge
+        ``"left right"`` per line, best rank first, optionally preceded by a
+        ``#version: ...`` header line (as Hugging Face ``tokenizers`` reads
+        it); blank lines are ignored; both halves of a merge and their
+        concatenation must be in the vocabulary.  Anything else (a missing,
+        unreadable, empty or oversized file, a FIFO or directory, bad UTF-8 or
+        JSON, a bad entry) is a :class:`~tinygpt.errors.WeightsError` naming
+        the file (and line) at fault.
         """
         vocab_path, merges_path = Path(vocab_json_path), Path(merges_txt_path)
-        for path, what in ((vocab_path, "vocabulary (vocab.json)"), (merges_path, "merges (merges.txt)")):
-            if not path.is_file():
-                raise FileNotFoundError(f"tokenizer {what} file not found: {path}")
-
-        try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{vocab_path}: not a valid JSON vocabulary: {e}") from e
-        if not isinstance(vocab, dict):
-            raise ValueError(f"{vocab_path}: expected a JSON object mapping tokens to ids")
-
-        merges = _read_merges(merges_path)
+        vocab = _read_vocab(vocab_path)
+        merges = _read_merges(merges_path, vocab)
         return cls(vocab, merges, special_tokens)
 
     def save(self, directory: str | Path) -> None:
-        """Write `vocab.json` + `merges.txt` in GPT-2's format into `directory`."""
-        import json
-
+        """Write `vocab.json` (ids in order) + `merges.txt` in GPT-2's format into `directory`, each file
+        written whole or not at all (`tinygpt.files.atomic_write`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab = dict(sorted(self._token_to_id.items(), key=lambda item: item[1]))
-        (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in self._merges]
-        (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with atomic_write(directory / "vocab.json", "w") as vocab_file:
+            vocab_file.write(json.dumps(vocab, ensure_ascii=False))
+            with atomic_write(directory / "merges.txt", "w") as merges_file:
+                merges_file.write("\n".join(lines) + "\n")
 
     @classmethod
     def from_dir(cls, path: str | Path, special_tokens: Iterable[str] | None = None) -> "Tokenizer":
         """Load ``vocab.json`` and ``merges.txt`` from the directory ``path``."""
         directory = Path(path)
         if not directory.is_dir():
-            raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+            raise WeightsError(f"tokenizer directory not found: {directory}")
         return cls.from_files(directory / "vocab.json", directory / "merges.txt", special_tokens)
 
     # --------------------------------------------------------------- properties
@@ -565,38 +558,96 @@ class Tokenizer:
 # --------------------------------------------------------------------------
 
 
-def _validated_vocab(vocab: Mapping[str, int]) -> dict[str, int]:
-    """Check that ``vocab`` maps strings to distinct non-negative int ids."""
+def _validated_vocab(vocab: Mapping[str, int], where: str = "vocabulary", error=ValueError) -> dict[str, int]:
+    """Check that ``vocab`` maps non-empty strings to the ids ``0 .. len(vocab) - 1``, each used once;
+    ``error`` (naming ``where``) if not.  Nothing is allocated per id, so an id of 10**10 costs nothing."""
     checked: dict[str, int] = {}
     owner_of_id: dict[int, str] = {}
+    size = len(vocab)
     for token, token_id in vocab.items():
-        if not isinstance(token, str) or isinstance(token_id, bool) or not isinstance(token_id, int):
-            raise ValueError(f"vocabulary entries must map str to int, got {token!r}: {token_id!r}")
-        if token_id < 0:
-            raise ValueError(f"token {token!r} has a negative id {token_id}")
+        if not isinstance(token, str) or not token:
+            raise error(f"{where}: tokens must be non-empty strings, got {_show(token)}")
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise error(f"{where}: token {_show(token)} has the id {_show(token_id)}; ids must be integers")
+        if not 0 <= token_id < size:
+            raise error(
+                f"{where}: token {_show(token)} has the id {token_id}, outside 0..{size - 1} (the ids of "
+                f"{size:,} tokens are 0 to {size - 1:,}, each used once)"
+            )
         if token_id in owner_of_id:
-            raise ValueError(f"tokens {owner_of_id[token_id]!r} and {token!r} share the id {token_id}")
+            raise error(f"{where}: tokens {_show(owner_of_id[token_id])} and {_show(token)} share the id {token_id}")
         owner_of_id[token_id] = token
         checked[token] = token_id
     return checked
 
 
-def _read_merges(path: Path) -> list[tuple[str, str]]:
-    """Parse a ``merges.txt`` file into ``(left, right)`` pairs in rank order."""
+def _validated_merges(merges: Iterable[tuple[str, str]], vocab: Mapping[str, int], where=None,
+                      error=ValueError) -> list[tuple[str, str]]:
+    """Check that each merge is a pair of strings whose halves and concatenation are in ``vocab``;
+    ``error`` naming ``where(rank)`` (default: ``merge #rank``) if not."""
+    checked: list[tuple[str, str]] = []
+    for rank, pair in enumerate(merges):
+        place = where(rank) if where is not None else f"merge #{rank}"
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+            raise error(f"{place}: a merge is two non-empty strings, got {_show(pair)}")
+        left, right = pair
+        for piece in (left, right, left + right):
+            if piece not in vocab:
+                raise error(f"{place} {_show(left)} {_show(right)}: token {_show(piece)} is not in the vocabulary")
+        checked.append((left, right))
+    return checked
+
+
+def _show(value) -> str:
+    """repr(value), cut to 40 characters (a damaged file may hold a megabyte on one line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+MAX_TOKENIZER_BYTES = 64 << 20  # GPT-2's vocab.json is 1 MB, its merges.txt 0.5 MB
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a tokenizer file: a regular, non-empty file of at most 64 MB, else WeightsError."""
+    data = read_bytes(path, what, max_bytes=MAX_TOKENIZER_BYTES, error=WeightsError)
+    if not data.strip():
+        raise WeightsError(f"{what} {str(path)!r} is empty")
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: merges file is not valid UTF-8: {e}") from e
+        raise WeightsError(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    """Parse and check a ``vocab.json`` file (see :meth:`Tokenizer.from_files`)."""
+    what = "tokenizer vocabulary"
+    vocab = parse_json(_read_text(path, what), f"{what} {str(path)!r}", error=WeightsError)
+    if not isinstance(vocab, dict):
+        raise WeightsError(f"{what} {str(path)!r} must hold a JSON object mapping tokens to ids, "
+                           f"got {type(vocab).__name__}")
+    return _validated_vocab(vocab, str(path), error=WeightsError)
+
+
+def _read_merges(path: Path, vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """Parse and check a ``merges.txt`` file into ``(left, right)`` pairs in rank order."""
+    lines = _read_text(path, "tokenizer merges").split("\n")
     merges: list[tuple[str, str]] = []
+    line_of_rank: list[int] = []
     for line_number, line in enumerate(lines, start=1):
         line = line.rstrip("\r")
-        if not line or (line_number == 1 and line.startswith("#version")):
+        if not line:
             continue
+        if line.startswith("#version"):
+            if line_number == 1:
+                continue
+            raise WeightsError(f"{path}:{line_number}: a '#version' header belongs on the first line only "
+                               "(two merges files joined?)")
         parts = line.split(" ")
         if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise ValueError(
-                f"{path}:{line_number}: malformed merge line {line!r} "
+            raise WeightsError(
+                f"{path}:{line_number}: malformed merge line {_show(line)} "
                 "(expected two tokens separated by a single space)"
             )
         merges.append((parts[0], parts[1]))
-    return merges
+        line_of_rank.append(line_number)
+    return _validated_merges(merges, vocab, lambda rank: f"{path}:{line_of_rank[rank]}", error=WeightsError)

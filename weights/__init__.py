@@ -14,7 +14,7 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 
 
 def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revision: str | None = None,
-         cache_dir=None, offline: bool | None = None):
+         cache_dir=None, offline: bool | None = None, allow_nonfinite: bool = False):
     """Load a GPT-2 checkpoint as a `tinygpt.Model`.
 
     name_or_path  a local directory (config.json + model.safetensors [+ vocab.json, merges.txt]), a hub id
@@ -22,6 +22,10 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revi
                   any GPT-2-architecture repo), or None for the embedded default model
     dtype         "float32", "bfloat16" or "float16"
     revision, cache_dir, offline   passed to huggingface_hub (offline also follows HF_HUB_OFFLINE)
+    allow_nonfinite  load weights holding NaN or inf (a WeightsError by default: such a model's logits are NaN)
+
+    A damaged config.json raises ConfigError; a damaged or mismatched model.safetensors, vocab.json or
+    merges.txt raises WeightsError; each names the file and the problem.
     """
     from tinygpt.api import Model
     from tinygpt.params import resolve_dtype
@@ -34,22 +38,37 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revi
     else:
         directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, offline=offline)
         source = str(name_or_path)
-    config, params = read(directory, dtype=dtype)
+    config, params = read(directory, dtype=dtype, allow_nonfinite=allow_nonfinite)
     return Model(config=config, params=params, tokenizer=load_tokenizer(directory, config), source=source)
 
 
 def load_tokenizer(directory: str | os.PathLike, config=None):
-    """The directory's tokenizer (vocab.json + merges.txt), or None when the checkpoint ships none."""
+    """The directory's tokenizer (vocab.json + merges.txt), or None when the checkpoint ships neither file.
+
+    One of the two without the other is a WeightsError, and so (given the model's `config`) is a tokenizer
+    whose ids are not exactly the model's vocabulary: the model could generate ids it cannot decode, or
+    the tokenizer produce ids the model has no embedding for."""
     from tinygpt.tokenizer import Tokenizer
 
     directory = Path(directory)
-    if not ((directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()):
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    present = [os.path.lexists(vocab), os.path.lexists(merges)]
+    if not any(present):
         return None
-    tokenizer = Tokenizer.from_files(directory / "vocab.json", directory / "merges.txt")
-    if config is not None and tokenizer.vocab_size > config.vocab_size:
+    if not all(present):
+        have, lack = (vocab, merges) if present[0] else (merges, vocab)
+        raise WeightsError(f"{directory} has {have.name} but no {lack.name}: a GPT-2 tokenizer needs both (or "
+                           "neither, to load the model without a tokenizer)")
+    tokenizer = Tokenizer.from_files(vocab, merges)
+    if config is not None and tokenizer.vocab_size != config.vocab_size:
         raise WeightsError(
-            f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{config.vocab_size}"
+            f"the tokenizer in {directory} has {tokenizer.vocab_size:,} tokens (vocab.json) but the model's "
+            f"vocab_size is {config.vocab_size:,} (config.json): "
+            + (f"ids {tokenizer.vocab_size:,} to {config.vocab_size - 1:,} could be generated and not decoded"
+               if tokenizer.vocab_size < config.vocab_size else
+               f"ids {config.vocab_size:,} and up have no embedding")
+            + "; use the vocab.json made for this model, or load the weights alone: "
+            f"tinygpt.Model(*weights.read({str(directory)!r}))"
         )
     return tokenizer
 

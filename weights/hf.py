@@ -11,18 +11,24 @@ Official GPT-2 checkpoints store (Conv1D, so already in `x @ W` layout), for eac
     h.{i}.mlp.c_proj.weight / bias          [d_mlp, d_model] / [d_model]
 
 plus wte.weight [vocab, d_model], wpe.weight [n_ctx, d_model], ln_f.weight / bias. Names carry a
-`transformer.` prefix when saved from GPT2LMHeadModel; `lm_head.weight` (tied to wte) and the
-`attn.bias` / `attn.masked_bias` buffers are ignored.
+`transformer.` prefix when saved from GPT2LMHeadModel; the `h.{i}.attn.bias` / `attn.masked_bias` buffers
+(causal masks, not weights) are ignored, and `lm_head.weight`, when present, must equal wte (GPT-2 ties them).
+Any other name is unexpected.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Iterator
 
 import numpy as np
 
 from tinygpt.config import Config
 
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-IGNORED_NAMES = ("lm_head.weight",)
+IGNORED_BUFFERS = ("attn.bias", "attn.masked_bias")  # per block: the causal mask and its fill value
+LM_HEAD = "lm_head.weight"  # the unembedding; tied to wte in GPT-2
+
+_BLOCK_NAME = re.compile(r"h\.(0|[1-9][0-9]*)\.(.+)")
 
 
 def expected_block_tensors(config: Config) -> dict[str, tuple[int, ...]]:
@@ -44,26 +50,52 @@ def expected_block_tensors(config: Config) -> dict[str, tuple[int, ...]]:
     }
 
 
-def expected_tensors(config: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor name (without prefix) a GPT-2 checkpoint of this config must hold, with its shape."""
+def global_tensors(config: Config) -> dict[str, tuple[int, ...]]:
+    """The tensors outside the blocks, with their shapes."""
     D = config.d_model
-    shapes = {
-        "wte.weight": (config.vocab_size, D),
-        "wpe.weight": (config.n_ctx, D),
-        "ln_f.weight": (D,),
-        "ln_f.bias": (D,),
-    }
+    return {"wte.weight": (config.vocab_size, D), "wpe.weight": (config.n_ctx, D), "ln_f.weight": (D,),
+            "ln_f.bias": (D,)}
+
+
+def n_tensors(config: Config) -> int:
+    """How many tensors a GPT-2 checkpoint of this config holds (buffers and lm_head not counted)."""
+    return 4 + 12 * config.n_layer
+
+
+def tensor_names(config: Config) -> Iterator[str]:
+    """Every tensor name (without prefix) a GPT-2 checkpoint of this config must hold, in file order; a
+    generator, so a config.json with n_layer 1e9 costs nothing until the names are asked for."""
+    yield from global_tensors(config)
     for i in range(config.n_layer):
-        shapes.update({f"h.{i}.{name}": shape for name, shape in expected_block_tensors(config).items()})
-    return shapes
+        for name in expected_block_tensors(config):
+            yield f"h.{i}.{name}"
+
+
+def layer_of(name: str) -> int | None:
+    """i for a name `h.{i}.*` (unprefixed), else None."""
+    match = _BLOCK_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def expected_shape(name: str, config: Config) -> tuple[int, ...] | None:
+    """The shape of tensor `name` (unprefixed) in a checkpoint of this config, or None if such a checkpoint
+    has no tensor of that name. Constant time: nothing is enumerated."""
+    if name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+        return global_tensors(config)[name]
+    match = _BLOCK_NAME.fullmatch(name)
+    if match and int(match.group(1)) < config.n_layer:
+        return expected_block_tensors(config).get(match.group(2))
+    return None
 
 
 def strip_prefix(name: str) -> str:
     return name[len("transformer."):] if name.startswith("transformer.") else name
 
 
-def is_ignored(name: str) -> bool:
-    return name in IGNORED_NAMES or name.endswith(IGNORED_SUFFIXES)
+def is_ignored_buffer(name: str, config: Config) -> bool:
+    """`h.{i}.attn.bias` / `h.{i}.attn.masked_bias` (unprefixed) of a block this config has."""
+    match = _BLOCK_NAME.fullmatch(name)
+    return bool(match) and int(match.group(1)) < config.n_layer and match.group(2) in IGNORED_BUFFERS
 
 
 # Per-block conversion: one HF block's tensors <-> the tinygpt per-layer arrays (no layer axis).
@@ -109,3 +141,9 @@ def block_to_hf(p: dict[str, np.ndarray], i: int, config: Config) -> dict[str, n
 
 
 GLOBAL_NAMES = {"wte": "wte.weight", "wpe": "wpe.weight", "lnf_w": "ln_f.weight", "lnf_b": "ln_f.bias"}
+
+# tinygpt's block parameter -> the HF block tensor (after `h.{i}.`) its values come from
+SOURCE_OF = {ours: theirs for theirs, ours in BLOCK_NAMES.items()} | {
+    "W_Q": "attn.c_attn.weight", "W_K": "attn.c_attn.weight", "W_V": "attn.c_attn.weight",
+    "b_Q": "attn.c_attn.bias", "b_K": "attn.c_attn.bias", "b_V": "attn.c_attn.bias",
+}

@@ -41,27 +41,26 @@ def download(repo_id: str, *, revision=None, cache_dir=None, offline=None) -> Pa
     import huggingface_hub
     from huggingface_hub import constants, errors
 
-    if offline is None:
-        # The environment now, and huggingface_hub's own flag (read from HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
-        # when it was imported).
-        offline = constants.HF_HUB_OFFLINE or any(
-            os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
-            for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-        )
+    offline_because = offline_reasons(offline)
     what = repr(repo_id) + (f" (revision {revision!r})" if revision else "")
     where = "the local Hugging Face cache" + (f" ({cache_dir})" if cache_dir else "")
-    local_hint = (
-        "To run without the hub, pass a local directory holding config.json + model.safetensors "
-        "(+ vocab.json, merges.txt), e.g. tinygpt.load('/path/to/gpt2') or `--model /path/to/gpt2`; or "
-        f"download it once on a connected machine so it is in the cache, then set HF_HUB_OFFLINE=1."
-    )
+    local = ("To run without the hub, pass a local directory holding config.json + model.safetensors "
+             "(+ vocab.json, merges.txt), e.g. tinygpt.load('/path/to/gpt2') or `--model /path/to/gpt2`")
+    if offline_because:  # offline already: say how to go online, never to set what is set
+        mode = f"offline mode is on ({', '.join(reason for reason, _ in offline_because)})"
+        go_online = " and ".join(fix for _, fix in offline_because)
+        local_hint = f"{local}; or, on a machine that can reach the hub, {go_online} so that it is downloaded."
+    else:
+        mode = None
+        local_hint = (f"{local}; or download it once on a connected machine so it is in the cache, then set "
+                      "HF_HUB_OFFLINE=1.")
     try:
         snapshot = huggingface_hub.snapshot_download(
             repo_id,
             revision=revision,
             cache_dir=cache_dir,
             allow_patterns=CHECKPOINT_FILES,
-            local_files_only=offline,
+            local_files_only=bool(offline_because),
         )
     except errors.RepositoryNotFoundError:
         raise HubError(
@@ -76,10 +75,8 @@ def download(repo_id: str, *, revision=None, cache_dir=None, offline=None) -> Pa
                 f"the cached copy of {what} in {where} is incomplete and the hub cannot be used to finish it "
                 f"({(str(e).splitlines() or [type(e).__name__])[0]}). " + local_hint
             ) from None
-        if offline:
-            raise HubError(
-                f"{what} is not in {where} and offline mode is on (HF_HUB_OFFLINE / offline=True). " + local_hint
-            ) from None
+        if mode:
+            raise HubError(f"{what} is not in {where} and {mode}. " + local_hint) from None
         raise HubError(
             f"could not reach the Hugging Face hub to download {what} ({_reason(e)}), and it is not in "
             f"{where}. " + local_hint
@@ -92,6 +89,27 @@ def download(repo_id: str, *, revision=None, cache_dir=None, offline=None) -> Pa
         if not (path / required).is_file():
             raise HubError(f"hub repository {repo_id!r} has no {required} (tinygpt reads safetensors checkpoints)")
     return path
+
+
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # as huggingface_hub reads its boolean variables
+
+
+def offline_reasons(offline: bool | None) -> list[tuple[str, str]]:
+    """What keeps huggingface_hub off the network, each as (reason, how to undo it); empty when it may
+    download. `offline=True` is one reason; without an explicit `offline=False`, HF_HUB_OFFLINE or
+    TRANSFORMERS_OFFLINE set now is another; and huggingface_hub's own flag (read from those variables when
+    it was imported) refuses downloads whatever `offline` says."""
+    from huggingface_hub import constants
+
+    reasons = [("offline=True", "pass offline=False")] if offline else []
+    set_now = [var for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(var, "").upper() in TRUE_VALUES]
+    if set_now and (offline is None or constants.HF_HUB_OFFLINE):
+        reasons += [(f"{var} is set", f"unset {var}") for var in set_now]
+    elif constants.HF_HUB_OFFLINE:
+        reasons.append(("HF_HUB_OFFLINE was set when huggingface_hub was imported",
+                        "start Python without HF_HUB_OFFLINE"))
+    return reasons
 
 
 def _reason(e: BaseException) -> str:
