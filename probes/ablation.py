@@ -38,6 +38,7 @@ from tinygpt.model import positions_from_mask
 from tinygpt.sites import SITES, check_site_names
 from tinygpt.sweep import axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_units
 from tinygpt.inputs import checks_tokens
+from tinygpt.errors import InputError, InputTypeError
 
 METHODS = ("zero", "mean", "resample")
 # keyword -> the axis (dimension name of `tinygpt.sites`) it selects on
@@ -65,17 +66,17 @@ def site_where(site: str, config: Config, seq: int, *, attention_mask=None, **se
     where = jnp.ones((1,) * len(shape), bool)
     for keyword, indices in selected.items():
         if keyword not in SELECTORS:
-            raise TypeError(f"unknown selector {keyword!r}; choose from {', '.join(SELECTORS)}")
+            raise InputTypeError(f"unknown selector {keyword!r}; choose from {', '.join(SELECTORS)}")
         if indices is None:
             continue
         axis = SELECTORS[keyword]
         if axis not in shape:
-            raise ValueError(f"site {site!r} has no {axis} axis to select {keyword} on (its shape is "
+            raise InputError(f"site {site!r} has no {axis} axis to select {keyword} on (its shape is "
                              f"[{', '.join(shape)}])")
         size = axis_size(site, axis, config, seq)
         indices = np.atleast_1d(np.asarray(indices, np.int64))
         if indices.size == 0 or indices.min() < -size or indices.max() >= size:
-            raise ValueError(f"{keyword} {indices.tolist()} out of range for {axis} of size {size}")
+            raise InputError(f"{keyword} {indices.tolist()} out of range for {axis} of size {size}")
         hot = np.zeros(size, bool)
         hot[indices] = True
         index = shape.index(axis)
@@ -97,7 +98,7 @@ def layer_list(layers, config: Config):
         return np.arange(config.n_layer)
     layers = np.atleast_1d(np.asarray(layers, np.int64))
     if layers.size == 0 or layers.min() < 0 or layers.max() >= config.n_layer:
-        raise ValueError(f"layers {layers.tolist()} out of range for a model of {config.n_layer} layers")
+        raise InputError(f"layers {layers.tolist()} out of range for a model of {config.n_layer} layers")
     return layers
 
 
@@ -147,21 +148,21 @@ def ablation_source(params, config: Config, site: str, method: str, *, seq: int,
     tokens           the prompts [batch, seq]: resampling the prompt batch itself never gives a row itself"""
     check_patch_site(site)
     if method not in METHODS:
-        raise ValueError(f"unknown ablation method {method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown ablation method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "zero":
         return jnp.zeros((config.n_layer,) + (1,) * len(SITES[site].shape))
     if reference is None:
-        raise ValueError(f"{method} ablation needs a reference batch of prompts")
+        raise InputError(f"{method} ablation needs a reference batch of prompts")
     reference = jnp.asarray(reference)
     if reference.ndim != 2:
-        raise ValueError(f"reference must be token ids [ref_batch, ref_seq], got shape {tuple(reference.shape)}")
+        raise InputError(f"reference must be token ids [ref_batch, ref_seq], got shape {tuple(reference.shape)}")
     aligned = method == "resample" or per_position  # reference positions stand for the prompt's positions
     if (aligned or "key" in SITES[site].shape) and (reference.shape[1] != seq or reference_mask is not None):
-        raise ValueError(f"{method} ablation{' per position' if method == 'mean' else ''} of {site!r} needs "
+        raise InputError(f"{method} ablation{' per position' if method == 'mean' else ''} of {site!r} needs "
                          f"unpadded reference prompts of the prompt's length {seq}, got length {reference.shape[1]}"
                          + (" (or take the mean over positions: per_position=False)" if method == "mean" else ""))
     if aligned and attention_mask is not None and "key" in SITES[site].shape:
-        raise ValueError(f"{method} ablation of {site!r} in a left-padded batch: its key axis would need the "
+        raise InputError(f"{method} ablation of {site!r} in a left-padded batch: its key axis would need the "
                          "reference's keys moved row by row; ablate unpadded prompts of equal length")
     values = forward(params, reference, config, attention_mask=reference_mask, keep=(site,))[site]
     if method == "resample":
@@ -292,9 +293,9 @@ def neuron_study(params, tokens, config: Config, layer: int, neuron: int, *, act
     (at `positions`, or all), and report its activations, the change in the output distribution, and the
     tokens its output direction writes to directly (before the final LayerNorm)."""
     if action not in NEURON_ACTIONS:
-        raise ValueError(f"unknown neuron action {action!r}; choose one of {', '.join(NEURON_ACTIONS)}")
+        raise InputError(f"unknown neuron action {action!r}; choose one of {', '.join(NEURON_ACTIONS)}")
     if action != "ablate" and value is None:
-        raise ValueError(f"neuron action {action!r} needs a value")
+        raise InputError(f"neuron action {action!r} needs a value")
     tokens = jnp.asarray(tokens)
     layer = int(layer_list(layer, config)[0])
     where = site_where("mlp_post", config, tokens.shape[1], neurons=[neuron], positions=positions,
@@ -372,9 +373,9 @@ def ablation_sweep(params, tokens, config: Config, *, site: str = "z", axis: str
     size = 1 if axis is None else axis_size(site, axis, config, seq)
     units = np.arange(size) if units is None else np.atleast_1d(np.asarray(units, np.int64))
     if units.size == 0 or units.min() < 0 or units.max() >= size:
-        raise ValueError(f"units {units.tolist()} out of range for {axis} of size {size}")
+        raise InputError(f"units {units.tolist()} out of range for {axis} of size {size}")
     if axis == "seq" and attention_mask is not None and not np.all(np.asarray(attention_mask)):
-        raise ValueError("a sweep over positions of a left-padded batch would ablate slots, which are different "
+        raise InputError("a sweep over positions of a left-padded batch would ablate slots, which are different "
                          "token positions in different rows; sweep unpadded prompts of equal length")
     source = ablation_source(params, config, site, method, seq=seq, batch=batch, reference=reference,
                              reference_mask=reference_mask, per_position=per_position, seed=seed,

@@ -24,6 +24,7 @@ import tinygpt
 from tinygpt.config import Config
 from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
+from tinygpt.errors import InputError
 
 
 
@@ -80,7 +81,7 @@ def induction_scores(params, config: Config, *, n: int | None = None, batch: int
     the context, at most 50).  -> [layer, head]"""
     n = min(config.n_ctx // 2, 50) if n is None else n
     if not 2 <= n <= config.n_ctx // 2:
-        raise ValueError(f"the repeated block needs 2 <= n <= n_ctx / 2 = {config.n_ctx // 2} tokens, got {n}")
+        raise InputError(f"the repeated block needs 2 <= n <= n_ctx / 2 = {config.n_ctx // 2} tokens, got {n}")
     return np.asarray(_induction_scores(params, repeated_random_tokens(config, n, batch, seed), config))
 
 
@@ -105,7 +106,7 @@ def head_summary(params, config: Config, tokens, *, induction_n: int | None = No
     induction score on repeated random tokens."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
-        raise ValueError("head summaries need tokens [batch, seq] with at least 2 positions")
+        raise InputError("head summaries need tokens [batch, seq] with at least 2 positions")
     pattern = np.asarray(attention_patterns(params, config, tokens), np.float64)  # [layer, batch, head, seq, key]
     mean_over_batch = lambda score: score.mean(axis=1)  # noqa: E731  [layer, batch, head] -> [layer, head]
     return HeadSummary(

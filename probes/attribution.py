@@ -39,6 +39,7 @@ from tinygpt.model import forward
 from tinygpt.inputs import checks_tokens
 
 from .transforms import center, unembedding_bias, unembedding_matrix
+from tinygpt.errors import InputError
 
 f32 = jnp.float32
 
@@ -134,10 +135,10 @@ def check_read(config: Config, seq: int, position: int, target: int, baseline: i
     """Raise ValueError for a position outside the sequence or a token id outside the vocabulary (inside jit
     an index out of range is silently clamped: position 7 of 5 tokens would read position 4)."""
     if not -seq <= position < seq:
-        raise ValueError(f"position {position} is outside a sequence of {seq} tokens")
+        raise InputError(f"position {position} is outside a sequence of {seq} tokens")
     for name, token in (("target", target), ("baseline", baseline)):
         if token is not None and not 0 <= token < config.vocab_size:
-            raise ValueError(f"{name} token id {token} is outside the vocabulary [0, {config.vocab_size})")
+            raise InputError(f"{name} token id {token} is outside the vocabulary [0, {config.vocab_size})")
 
 
 @checks_tokens("tokens")
@@ -192,7 +193,7 @@ def neuron_attribution(params, config: Config, tokens, layer: int, target: int, 
     """Each neuron of MLP `layer`: its direct contribution to the logit of `target` (or target - baseline)
     at `position`, with the final LayerNorm scale frozen as in `direct_logit_attribution`."""
     if not 0 <= layer < config.n_layer:
-        raise ValueError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
+        raise InputError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
     check_read(config, jnp.shape(tokens)[1], position, target, baseline)
     neurons, activations, bias, total = _attribute_neurons(params, jnp.asarray(tokens), attention_mask, layer,
                                                            target, baseline, position, config)

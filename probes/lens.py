@@ -24,6 +24,7 @@ from jax import lax
 from tinygpt.config import Config
 from tinygpt.model import forward, ln_apply, ln_scale, unembed
 from tinygpt.inputs import checks_tokens
+from tinygpt.errors import InputError
 
 f32 = jnp.float32
 
@@ -134,7 +135,7 @@ def check_sites(sites) -> tuple[str, ...]:
     sites = (sites,) if isinstance(sites, str) else tuple(sites)
     bad = [s for s in sites if s not in LENS_SITES]
     if bad or not sites:
-        raise ValueError(f"lens sites must be among {', '.join(LENS_SITES)}, got {bad or 'none'}")
+        raise InputError(f"lens sites must be among {', '.join(LENS_SITES)}, got {bad or 'none'}")
     return sites
 
 
@@ -147,7 +148,7 @@ def broadcast_target(target, tokens) -> jnp.ndarray | None:
     target = jnp.asarray(target, jnp.int32)
     shape = tuple(jnp.shape(tokens))
     if target.ndim not in (0, 2) or any(t not in (1, s) for t, s in zip(target.shape, shape)):
-        raise ValueError(f"target must be one token id or ids broadcastable to the tokens' shape {shape} "
+        raise InputError(f"target must be one token id or ids broadcastable to the tokens' shape {shape} "
                          f"(one per row: [batch, 1]), got shape {tuple(target.shape)}")
     return jnp.broadcast_to(target, shape)
 

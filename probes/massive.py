@@ -34,6 +34,7 @@ from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
+from tinygpt.errors import InputError
 
 # --------------------------------------------------------------------------------------------------- detect
 
@@ -310,7 +311,7 @@ def intervention(params, config: Config, prompts, activations: list[Activation],
             losses[name].append(float(loss_with_set(params, tokens, layer, w, v, config)))
         counts.append(len(tokens) - 1)
     if not counts:
-        raise ValueError("the loss needs a prompt of at least 2 tokens")
+        raise InputError("the loss needs a prompt of at least 2 tokens")
     loss = {name: float(np.average(v, weights=counts)) for name, v in losses.items()}
     return Intervention(layer, loss["none"], loss["zero"], loss["mean"], means)
 
@@ -340,7 +341,7 @@ def investigate(params, config: Config, prompts, *, threshold: float = 100.0, ra
     exclusion follows the `top` largest activations."""
     prompts = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("give at least one non-empty prompt")
+        raise InputError("give at least one non-empty prompt")
     found = detect(params, config, prompts, threshold=threshold, ratio=ratio)
     if not found:
         return MassiveReport(threshold, ratio, [p.tolist() for p in prompts], [], [], None, [], None, None, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from tinygpt.errors import InputError
 
 METRICS = ("logit_diff", "log_prob", "prob", "kl")
 
@@ -67,10 +68,10 @@ def metric(name: str, logits, *, answer=None, wrong=None, reference=None):
 def check_metric(name: str, *, answer=None, wrong=None, reference=None) -> None:
     """ValueError naming what a metric is missing."""
     if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
+        raise InputError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
     if name in ("logit_diff", "log_prob", "prob") and answer is None:
-        raise ValueError(f"metric {name!r} needs the answer token")
+        raise InputError(f"metric {name!r} needs the answer token")
     if name == "logit_diff" and wrong is None:
-        raise ValueError("metric 'logit_diff' needs the wrong token as well as the answer")
+        raise InputError("metric 'logit_diff' needs the wrong token as well as the answer")
     if name == "kl" and reference is None:
-        raise ValueError("metric 'kl' needs reference logits (the unpatched run's)")
+        raise InputError("metric 'kl' needs reference logits (the unpatched run's)")

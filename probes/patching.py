@@ -36,6 +36,7 @@ from tinygpt.sites import SITES
 from tinygpt.sweep import (axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_positions,
                            sweep_units)
 from tinygpt.inputs import checks_tokens
+from tinygpt.errors import InputError
 
 DIRECTIONS = ("denoise", "noise")
 GRANULARITIES = {"position": "seq", "head": "head", "neuron": "d_mlp", "dim": "d_model", "layer": None}
@@ -49,7 +50,7 @@ def check_pair(clean_tokens, corrupt_tokens):
     clean, corrupt = np.asarray(clean_tokens), np.asarray(corrupt_tokens)
     clean, corrupt = (x[None] if x.ndim == 1 else x for x in (clean, corrupt))
     if clean.shape != corrupt.shape:
-        raise ValueError(f"clean and corrupted prompts must have the same shape [batch, seq] (patching matches "
+        raise InputError(f"clean and corrupted prompts must have the same shape [batch, seq] (patching matches "
                          f"positions), got {clean.shape} and {corrupt.shape}")
     return clean, corrupt
 
@@ -57,7 +58,7 @@ def check_pair(clean_tokens, corrupt_tokens):
 def base_and_source(clean, corrupt, direction: str):
     """(tokens of the run that is patched, tokens of the run the patched values come from)."""
     if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; choose 'denoise' (patch clean values into the "
+        raise InputError(f"unknown direction {direction!r}; choose 'denoise' (patch clean values into the "
                          "corrupted run) or 'noise' (corrupted values into the clean run)")
     return (corrupt, clean) if direction == "denoise" else (clean, corrupt)
 
@@ -158,13 +159,13 @@ def patching_sweep(params, clean_tokens, corrupt_tokens, config: Config, *, site
     base, source_tokens = base_and_source(clean, corrupt, direction)
     check_patch_site(site)
     if by not in GRANULARITIES:
-        raise ValueError(f"unknown granularity by={by!r}; choose one of {', '.join(GRANULARITIES)}")
+        raise InputError(f"unknown granularity by={by!r}; choose one of {', '.join(GRANULARITIES)}")
     metrics.check_metric(metric, answer=answer, wrong=wrong, reference=True)
     axis = GRANULARITIES[by]
     size = 1 if axis is None else axis_size(site, axis, config, clean.shape[1])
     units = np.arange(size) if units is None else np.atleast_1d(np.asarray(units, np.int64))
     if units.size == 0 or units.min() < 0 or units.max() >= size:
-        raise ValueError(f"units {units.tolist()} out of range for {axis} of size {size}")
+        raise InputError(f"units {units.tolist()} out of range for {axis} of size {size}")
     layers = layer_list(layers, config)
     values, clean_metric, corrupt_metric = compiled_patching(
         params, base, source_tokens, layers, _ids(answer), _ids(wrong), config=config, site=site, by=by,
@@ -197,7 +198,7 @@ class Attribution:
         each layer: the elements summed over every other axis.  -> [layer, size of axis]"""
         names = SITES[site].shape[1:]  # without batch
         if axis not in names:
-            raise ValueError(f"site {site!r} has no axis {axis!r}; its axes are {', '.join(names)}")
+            raise InputError(f"site {site!r} has no axis {axis!r}; its axes are {', '.join(names)}")
         values = self.elements[site]
         other = tuple(1 + i for i, name in enumerate(names) if name != axis)
         return values.sum(axis=other)
@@ -248,7 +249,7 @@ def attribution_patching(params, clean_tokens, corrupt_tokens, config: Config, *
     zero, so direction="noise" with metric "kl" (KL from the clean run, around the clean run) is refused:
     every estimate would be 0."""
     if direction == "noise" and metric == "kl":
-        raise ValueError("attribution patching with metric 'kl' and direction 'noise' estimates around the clean "
+        raise InputError("attribution patching with metric 'kl' and direction 'noise' estimates around the clean "
                          "run, where KL from it has zero gradient: every estimate would be 0; use "
                          "direction='denoise' or another metric")
     clean, corrupt = check_pair(clean_tokens, corrupt_tokens)

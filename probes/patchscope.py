@@ -32,6 +32,7 @@ from tinygpt.config import Config
 from tinygpt.inputs import checks_tokens
 
 from .steering import RESID_SITES, resolve_positions
+from tinygpt.errors import InputError
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
@@ -103,15 +104,15 @@ def patchscope(params, config: Config, source_tokens, target_tokens, *, source_l
     target prompt at (target_position, target_layer; default the same layer) and decode the next token, and
     a greedy continuation of `max_new_tokens` tokens. Prompts are token ids [1, seq]."""
     if site not in RESID_SITES:
-        raise ValueError(f"patchscope site must be one of {', '.join(RESID_SITES)}, got {site!r}")
+        raise InputError(f"patchscope site must be one of {', '.join(RESID_SITES)}, got {site!r}")
     source_tokens, target_tokens = np.asarray(source_tokens, np.int32), np.asarray(target_tokens, np.int32)
     if source_tokens.shape[0] != 1 or target_tokens.shape[0] != 1:
-        raise ValueError("patchscope takes one source and one target prompt, each of shape [1, seq]")
+        raise InputError("patchscope takes one source and one target prompt, each of shape [1, seq]")
     source_layers = list(range(config.n_layer)) if source_layers is None else [int(x) for x in source_layers]
     target_layers = source_layers if target_layer is None else [int(target_layer)] * len(source_layers)
     for layer in source_layers + target_layers:
         if not 0 <= layer < config.n_layer:
-            raise ValueError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
+            raise InputError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
     source_position = resolve_positions([source_position], source_tokens.shape[1])[0]
     target_position = resolve_positions([target_position], target_tokens.shape[1])[0]
 

@@ -34,6 +34,7 @@ import numpy as np
 import tinygpt
 from tinygpt.config import Config
 from tinygpt.inputs import checks_tokens
+from tinygpt.errors import InputError
 
 f32 = jnp.float32
 
@@ -43,16 +44,16 @@ RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
 
 def check_site_layer(config: Config, site: str, layer: int) -> None:
     if site not in RESID_SITES:
-        raise ValueError(f"steering site must be one of {', '.join(RESID_SITES)}, got {site!r}")
+        raise InputError(f"steering site must be one of {', '.join(RESID_SITES)}, got {site!r}")
     if not 0 <= layer < config.n_layer:
-        raise ValueError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
+        raise InputError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
     """Prompts of different lengths as one left-padded batch: tokens [batch, seq] and attention_mask
     [batch, seq] (1 real, 0 padding). Every prompt's last token is at position seq - 1."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("need at least one prompt, and no empty prompt")
+        raise InputError("need at least one prompt, and no empty prompt")
     seq = max(len(p) for p in prompts)
     tokens = np.full((len(prompts), seq), pad_id, np.int32)
     mask = np.zeros((len(prompts), seq), np.int32)
@@ -95,7 +96,7 @@ def steering_edit(vector, layer: int, coefficient: float = 1.0, positions=None, 
     start       instead of positions: every position >= start (the prompt's length: generated tokens only)
     """
     if positions is not None and start is not None:
-        raise ValueError("give positions or start, not both")
+        raise InputError("give positions or start, not both")
     vector = jnp.asarray(vector)
     steered = None if positions is None else jnp.asarray(positions)
 
@@ -119,10 +120,10 @@ def resolve_positions(positions, prompt_len: int) -> list[int] | None:
     resolved = set()
     for p in positions:
         if not -prompt_len <= p < prompt_len:
-            raise ValueError(f"position {p} is outside the prompt of {prompt_len} tokens")
+            raise InputError(f"position {p} is outside the prompt of {prompt_len} tokens")
         resolved.add(p % prompt_len)
     if not resolved:
-        raise ValueError("positions is empty: give prompt positions, or None for every position")
+        raise InputError("positions is empty: give prompt positions, or None for every position")
     return sorted(resolved)
 
 
@@ -161,7 +162,7 @@ def steer(params, config: Config, tokens, vector, layer: int, coefficient: float
     start = None
     if isinstance(positions, str):
         if positions != "generated":
-            raise ValueError(f"positions must be None, 'generated' or prompt positions, got {positions!r}")
+            raise InputError(f"positions must be None, 'generated' or prompt positions, got {positions!r}")
         start = jnp.asarray(tokens.shape[1])
     else:
         positions = resolve_positions(positions, tokens.shape[1])
@@ -229,7 +230,7 @@ def function_vector(params, config: Config, clean, corrupted, answers, *, n_head
     (corrupted: the same prompts with the examples' answers shuffled), `answers` the id each should predict
     next. The `n_heads` heads with the largest indirect effect are summed."""
     if len(clean) != len(corrupted) or len(corrupted) != len(answers):
-        raise ValueError("clean, corrupted and answers must have the same number of prompts")
+        raise InputError("clean, corrupted and answers must have the same number of prompts")
     clean_tokens, clean_mask = left_pad(clean)
     corrupted_tokens, corrupted_mask = left_pad(corrupted)
     means = mean_head_outputs(params, clean_tokens, clean_mask, config)

@@ -9,6 +9,7 @@ import numpy as np
 
 from .config import Config
 from .model import forward
+from .errors import InputError
 
 
 @dataclasses.dataclass
@@ -21,7 +22,7 @@ class Model:
     def encode(self, text: str) -> np.ndarray:
         """Token ids [1, seq] of `text` (needs a tokenizer)."""
         if self.tokenizer is None:
-            raise ValueError(f"the model {self.source!r} has no tokenizer (no vocab.json/merges.txt); pass token ids")
+            raise InputError(f"the model {self.source!r} has no tokenizer (no vocab.json/merges.txt); pass token ids")
         return np.asarray([self.tokenizer.encode(text)], np.int32)
 
     def __call__(self, tokens, **kwargs):

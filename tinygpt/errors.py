@@ -23,6 +23,10 @@ class InputError(TinyGPTError, ValueError):
     """Token ids, masks or arguments a function cannot run on."""
 
 
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong kind (e.g. edits that are not a mapping of functions)."""
+
+
 class ConfigError(TinyGPTError, ValueError):
     """A config.json (or Config) that does not describe a GPT-2 model tinygpt can run."""
 

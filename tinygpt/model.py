@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from .config import Config
-from .errors import InputError  # noqa: F401  (re-exported: tinygpt.model.InputError)
+from .errors import InputError
 from .inputs import check_inputs, is_concrete as _is_concrete  # noqa: F401
 from .params import Params
 from .sites import DERIVED
@@ -361,7 +361,7 @@ def derive_site(name: str, trace: Trace, weights: dict):
     values = {s: getattr(trace, s) for s in sources}
     missing = [s for s in sources if values[s] is None] + [w for w in needs if w not in weights]
     if missing:
-        raise ValueError(f"the derived site {name!r} is computed from {', '.join(sources + needs)}, and this trace "
+        raise InputError(f"the derived site {name!r} is computed from {', '.join(sources + needs)}, and this trace "
                          f"no longer holds {', '.join(missing)}")
     return _derive(name, values, {w: weights[w] for w in needs})
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
+from .errors import InputError
 
 Params = dict[str, Any]
 
@@ -73,11 +74,11 @@ def resolve_dtype(dtype) -> jnp.dtype:
     """Accept "float32" / "bfloat16" / "float16" or a numpy/jax dtype; reject anything else."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         return jnp.dtype(DTYPES[dtype])
     dt = jnp.dtype(dtype)
     if dt not in [jnp.dtype(d) for d in DTYPES.values()]:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dt}")
+        raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dt}")
     return dt
 
 
@@ -122,14 +123,14 @@ def check_params(params: Params, config: Config) -> None:
 
     def walk(exp, got, prefix):
         if not isinstance(got, dict):
-            raise ValueError(f"params{prefix} should be a dict, got {type(got).__name__}")
+            raise InputError(f"params{prefix} should be a dict, got {type(got).__name__}")
         for name, shape in exp.items():
             if name not in got:
-                raise ValueError(f"params{prefix} is missing {name!r}")
+                raise InputError(f"params{prefix} is missing {name!r}")
             if isinstance(shape, dict):
                 walk(shape, got[name], f"{prefix}[{name!r}]")
             elif tuple(got[name].shape) != shape:
-                raise ValueError(
+                raise InputError(
                     f"params{prefix}[{name!r}] has shape {tuple(got[name].shape)}, config expects {shape}"
                 )
 

@@ -37,6 +37,7 @@ from .config import Config
 from .model import _at_top_level, _forward, attach_weights, check_inputs
 from .sites import SITES
 from .trace import Trace, derived_sites, normalize_keep
+from .errors import InputError
 
 BATCH = "batch"
 
@@ -48,14 +49,14 @@ def device_mesh(axis: str = BATCH, devices=None) -> Mesh:
     """A one-axis mesh over `devices` (default: every device of every process), the axis named `axis`."""
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
-        raise ValueError("device_mesh needs at least one device")
+        raise InputError("device_mesh needs at least one device")
     return Mesh(np.asarray(devices), (axis,))
 
 
 def mesh_axis(mesh: Mesh) -> str:
     """The name of a one-axis mesh's axis."""
     if len(mesh.axis_names) != 1:
-        raise ValueError(f"expected a one-axis mesh, got axes {mesh.axis_names}")
+        raise InputError(f"expected a one-axis mesh, got axes {mesh.axis_names}")
     return mesh.axis_names[0]
 
 
@@ -91,7 +92,7 @@ def shard_batch(x, mesh: Mesh, axis: int = 0) -> jax.Array:
     (see `pad_to_multiple`)."""
     size, n = np.shape(x)[axis], mesh.size
     if size % n:
-        raise ValueError(f"axis {axis} has size {size}, which does not divide over {n} devices; "
+        raise InputError(f"axis {axis} has size {size}, which does not divide over {n} devices; "
                          "pad it first (pad_to_multiple)")
     return put(x, split_along(mesh, axis))
 
@@ -111,10 +112,10 @@ def pad_to_multiple(tree, multiple: int):
     leaves = jax.tree_util.tree_leaves(tree)
     sizes = {np.shape(x)[0] for x in leaves}
     if len(sizes) != 1:
-        raise ValueError(f"the arrays to split must share their leading axis, got sizes {sorted(sizes)}")
+        raise InputError(f"the arrays to split must share their leading axis, got sizes {sorted(sizes)}")
     (n,) = sizes
     if n == 0:
-        raise ValueError("nothing to split: the leading axis is empty")
+        raise InputError("nothing to split: the leading axis is empty")
     extra = -n % multiple
     if extra == 0:
         return tree, n
@@ -194,7 +195,7 @@ def sharded_sweep(fn: Callable[..., Any], indices, *args, mesh: Mesh | None = No
     (pass the same function object to reuse it); under `jax.jit` it becomes part of the caller's program."""
     mesh = device_mesh() if mesh is None else mesh
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     # every device gets the same number of entries, a whole number of chunks
     indices, n = pad_to_multiple(indices, mesh.size * (chunk_size or 1))
     padded = jax.tree_util.tree_leaves(indices)[0].shape[0]

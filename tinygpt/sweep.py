@@ -40,6 +40,7 @@ from .model import (block_after_attention, block_attend_mlp, block_ln1, causal_m
 from .sharding import sharded_sweep
 from .sites import SITES, check_site_names
 from .trace import SiteRecorder, normalize_edits
+from .errors import InputError
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one vmapped chunk of runs may hold
 
@@ -80,7 +81,7 @@ def cache_run(params, tokens, config: Config, *, attention_mask=None, edits=None
     edits = normalize_edits(edits)
     later = [name for name in edits if name not in ("embed", "pos_embed")]
     if later:
-        raise ValueError(f"a sweep's base run may edit embed / pos_embed only (its runs start from cached block "
+        raise InputError(f"a sweep's base run may edit embed / pos_embed only (its runs start from cached block "
                          f"inputs); got an edit at {later[0]!r}")
     if attention_mask is None:
         attention_mask = jnp.ones(jnp.shape(tokens), jnp.int32)
@@ -172,14 +173,14 @@ def site_edits(by_site: Mapping[str, tuple[Patch, ...]], positions: np.ndarray) 
 def check_patch_site(site: str) -> None:
     check_site_names([site], "site")
     if not SITES[site].per_layer:
-        raise ValueError(f"sweeps patch per-layer sites; {site!r} is global (patch resid_pre at layer 0 instead)")
+        raise InputError(f"sweeps patch per-layer sites; {site!r} is global (patch resid_pre at layer 0 instead)")
 
 
 def read_positions(read, seq: int) -> np.ndarray:
     """Absolute positions from ints (negative counts from the end), checked against seq."""
     read = np.atleast_1d(np.asarray(read, np.int64))
     if read.size == 0 or read.min() < -seq or read.max() >= seq:
-        raise ValueError(f"positions {read.tolist()} are outside a sequence of {seq} tokens")
+        raise InputError(f"positions {read.tolist()} are outside a sequence of {seq} tokens")
     return np.where(read < 0, read + seq, read)
 
 
@@ -238,7 +239,7 @@ def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first
     seq = cache.attention_mask.shape[1]
     read = read_positions(read, seq)
     if read.min() < first:
-        raise ValueError(f"read positions {read.tolist()} precede the first recomputed position {first}")
+        raise InputError(f"read positions {read.tolist()} precede the first recomputed position {first}")
     by_site, shifted = resid_post_as_resid_pre(patches)
     edits_suffix = site_edits(by_site, np.arange(first, seq))
     edits_read = site_edits(by_site, read)
@@ -334,7 +335,7 @@ def axis_size(site: str, axis: str, config: Config, seq: int) -> int:
     shape = SITES[site].shape
     if axis not in shape or axis not in sizes:
         axes = [a for a in shape if a in sizes]
-        raise ValueError(f"site {site!r} has no axis {axis!r} to sweep; its axes are {', '.join(axes)}")
+        raise InputError(f"site {site!r} has no axis {axis!r} to sweep; its axes are {', '.join(axes)}")
     return sizes[axis]
 
 

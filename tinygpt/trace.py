@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .sites import DERIVED, GLOBAL_SITES, LAYER_SITES, SITE_NAMES, SITES, check_site_names
+from .errors import InputError, InputTypeError
 
 Edit = Callable[[jax.Array, Any], jax.Array]
 Edits = Mapping[str, Union[Edit, Sequence[Edit]]]
@@ -158,14 +159,14 @@ def normalize_edits(edits: Edits | None) -> dict[str, tuple[Edit, ...]]:
     if edits is None:
         return {}
     if not isinstance(edits, Mapping):
-        raise TypeError(f"edits must be a mapping from site name to function, got {type(edits).__name__}")
+        raise InputTypeError(f"edits must be a mapping from site name to function, got {type(edits).__name__}")
     check_site_names(edits.keys(), "edits")
     out = {}
     for name, fns in edits.items():
         fns = (fns,) if callable(fns) else tuple(fns)
         for fn in fns:
             if not callable(fn):
-                raise TypeError(f"edits[{name!r}] must be a function (value, layer) -> value, got {fn!r}")
+                raise InputTypeError(f"edits[{name!r}] must be a function (value, layer) -> value, got {fn!r}")
         out[name] = fns
     return out
 
@@ -197,7 +198,7 @@ class SiteRecorder:
         for fn in self.edits.get(name, ()):
             if takes_positions(fn):
                 if self.positions is None:
-                    raise ValueError(f"the edit at site {name!r} takes positions, and this computation has none "
+                    raise InputError(f"the edit at site {name!r} takes positions, and this computation has none "
                                      "to give it (edits with positions run in forward and generate)")
                 new = fn(value, self.layer, positions=self.positions)
             else:
@@ -206,7 +207,7 @@ class SiteRecorder:
                 continue
             new = jnp.asarray(new)
             if new.shape != value.shape:
-                raise ValueError(
+                raise InputError(
                     f"edit at site {name!r} returned shape {new.shape}, but the site's value has shape "
                     f"{value.shape}"
                 )
