@@ -8,8 +8,9 @@ small interference. This module measures it:
 - pairwise cosines within a set of vectors (all pairs, or a uniform sample of pairs for big sets), summarised
   (mean |cos|, std, quantiles of |cos|, the fraction of pairs within an angle of orthogonality) next to the
   same statistics for as many Gaussian random vectors of the same dimension;
-- the sets: token embeddings (rows of wte), neuron keys (columns of W_in: the direction a neuron reads,
-  scaled by ln2_w as the MLP sees it) and neuron values (rows of W_out: what it writes), SAE decoder rows;
+- the sets: token embeddings (rows of wte), neuron keys (the residual direction a neuron reads,
+  ln2_w * W_in[:, i] centred over d_model: `probes.memory.residual_keys`, the key `probes.polysemantic` uses
+  too) and neuron values (rows of W_out: what it writes), SAE decoder rows;
 - the Johnson-Lindenstrauss view: how many vectors in d dims can be pairwise within an angle theta of
   orthogonal (|cos| <= eps = sin theta). Three numbers: the union bound exp(d eps^2 / 4) (random vectors
   that many are pairwise within eps with positive probability, from P(|cos| > eps) <= 2 exp(-d eps^2 / 2));
@@ -25,6 +26,8 @@ import math
 
 import numpy as np
 from scipy.special import betainc
+
+from .memory import residual_keys
 
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -110,15 +113,15 @@ def set_geometry(name: str, vectors, *, eps: float, max_pairs: int = 200_000, se
 
 def model_vector_sets(params, layer: int) -> dict[str, np.ndarray]:
     """The model's directions in the residual stream: token embeddings, and block `layer`'s neuron keys
-    (W_in columns times ln2_w, what each neuron reads after LayerNorm) and neuron values (W_out rows)."""
+    (`probes.memory.residual_keys`: ln2_w * W_in[:, i], centred, the residual direction each neuron reads)
+    and neuron values (W_out rows)."""
     blocks = params["blocks"]
     n_layer = blocks["W_in"].shape[0]
     if not 0 <= layer < n_layer:
         raise ValueError(f"layer {layer} is outside [0, {n_layer})")
-    keys = np.asarray(blocks["W_in"][layer], np.float64).T * np.asarray(blocks["ln2_w"][layer], np.float64)
     return {
         "embedding": np.asarray(params["wte"], np.float64),  # [vocab, d_model]
-        f"neuron_keys L{layer}": keys,  # [d_mlp, d_model]
+        f"neuron_keys L{layer}": residual_keys(params, layer),  # [d_mlp, d_model]
         f"neuron_values L{layer}": np.asarray(blocks["W_out"][layer], np.float64),  # [d_mlp, d_model]
     }
 

@@ -7,6 +7,21 @@ value, value_i = W_out[l][i] (a row), scaled by its activation mlp_post_i. Readi
 unembedding (lnf_w * W_U, see `probes.transforms.unembedding_matrix`) shows which tokens an activation
 promotes and which it suppresses (after centering: the final LayerNorm removes the mean, and a shift shared
 by every logit changes no probability).
+
+Two quantities have one definition here, used by every probe that reports them:
+
+- A neuron's *activation* at a token (`neuron_activations`) is mlp_post (after GELU) in a forward pass over
+  the window of tokens that holds it, run from the window's first token (no padding; nothing is prepended
+  here: a corpus is one token stream with `<|endoftext|>` before each document, `probes.harvest.text_stream`,
+  cut into non-overlapping windows, `probes.harvest.token_windows`). It depends on every token before it in
+  its window, so the same text gives the same number only in the same window. `neuron_on_prompt` (a prompt
+  is one window), `top_activations` and `probes.polysemantic.neuron_report` all compute it there.
+- A neuron's *key* in the residual stream (`residual_keys`) is ln2_w * W_in[:, i], centred over d_model:
+  mlp_pre_i = ln2(x) . W_in[:, i] + b_in[i] = (x - mean x) . (ln2_w * W_in[:, i]) / s + const, and
+  (x - mean x) . k = x . (k - mean k), so the centred key is exactly the residual direction the neuron reads
+  (scaled by 1/s, the LayerNorm's divisor); its mean component is invisible to the neuron.
+  `probes.geometry` and `probes.polysemantic` use it. (`neuron_key` is the raw W_in column, the key in the
+  space of ln2's output.)
 """
 
 from __future__ import annotations
@@ -41,6 +56,14 @@ def neuron_key(params, layer: int, neuron: int):
 def neuron_value(params, layer: int, neuron: int):
     """The vector the neuron writes per unit of activation: W_out[layer][neuron].  -> [d_model]"""
     return params["blocks"]["W_out"][layer][neuron]
+
+
+def residual_keys(params, layer: int) -> np.ndarray:
+    """The residual-stream direction each neuron of block `layer` reads: ln2_w * W_in[:, i], centred over
+    d_model (see the module doc), float64.  -> [d_mlp, d_model]"""
+    blocks = params["blocks"]
+    keys = np.asarray(blocks["W_in"][layer], np.float64).T * np.asarray(blocks["ln2_w"][layer], np.float64)
+    return keys - keys.mean(axis=1, keepdims=True)
 
 
 def value_logits(params, layer: int, neuron: int):
@@ -90,6 +113,18 @@ def compiled_layer_mlp_post(config: Config, layer: int):
     return jax.jit(functools.partial(layer_mlp_post, layer=layer, config=config))
 
 
+def neuron_activations(params, config: Config, windows, layer: int, neuron: int, *, batch: int = 16) -> np.ndarray:
+    """The neuron's activation (mlp_post, after GELU) at every token of windows [n, seq], each window run from
+    its first token (the one definition, see the module doc), `batch` windows at a time, only up to the
+    neuron's block.  -> [n, seq] float32"""
+    check_neuron(config, layer, neuron)
+    windows = np.asarray(windows, np.int32)
+    run = compiled_layer_mlp_post(config, layer)
+    acts = [np.asarray(run(params, jnp.asarray(windows[start:start + batch]))[..., neuron], np.float32)
+            for start in range(0, len(windows), batch)]  # [chunk, seq] each
+    return np.concatenate(acts)
+
+
 @dataclasses.dataclass
 class TopActivations:
     """A neuron's largest activations over a corpus of windows."""
@@ -102,16 +137,10 @@ class TopActivations:
 
 def top_activations(params, config: Config, windows, layer: int, neuron: int, *, k: int = 10,
                     batch: int = 16) -> TopActivations:
-    """The k (window, position) pairs where the neuron is most active, over windows [n, seq] of a corpus
-    (run `batch` windows at a time, only up to the neuron's block)."""
-    check_neuron(config, layer, neuron)
+    """The k (window, position) pairs where the neuron is most active (`neuron_activations`) over windows
+    [n, seq] of a corpus, largest first (ties: the earlier token first)."""
     windows = np.asarray(windows, np.int32)
-    run = compiled_layer_mlp_post(config, layer)
-    acts = []
-    for start in range(0, len(windows), batch):
-        chunk = windows[start:start + batch]
-        acts.append(np.asarray(run(params, jnp.asarray(chunk))[..., neuron], np.float32))  # [chunk, seq]
-    acts = np.concatenate(acts)  # [n, seq]
+    acts = neuron_activations(params, config, windows, layer, neuron, batch=batch)  # [n, seq]
     flat = np.argsort(-acts, axis=None, kind="stable")[:k]
     rows, cols = np.unravel_index(flat, acts.shape)
     return TopActivations(activations=acts[rows, cols], windows=rows, positions=cols, tokens=windows[rows, cols])
@@ -131,11 +160,12 @@ class NeuronOnPrompt:
 
 def neuron_on_prompt(params, config: Config, tokens, layer: int, neuron: int, *, position: int = -1,
                      k: int = 10) -> NeuronOnPrompt:
-    """The neuron's activation at every position of tokens [1, seq], and its direct effect on the logits at
-    `position`: activation / ln_final_scale * value_logits (final LayerNorm scale frozen, as in DLA)."""
+    """The neuron's activation at every position of tokens [1, seq] (`neuron_activations`, the prompt as one
+    window), and its direct effect on the logits at `position`: activation / ln_final_scale * value_logits
+    (final LayerNorm scale frozen, as in DLA)."""
     check_neuron(config, layer, neuron)
-    trace = forward(params, tokens, config, keep=("mlp_post", "ln_final_scale"))
-    activations = np.asarray(trace.mlp_post[layer, 0, :, neuron], np.float32)  # [seq]
+    activations = neuron_activations(params, config, np.asarray(tokens)[:1], layer, neuron)[0]  # [seq]
+    trace = forward(params, tokens, config, keep=("ln_final_scale",))
     scale = np.asarray(trace.ln_final_scale[0, :, 0], np.float32)  # [seq]
     effect = activations[position] / scale[position] * np.asarray(value_logits(params, layer, neuron))  # [vocab]
     order = np.argsort(-effect, kind="stable")

@@ -2,7 +2,9 @@
 
 For the neuron (layer, index) over the token windows of a corpus:
 
-- its top-k activating tokens (by mlp_post), each with the context before it;
+- its top-k activating tokens, each with the context before it. The activation is `probes.memory`'s one
+  definition (`neuron_activations`): mlp_post (after GELU) at the token, each window run from its first token,
+  so it depends on the whole window before the token, not only on the context shown;
 - the entropy (bits) of the token types at those k positions, and of the tokens just before them: 0 when the
   neuron fires on a single token type, log2(k) when every top context has a different one. For scale, the
   same entropy of k tokens drawn at random from the corpus (`random_entropy`);
@@ -10,8 +12,8 @@ For the neuron (layer, index) over the token windows of a corpus:
   correlation of the feature's activation with the neuron's over the whole corpus. When the SAE reads this
   layer's mlp_post, each feature's share of the neuron's activation on the top contexts
   (sum of f_i W_dec[i, neuron] / s over the sum of the activations); when it reads the residual stream, the
-  cosine of the feature's decoder direction with the neuron's key, the direction the neuron reads:
-  ln2_w * W_in[:, neuron], centred (LayerNorm subtracts the mean, so x . v = x . (v - mean v)).
+  cosine of the feature's decoder direction with the neuron's key, the residual direction the neuron reads
+  (`probes.memory.residual_keys`: ln2_w * W_in[:, neuron], centred, since LayerNorm subtracts the mean).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from tinygpt.config import Config
 
 from .harvest import check_layer, site_chunks, site_width
+from .memory import neuron_activations, residual_keys
 from .sae import SAE, SAEConfig, encode
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
@@ -79,12 +82,6 @@ def random_entropy(tokens, k: int, samples: int = 200, seed: int = 0) -> float:
                           for _ in range(samples)]))
 
 
-def neuron_key(params, layer: int, neuron: int) -> np.ndarray:
-    """The residual direction the neuron reads: ln2_w * W_in[:, neuron], centred.  -> [d_model]"""
-    key = np.asarray(params["blocks"]["ln2_w"][layer] * params["blocks"]["W_in"][layer][:, neuron], np.float64)
-    return key - key.mean()
-
-
 _encode = jax.jit(encode, static_argnames="config")
 
 
@@ -112,16 +109,11 @@ def neuron_report(params, config: Config, windows, layer: int, neuron: int, *, k
                              f"is {site_width(config, sae.config.site)} wide: it belongs to another model")
     same_site = sae is not None and (sae.config.site, sae.config.layer) == ("mlp_post", layer)
 
-    neuron_chunks = site_chunks(params, config, windows, "mlp_post", layer, batch=batch)
-    sae_chunks = (site_chunks(params, config, windows, sae.config.site, sae.config.layer, batch=batch)
-                  if sae is not None and not same_site else None)
-    activations = np.zeros(windows.shape, np.float32)  # [n_windows, seq]
+    activations = neuron_activations(params, config, windows, layer, neuron, batch=batch)  # [n_windows, seq]
     sums = None
-    for first, values in neuron_chunks:  # values [batch, seq, d_mlp]
-        a = values[..., neuron]  # [batch, seq]
-        activations[first: first + len(values)] = a
-        if sae is not None:
-            x = values if same_site else next(sae_chunks)[1]  # [batch, seq, d_in]
+    if sae is not None:
+        for first, x in site_chunks(params, config, windows, sae.config.site, sae.config.layer, batch=batch):
+            a = activations[first: first + len(x)]  # [batch, seq], the SAE's input x [batch, seq, d_in]
             chunk_sums = _correlation_sums(sae.params, x.reshape(-1, x.shape[-1]), a.reshape(-1), sae.config)
             sums = [np.asarray(s, np.float64) + (0 if sums is None else sums[i]) for i, s in enumerate(chunk_sums)]
 
@@ -176,7 +168,7 @@ def _explaining_features(params, config, windows, layer, neuron, sae: SAE, sums,
         share = contributions / sum(c.activation for c in top)
     key_cosine = None
     if sae.config.site in RESID_SITES:
-        key = neuron_key(params, layer, neuron)
+        key = residual_keys(params, layer)[neuron]  # [d_model]
         decoder = np.asarray(sae.params["W_dec"], np.float64)  # [d_sae, d_model], unit rows
         key_cosine = decoder @ key / np.linalg.norm(key)
     return [FeatureMatch(feature=int(i), correlation=float(correlation[i]),

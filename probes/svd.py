@@ -13,11 +13,25 @@ OV and QK have rank <= d_head and are never formed: the SVD of a product A @ B (
 from the QR decompositions A = Qa Ra and B.T = Qb Rb, since A @ B = Qa (Ra Rb.T) Qb.T, and the SVD of the
 small core Ra Rb.T [r, r] = Uc S Vct gives U = Qa Uc, Vt = Vct Qb.T.
 
-Directions in the residual stream (d_model) are read as tokens: an input direction u through the embedding
-(wte @ u: the tokens whose embeddings it reads most), an output direction v through the unembedding
-(centered v @ (lnf_w * W_U): the logits it raises most). Singular vectors have arbitrary signs (U[:, i] and
-Vt[i] flip together), so both ends of each direction are shown. Fold the LayerNorm weights first
-(`probes.transforms.fold_layer_norm`) to include them in the matrices.
+Centring. Every side of a matrix in the residual stream (d_model) is centred before the decomposition: the
+input side of W_Q, W_K, W_V, W_in, OV and both sides of QK (W - mean over d_model, per column), the output
+side of W_O, W_out and OV (each row minus its mean). Every reader of the residual stream sees it through a
+LayerNorm, which subtracts the mean over d_model: a matrix reads n(x) with mean 0, so n(x) @ W = n(x) @ P W
+(P = I - 11^T/d_model), and what a matrix writes is next read, or unembedded, after the same subtraction, so
+W and W P have the same effect. The component along the all-ones direction is invisible to the model on both
+sides; left in, it would show up as singular values and directions the model cannot use. This is
+TransformerLens's default processing for OV and QK circuits (`fold_ln` centres the reading weights,
+`center_writing_weights` the writing ones). It is exact once the LayerNorm weights are folded in
+(`probes.transforms.fold_layer_norm`, `tinygpt svd --fold-ln`); unfolded, ln_w sits between the centred
+input and the matrix, and the decomposition is of the matrix alone. d_head and d_mlp sides are not centred.
+Where d_model is the smaller side (W_in, W_out), the last singular value is then 0, its direction the removed
+all-ones one.
+
+Directions in the residual stream are read as tokens: an input direction u through the embedding (wte @ u:
+the tokens whose embeddings it reads most), an output direction v through the unembedding (v @ (lnf_w *
+W_U): the logits it raises most). Both are centred (a no-op for the singular vectors, which are already), so
+the embedding is read as LayerNorm passes it on: wte @ P u = (wte P) @ u. Singular vectors have arbitrary
+signs (U[:, i] and Vt[i] flip together), so both ends of each direction are shown.
 """
 
 from __future__ import annotations
@@ -72,10 +86,22 @@ def check_matrix(config: Config, name: str, layer: int, head: int | None) -> Non
         raise ValueError(f"{name} belongs to the MLP, which has no heads: leave out the head")
 
 
+READING = ("W_Q", "W_K", "W_V", "W_in")  # read the residual stream: rows in d_model
+WRITING = ("W_O", "W_out")  # write it: columns in d_model
+
+
+def centred_matrices(blocks) -> dict:
+    """One block's matrices with their d_model sides centred (see the module doc): the reading matrices minus
+    their mean over d_model (axis -2), the writing ones minus their mean over d_model (axis -1)."""
+    out = {name: blocks[name] - blocks[name].mean(axis=-2, keepdims=True) for name in READING}
+    out.update({name: center(blocks[name]) for name in WRITING})
+    return out
+
+
 def layer_svd(params, name: str, layer: int):
-    """SVD of matrix `name` of block `layer`, in float32. Per-head matrices give every head at once, with a
-    leading [head] axis on U, S and Vt."""
-    blocks = jax.tree.map(lambda x: jnp.asarray(x[layer], f32), params["blocks"])
+    """SVD of matrix `name` of block `layer`, its d_model sides centred, in float32. Per-head matrices give
+    every head at once, with a leading [head] axis on U, S and Vt."""
+    blocks = centred_matrices(jax.tree.map(lambda x: jnp.asarray(x[layer], f32), params["blocks"]))
     if name == "OV":
         return jax.vmap(factored_svd)(blocks["W_V"], blocks["W_O"])  # [head, d_model, d_head] ...
     if name == "QK":
@@ -98,7 +124,8 @@ class WeightSVD:
 
 
 def weight_svd(params, config: Config, name: str, layer: int, head: int | None = None) -> WeightSVD:
-    """The SVD of one weight matrix (one head's for per-head matrices; `head` is required for them)."""
+    """The SVD of one weight matrix, its d_model sides centred (one head's for per-head matrices; `head` is
+    required for them)."""
     check_matrix(config, name, layer, head)
     per_head, input_space, output_space = MATRICES[name]
     if per_head and head is None:
@@ -122,13 +149,14 @@ def spectra(params, config: Config, name: str, layer: int) -> np.ndarray:
 
 
 def embedding_scores(params, direction):
-    """How much each token's embedding points along a residual direction: wte @ u.  [d_model] -> [vocab]"""
-    return jnp.asarray(params["wte"], f32) @ jnp.asarray(direction, f32)
+    """How much each token's embedding, centred as LayerNorm passes it on, points along a residual direction:
+    wte @ centred u.  [d_model] -> [vocab]"""
+    return jnp.asarray(params["wte"], f32) @ center(jnp.asarray(direction, f32))
 
 
 def unembedding_scores(params, direction):
     """The logit change a write along the direction makes (per unit, before 1/ln_final_scale):
-    centered v @ (lnf_w * W_U).  [d_model] -> [vocab]"""
+    centred v @ (lnf_w * W_U).  [d_model] -> [vocab]"""
     return center(jnp.asarray(direction, f32)) @ unembedding_matrix(params)
 
 

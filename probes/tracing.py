@@ -2,11 +2,15 @@
 
 1. Clean run: the prompt ("The Eiffel Tower is in the city of"); the answer is its most likely next token
    (" Paris") unless given.
-2. Corrupted runs: Gaussian noise is added to the token embeddings of the subject ("The Eiffel Tower"), one
-   seeded sample per row, std `noise` x the std of the subject tokens' embeddings. ROME fixes one std for
-   all its prompts, 3 x the std over the embeddings of every subject token of its dataset: pass
-   `noise_std=3 * embedding_std(params, subjects)` to compare prompts at one noise level (the default
-   takes this prompt's subject alone, so noise levels, and averages of effects over prompts, differ).
+2. Corrupted runs: Gaussian noise is added to the token embeddings of the subject ("The Eiffel Tower"; its
+   first occurrence in the prompt by default, as ROME's `find_token_range`), one sample per row, std `noise`
+   x the std of the subject tokens' embeddings. ROME fixes one std for all its prompts, 3 x the std over the
+   embeddings of every subject token of its dataset: pass `noise_std=3 * embedding_std(params, subjects)` to
+   compare prompts at one noise level (the default takes this prompt's subject alone, so noise levels, and
+   averages of effects over prompts, differ). The samples are a seeded `jax.random` draw by default;
+   `noise_values="rome"` draws them as ROME does (numpy `RandomState(1).randn`, see `rome_unit_noise`), and
+   an explicit array [samples, subject tokens, d_model] is added as given: with ROME's draw and std the
+   trace reproduces ROME's numbers to float32 rounding.
 3. Restored runs: each corrupted run with the clean value of one site put back at one (layer, position):
    the residual stream (window 1), or the MLP / attention output at the layers of a window around it
    (ROME's window, 10 by default). ROME's hidden-state trace restores block outputs, `resid_post` (the
@@ -52,7 +56,8 @@ class CausalTrace:
     noise_std: float  # std of the added noise
     samples: int
     window: int  # layers restored around each layer for mlp_out / attn_out (1 for the residual kinds)
-    seed: int
+    seed: int  # the jax draw's seed (1 for ROME's draw, which always seeds numpy with 1)
+    noise_draw: str = "jax"  # "jax" (seeded jax.random), "rome" (numpy RandomState(1)) or "explicit" (given)
 
     @property
     def total_effect(self) -> float:
@@ -74,24 +79,78 @@ def check_subject(subject_positions, seq: int) -> tuple[int, ...]:
 
 
 def embedding_std(params, subjects) -> float:
-    """The std of the token embeddings' values over every token of `subjects` (token-id lists, repeats
-    counted), ROME's `collect_embedding_std`: its noise std is 3 x this over the subjects of its dataset."""
+    """ROME's `collect_embedding_std`: the standard deviation of the token embeddings' values (the rows of
+    wte) over every token of `subjects` (token-id lists, repeats counted), with torch's `.std()` convention,
+    the unbiased estimator (divides by n - 1). ROME gathers the embeddings of each subject string encoded by
+    itself (`tokenizer.encode(subject)`, no leading space); its noise std is 3 x this over its dataset."""
     ids = np.concatenate([np.asarray(s, np.int64).reshape(-1) for s in subjects]) if len(subjects) else []
     if len(ids) == 0:
         raise ValueError("embedding_std needs at least one subject token")
-    return float(jnp.std(jnp.asarray(params["wte"])[ids].astype(jnp.float32)))
+    values = np.asarray(params["wte"], np.float32)[ids].astype(np.float64)  # [tokens, d_model]
+    return float(values.std(ddof=1))
+
+
+NOISE_DRAWS = ("jax", "rome")
+
+
+def rome_unit_noise(samples: int, n_subject: int, d_model: int) -> np.ndarray:
+    """ROME's standard-normal draw, float64 [samples, n_subject, d_model]: `trace_with_patch` seeds a fresh
+    `numpy.random.RandomState(1)` in every run and draws `randn(batch - 1, subject tokens, d_model)` for the
+    noised rows 1.. of its batch (row 0 is the clean run), so every run of a trace adds the same values."""
+    return np.random.RandomState(1).randn(samples, n_subject, d_model)
 
 
 def subject_noise(params, tokens, subject_positions, *, samples: int = 10, noise: float = 3.0,
-                  noise_std: float | None = None, seed: int = 0):
-    """(noise [samples, n_subject, d_model], std): seeded Gaussian noise for the subject's embeddings, std
-    `noise_std`, or `noise` x the std of the subject tokens' embedding values."""
+                  noise_std: float | None = None, seed: int = 0, draw: str = "jax"):
+    """(noise [samples, n_subject, d_model] float32, std): Gaussian noise for the subject's embeddings, std
+    `noise_std`, or `noise` x the std of the subject tokens' embedding values (`embedding_std`).
+
+    draw  "jax": `jax.random.normal(PRNGKey(seed))`; "rome": ROME's `rome_unit_noise` (seed unused), scaled as
+          ROME scales it (std x the float64 draw, rounded to float32 when added to the float32 embeddings)"""
     tokens = np.asarray(tokens).reshape(-1)
     subject = check_subject(subject_positions, len(tokens))
+    if draw not in NOISE_DRAWS:
+        raise ValueError(f"unknown noise draw {draw!r}; choose from {', '.join(NOISE_DRAWS)}")
     if noise_std is None:
         noise_std = noise * embedding_std(params, [tokens[list(subject)]])
-    unit = jax.random.normal(jax.random.PRNGKey(seed), (samples, len(subject), params["wte"].shape[1]))
-    return noise_std * unit, noise_std
+    shape = (samples, len(subject), params["wte"].shape[1])
+    if draw == "rome":
+        return jnp.asarray(noise_std * rome_unit_noise(*shape), jnp.float32), noise_std
+    return noise_std * jax.random.normal(jax.random.PRNGKey(seed), shape), noise_std
+
+
+def check_noise_values(values, samples: int | None, n_subject: int, d_model: int) -> np.ndarray:
+    """Explicit noise as float32 [samples, n_subject, d_model], or a one-line ValueError naming noise_values."""
+    try:
+        values = np.asarray(values, np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"noise_values must be None, 'rome' or an array of numbers [samples, {n_subject} subject "
+                         f"tokens, d_model={d_model}], got {type(values).__name__}") from None
+    rows = samples if samples is not None else "samples"
+    if values.ndim != 3 or values.shape[1:] != (n_subject, d_model) or values.shape[0] < 1 or (
+            samples is not None and values.shape[0] != samples):
+        raise ValueError(f"noise_values must have shape [{rows}, {n_subject} subject tokens, d_model={d_model}], "
+                         f"got {list(values.shape)}")
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise ValueError(f"noise_values must be finite, got {bad} NaN or infinite entries")
+    return values
+
+
+def trace_noise(params, tokens, subject: tuple, noise_values, *, samples: int | None, noise: float,
+                noise_std: float | None, seed: int):
+    """(noise [samples, n_subject, d_model] float32, its std, the seed recorded, the draw) for `causal_trace`'s
+    `noise_values`: None (the seeded jax draw), "rome" (ROME's draw, seed 1) or an explicit array."""
+    if isinstance(noise_values, str) and noise_values != "rome":
+        raise ValueError(f"noise_values must be None, 'rome' or an array [samples, subject tokens, d_model], "
+                         f"got {noise_values!r}")
+    if noise_values is None or isinstance(noise_values, str):
+        draw = "jax" if noise_values is None else "rome"
+        values, std = subject_noise(params, tokens, subject, samples=10 if samples is None else samples,
+                                    noise=noise, noise_std=noise_std, seed=seed, draw=draw)
+        return values, std, 1 if draw == "rome" else seed, draw
+    values = check_noise_values(noise_values, samples, len(subject), params["wte"].shape[1])
+    return values, float(values.std()), seed, "explicit"
 
 
 def noise_edit(noise, subject, seq: int):
@@ -130,17 +189,22 @@ compiled_trace = jax.jit(trace_scores, static_argnames=("config", "subject", "ki
 
 
 def causal_trace(params, tokens, config: Config, subject_positions, *, answer: int | None = None,
-                 kinds=("resid_post", "mlp_out", "attn_out"), samples: int = 10, noise: float = 3.0,
-                 noise_std: float | None = None, seed: int = 0, window: int = 10, buckets: int = 2,
-                 chunk_size: int | None = None) -> CausalTrace:
+                 kinds=("resid_post", "mlp_out", "attn_out"), samples: int | None = None, noise: float = 3.0,
+                 noise_std: float | None = None, seed: int = 0, noise_values=None, window: int = 10,
+                 buckets: int = 2, chunk_size: int | None = None) -> CausalTrace:
     """ROME's causal trace of one prompt (see the module doc).
 
     tokens             int [seq] (or [1, seq]) the prompt
-    subject_positions  the positions of the subject's tokens
+    subject_positions  the positions of the subject's tokens (`find_subject`)
     answer             the traced token (default: the clean run's most likely next token)
     kinds              sites restored: "resid_pre", "resid_post", "mlp_out", "attn_out"
-    samples, noise, noise_std, seed   the corruption (noise_std overrides noise x the subject embeddings'
-                       std; ROME's: 3 * embedding_std(params, all the dataset's subjects))
+    samples, noise, noise_std, seed   the corruption: `samples` rows (default 10) of Gaussian noise of std
+                       noise_std, or noise x the subject embeddings' std (ROME's: noise_std =
+                       3 * embedding_std(params, all the dataset's subjects)); seed seeds the jax draw
+    noise_values       None: the seeded jax draw; "rome": ROME's draw (`rome_unit_noise`, numpy RandomState(1),
+                       x the std, as `trace_with_patch` adds it; seed unused); or an explicit array
+                       [samples, subject tokens, d_model] added to the subject's embeddings as given
+                       (samples, noise, noise_std and seed unused; the recorded noise_std is its std)
     window             layers restored together for mlp_out / attn_out, centred on each layer"""
     tokens = np.asarray(tokens)
     if tokens.ndim == 2 and tokens.shape[0] == 1:
@@ -152,33 +216,51 @@ def causal_trace(params, tokens, config: Config, subject_positions, *, answer: i
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"unknown kind {unknown[0] if unknown else None!r}; choose from {', '.join(KINDS)}")
-    if samples < 1 or window < 1:
+    if (samples is not None and samples < 1) or window < 1:
         raise ValueError("samples and window must be at least 1")
+    values, std, seed, draw = trace_noise(params, tokens, subject, noise_values, samples=samples, noise=noise,
+                                          noise_std=noise_std, seed=seed)
     if answer is None:
         answer = int(jnp.argmax(forward(params, tokens[None], config, keep=("logits",)).logits[0, -1]))
     if not 0 <= answer < config.vocab_size:
         raise ValueError(f"answer token {answer} is outside the vocabulary [0, {config.vocab_size})")
-    noise_values, std = subject_noise(params, tokens, subject, samples=samples, noise=noise, noise_std=noise_std,
-                                      seed=seed)
     scores, clean_prob, corrupt_prob = compiled_trace(
-        params, jnp.asarray(tokens), noise_values, jnp.asarray(answer), config=config, subject=subject, kinds=kinds,
-        window=window, buckets=buckets, chunk_size=chunk_size)
+        params, jnp.asarray(tokens), jnp.asarray(values), jnp.asarray(answer), config=config, subject=subject,
+        kinds=kinds, window=window, buckets=buckets, chunk_size=chunk_size)
     return CausalTrace(tokens, np.asarray(subject), int(answer), float(clean_prob), float(corrupt_prob),
-                       {k: np.asarray(scores[k]) for k in kinds}, float(std), samples, window, seed)
+                       {k: np.asarray(scores[k]) for k in kinds}, float(std), len(values), window, seed, draw)
 
 
-def find_subject(tokenizer, tokens, subject: str) -> list[int]:
-    """Positions of the tokens covering the last occurrence of `subject` in the prompt (matched on the
-    tokens' bytes, so a character split across tokens is found too)."""
+def subject_occurrences(tokenizer, tokens, subject: str) -> list[list[int]]:
+    """The token positions covering each occurrence of `subject` in the prompt, left to right (occurrences
+    counted as `str.count` counts them, without overlaps; matched on the tokens' bytes, so a character split
+    across tokens is found too, and a token only partly inside the subject is included, as ROME's
+    `find_token_range` does)."""
     token_bytes = [tokenizer.token_bytes(int(t)) for t in np.asarray(tokens).reshape(-1)]
     data, target = b"".join(token_bytes), subject.encode("utf-8")
-    start = data.rfind(target)
-    if not target or start < 0:
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {data.decode('utf-8', 'replace')!r}")
-    end = start + len(target)
     ends = np.cumsum([len(b) for b in token_bytes])  # byte offset where each token ends
     begins = ends - np.asarray([len(b) for b in token_bytes])
-    return [i for i in range(len(token_bytes)) if begins[i] < end and ends[i] > start]
+    found, start = [], data.find(target) if target else -1
+    while start >= 0:
+        end = start + len(target)
+        found.append([i for i in range(len(token_bytes)) if begins[i] < end and ends[i] > start])
+        start = data.find(target, end)
+    return found
+
+
+def find_subject(tokenizer, tokens, subject: str, occurrence: int = 0) -> list[int]:
+    """Positions of the tokens covering one occurrence of `subject` in the prompt (`subject_occurrences`):
+    the first by default, as ROME's `find_token_range` (`str.index`); `occurrence` counts from 0, negative
+    values from the end (-1: the last)."""
+    found = subject_occurrences(tokenizer, tokens, subject)
+    if not found:
+        text = b"".join(tokenizer.token_bytes(int(t)) for t in np.asarray(tokens).reshape(-1))
+        raise ValueError(f"subject {subject!r} does not occur in the prompt {text.decode('utf-8', 'replace')!r}")
+    if not -len(found) <= occurrence < len(found):
+        raise ValueError(f"occurrence={occurrence} is out of range: subject {subject!r} occurs {len(found)} "
+                         f"time{'s' if len(found) > 1 else ''} in the prompt (occurrence counts from 0, negative "
+                         f"from the end)")
+    return found[occurrence]
 
 
 def plot_trace(result: CausalTrace, labels: list[str], path: str) -> None:

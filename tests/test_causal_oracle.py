@@ -5,9 +5,15 @@ GPT2LMHeadModel (same random checkpoint): logits agree within 1e-4.
     MLP neurons          a hook on mlp.act rewrites the neurons' activations
     attention sublayer   a hook on attn replaces its output by zeros
     residual patch       a hook on block l rewrites its output at one position with the clean run's
+
+and causal tracing against ROME's own algorithm (kmeng01/rome, experiments/causal_trace.py) ported line for
+line onto the same hooks: `collect_embedding_std` (torch's unbiased `.std()`), and `trace_with_patch` with its
+numpy RandomState(1) noise, looped as `trace_important_states` / `trace_important_window` do.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -17,9 +23,10 @@ pytest.importorskip("transformers")
 
 import tinygpt  # noqa: E402
 from hf_oracle import hf_eager, make_hf_checkpoint  # noqa: E402
-from probes import ablation, patching  # noqa: E402
+from probes import ablation, patching, tracing  # noqa: E402
 
 TOL = 1e-4
+PROB_TOL = 1e-6  # for probabilities traced through ROME's algorithm
 SHAPE = dict(n_layer=2, n_head=3, n_embd=24, n_positions=16, vocab_size=61)
 D_HEAD = SHAPE["n_embd"] // SHAPE["n_head"]
 TOKENS = np.array([[5, 17, 3, 40, 22, 9, 31], [44, 2, 19, 7, 60, 13, 27]], np.int64)
@@ -129,3 +136,94 @@ def test_residual_patch_from_the_clean_run(models):
     got = patching.patch(ours.params, clean, corrupt, ours.config, "resid_post", layers=[layer],
                          positions=[position]).logits
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- ROME's causal trace
+
+
+def rome_collect_embedding_std(hf, subjects):
+    """ROME's collect_embedding_std: the std of the token embeddings (transformer.wte's output) of every
+    subject, encoded by itself, concatenated."""
+    alldata = []
+    record = (hf.transformer.wte, "post", lambda module, args, output: alldata.append(output[0]))
+    for s in subjects:
+        hooked_logits(hf, np.asarray([s]), [record])
+    return torch.cat(alldata).std().item()
+
+
+def rome_trace_with_patch(hf, inp, states_to_patch, answer, tokens_to_mix, noise):
+    """ROME's trace_with_patch with torch hooks for nethook.TraceDict: row 0 of the batch is the clean run; rows
+    1.. get noise * RandomState(1).randn(rows - 1, e - b, d_model) added to their token embeddings at
+    tokens_to_mix = (b, e); each (token, module name) of states_to_patch is restored in rows 1.. from row 0.
+    Returns the mean P(answer) over rows 1.."""
+    rs = np.random.RandomState(1)  # For reproducibility, use pseudorandom noise
+    patch_spec = defaultdict(list)
+    for t, name in states_to_patch:
+        patch_spec[name].append(t)
+    modules = dict(hf.named_modules())
+
+    def embed(module, args, x):
+        b, e = tokens_to_mix
+        x[1:, b:e] += noise * torch.from_numpy(rs.randn(x.shape[0] - 1, e - b, x.shape[2]))
+        return x
+
+    def restore(name):
+        def hook(module, args, x):
+            h = x[0] if isinstance(x, tuple) else x
+            for t in patch_spec[name]:
+                h[1:, t] = h[0, t]
+            return x
+        return hook
+
+    hooks = [(hf.transformer.wte, "post", embed)] + [(modules[n], "post", restore(n)) for n in patch_spec]
+    logits = torch.as_tensor(hooked_logits(hf, inp, hooks))
+    return torch.softmax(logits[1:, -1, :], dim=1).mean(dim=0)[answer].item()
+
+
+def rome_hidden_flow(hf, inp, e_range, answer, noise, kind, window, num_layers):
+    """ROME's trace_important_states (kind None: block outputs) and trace_important_window (kind "mlp" /
+    "attn": `window` layers around each), as [layer, token]."""
+    table = []
+    for tnum in range(inp.shape[1]):
+        row = []
+        for layer in range(num_layers):
+            if kind is None:
+                names = [f"transformer.h.{layer}"]
+            else:
+                names = [f"transformer.h.{L}.{kind}"
+                         for L in range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2)))]
+            row.append(rome_trace_with_patch(hf, inp, [(tnum, n) for n in names], answer, e_range, noise))
+        table.append(row)
+    return np.asarray(table).T
+
+
+def test_embedding_std_is_romes_collect_embedding_std(models):
+    ours, hf = models
+    subjects = [[5, 17], [40], [3, 40, 22], [5]]
+    assert tracing.embedding_std(ours.params, subjects) == pytest.approx(rome_collect_embedding_std(hf, subjects),
+                                                                         rel=1e-6)
+
+
+def test_causal_trace_with_romes_noise_is_romes_trace(models):
+    """Number for number: tinygpt's trace with noise_values="rome" and ROME's noise level (3 x
+    collect_embedding_std over the subjects) equals ROME's loop over every (token, layer), for block outputs,
+    MLP and attention outputs, with the same clean and corrupted probabilities."""
+    ours, hf = models
+    prompt, (b, e), samples, window = TOKENS[0], (2, 4), 3, 2
+    noise_level = 3 * rome_collect_embedding_std(hf, [list(prompt[b:e]), [40, 22]])
+    inp = np.tile(prompt, (samples + 1, 1))  # ROME's batch: the prompt once clean, then once per sample
+    with torch.no_grad():
+        probs = torch.softmax(hf(torch.as_tensor(inp)).logits[:, -1], dim=1)
+    base_score, answer = (x[0].item() for x in torch.max(probs, dim=1))
+    low_score = rome_trace_with_patch(hf, inp, [], answer, (b, e), noise_level)
+
+    result = tracing.causal_trace(ours.params, prompt, ours.config, list(range(b, e)), samples=samples,
+                                  noise_std=noise_level, noise_values="rome", window=window)
+    assert result.answer == answer
+    assert result.clean_prob == pytest.approx(base_score, abs=PROB_TOL)
+    assert result.corrupt_prob == pytest.approx(low_score, abs=PROB_TOL)
+    assert result.total_effect > 1e-3  # the noise matters (float32 rounding is ~1e-8 here)
+    for kind, rome_kind in (("resid_post", None), ("mlp_out", "mlp"), ("attn_out", "attn")):
+        expected = rome_hidden_flow(hf, inp, (b, e), answer, noise_level, rome_kind, window, SHAPE["n_layer"])
+        assert np.ptp(expected) > 1e-3
+        np.testing.assert_allclose(result.scores[kind], expected, atol=PROB_TOL, rtol=0, err_msg=kind)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from probes import geometry
+from probes import geometry, memory
 
 
 @given(st.integers(2, 40), st.integers(1, 12), st.integers(0, 1000))
@@ -99,7 +99,10 @@ def test_model_vector_sets():
     sets = geometry.model_vector_sets(params, 1)
     assert {k: v.shape for k, v in sets.items()} == {"embedding": (50, 16), "neuron_keys L1": (32, 16),
                                                      "neuron_values L1": (32, 16)}
+    # the neuron key is the residual direction it reads, centred (LayerNorm removes the mean): memory's one
+    # definition, which probes.polysemantic uses too
     key = params["blocks"]["W_in"][1][:, 3] * params["blocks"]["ln2_w"][1]
-    np.testing.assert_allclose(sets["neuron_keys L1"][3], key)
+    np.testing.assert_allclose(sets["neuron_keys L1"][3], key - key.mean(), atol=1e-12)
+    np.testing.assert_array_equal(sets["neuron_keys L1"], memory.residual_keys(params, 1))
     results = geometry.superposition(sets, eps=0.3)
     assert [r.name for r in results] == list(sets) and all(r.summary.n_pairs > 0 for r in results)

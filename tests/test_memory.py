@@ -1,6 +1,7 @@
 """MLP neurons as key-value memories: keys are W_in columns, values W_out rows; the value read through the
 unembedding, top activations over a corpus and the direct effect on a prompt agree with direct computations
-and with the attribution probe."""
+and with the attribution probe. One definition of a neuron's activation (`neuron_activations`) and of its key
+in the residual stream (`residual_keys`, centred), which every probe reporting them uses."""
 
 from __future__ import annotations
 
@@ -50,6 +51,43 @@ def test_layer_mlp_post_runs_only_up_to_its_block_and_matches_the_forward():
     for layer in (0, CFG.n_layer - 1):  # no block before it; every block before it
         np.testing.assert_allclose(memory.compiled_layer_mlp_post(CFG, layer)(params, tokens), full[layer],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_residual_key_is_the_direction_the_neuron_reads():
+    """mlp_pre_i = resid_mid . key_i / ln2_scale + (ln2_b . W_in[:, i] + b_in[i]) with key_i the centred
+    ln2_w * W_in[:, i]: LayerNorm subtracts resid_mid's mean, so the key's mean component is never read (the
+    uncentred key gives another number wherever resid_mid's mean is not 0)."""
+    params, tokens = random_params(6), random_tokens(6)
+    trace = tinygpt.forward(params, tokens, CFG, keep=KEEP)
+    for layer in range(CFG.n_layer):
+        keys = memory.residual_keys(params, layer)  # [d_mlp, d_model]
+        assert keys.shape == (CFG.d_mlp, CFG.d_model)
+        np.testing.assert_allclose(keys.mean(axis=1), 0, atol=1e-12)
+        blocks = {k: np.asarray(v[layer], np.float64) for k, v in params["blocks"].items()}
+        constant = blocks["ln2_b"] @ blocks["W_in"] + blocks["b_in"]  # [d_mlp]
+        resid = np.asarray(trace.resid_mid[layer], np.float64)  # [batch, seq, d_model]
+        scale = np.asarray(trace.ln2_scale[layer], np.float64)  # [batch, seq, 1]
+        np.testing.assert_allclose(resid @ keys.T / scale + constant, trace.mlp_pre[layer], rtol=1e-4, atol=1e-4)
+        raw = blocks["W_in"].T * blocks["ln2_w"]
+        assert np.abs(resid @ raw.T / scale + constant - np.asarray(trace.mlp_pre[layer])).max() > 1e-2
+
+
+def test_neuron_activations_are_mlp_post_per_window():
+    """The one definition: mlp_post (after GELU) at each token, each window run from its first token."""
+    params = random_params(7)
+    windows = random_tokens(7, batch=3, seq=SEQ)
+    layer, neuron = 1, 9
+    acts = memory.neuron_activations(params, CFG, windows, layer, neuron, batch=2)
+    assert acts.shape == windows.shape and acts.dtype == np.float32
+    for w in range(len(windows)):  # each window alone: its activations do not depend on the other windows
+        alone = tinygpt.forward(params, windows[w:w + 1], CFG, keep=KEEP).mlp_post[layer, 0, :, neuron]
+        np.testing.assert_allclose(acts[w], alone, rtol=1e-5, atol=1e-6)
+    # a prompt is one window: neuron_on_prompt reports the same numbers, bit for bit
+    on_prompt = memory.neuron_on_prompt(params, CFG, windows[1:2], layer, neuron)
+    np.testing.assert_array_equal(on_prompt.activations, memory.neuron_activations(params, CFG, windows[1:2], layer,
+                                                                                    neuron)[0])
+    top = memory.top_activations(params, CFG, windows, layer, neuron, k=4, batch=2)
+    np.testing.assert_array_equal(top.activations, acts[top.windows, top.positions])
 
 
 def test_top_activations_are_the_largest_over_the_corpus():

@@ -1,16 +1,19 @@
 """probes.polysemantic against direct computations: the top contexts are the neuron's largest activations,
 the entropies count token types, and with an SAE the features' Pearson correlations, shares of the top
 activations and key cosines are the documented formulas (checked with an exact SAE, whose latents are
-relu(x) and relu(-x) of each input dimension)."""
+relu(x) and relu(-x) of each input dimension). The neuron's activation and key are probes.memory's one
+definition each: `tinygpt polysemantic` and `tinygpt neuron` report the same numbers on the same text."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
 import tinygpt
 from conftest import GOLDEN_DIR
-from probes import polysemantic
+from probes import memory, polysemantic
 from probes.sae import SAE, SAEConfig
 
 LAYER, NEURON, K = 1, 3, 6
@@ -80,7 +83,7 @@ def test_features_of_an_sae_on_the_residual_stream(model, windows):
     trace = model(windows, keep=("mlp_post", "resid_mid"))
     a = np.asarray(trace.mlp_post[LAYER, ..., NEURON]).reshape(-1)
     x = np.asarray(trace.resid_mid[LAYER]).reshape(-1, d_model)
-    key = polysemantic.neuron_key(model.params, LAYER, NEURON)
+    key = memory.residual_keys(model.params, LAYER)[NEURON]  # the one centred key (geometry's too)
     blocks = model.params["blocks"]
     raw = np.asarray(blocks["ln2_w"][LAYER], np.float64) * np.asarray(blocks["W_in"][LAYER][:, NEURON], np.float64)
     np.testing.assert_allclose(key, raw - raw.mean(), rtol=1e-6, atol=1e-9)
@@ -93,3 +96,51 @@ def test_features_of_an_sae_on_the_residual_stream(model, windows):
         assert f.share is None
         correlations.append(f.correlation)
     assert correlations == sorted(correlations, reverse=True)
+
+
+def test_activations_are_memorys_one_definition(model, windows):
+    """neuron_report's activations are probes.memory.neuron_activations', bit for bit: its top contexts are
+    memory.top_activations', and a window run as a prompt (neuron_on_prompt) gives the same numbers."""
+    report = polysemantic.neuron_report(model.params, model.config, windows, LAYER, NEURON, k=K)
+    top = memory.top_activations(model.params, model.config, windows, LAYER, NEURON, k=K)
+    assert [(c.window, c.position) for c in report.top] == list(zip(top.windows.tolist(), top.positions.tolist()))
+    np.testing.assert_array_equal([c.activation for c in report.top], top.activations)
+    c = report.top[0]
+    on_prompt = memory.neuron_on_prompt(model.params, model.config, windows[c.window][None], LAYER, NEURON)
+    assert on_prompt.activations[c.position] == c.activation
+
+
+def cli_json(capsys, *argv):
+    from tinygpt.cli import main
+
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_neuron_and_polysemantic_commands_report_the_same_activations(capsys, tmp_path):
+    """The issue's case: `tinygpt neuron 1.31` and `tinygpt polysemantic 1.31` on the same text. A prompt is run
+    as one document (<|endoftext|> first, as each document of a corpus), and both commands cut a corpus into
+    the same windows, so every activation agrees."""
+    text = tmp_path / "paid.txt"
+    text.write_text("paid, one time or another.", encoding="utf-8")
+    on_prompt = cli_json(capsys, "neuron", "1.31", "paid, one time or another.", "--corpus", str(text), "--seq",
+                         "4", "--top", "3")
+    n = len(on_prompt["prompt"]["tokens"])  # <|endoftext|> and the prompt's tokens
+    whole = cli_json(capsys, "polysemantic", "1.31", "--corpus", str(text), "--seq", str(n), "--top", str(n))
+    assert whole["seq"] == n and whole["n_tokens"] == n
+    by_position = {c["position"]: c["activation"] for c in whole["top"]}
+    assert [by_position[p] for p in range(n)] == pytest.approx(on_prompt["prompt"]["activations"], abs=1e-6)
+
+    # a corpus: the same windows (of --seq 4 here, and of n_ctx by default), the same top activations
+    plays = tmp_path / "plays.txt"
+    plays.write_text("ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is "
+                     "the sun.\n\nJULIET:\nO Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse "
+                     "thy name.\n" * 12, encoding="utf-8")
+    for seq in ([], ["--seq", "4"]):
+        neuron = cli_json(capsys, "neuron", "1.31", "--corpus", str(plays), "--top", "5", *seq)
+        poly = cli_json(capsys, "polysemantic", "1.31", "--corpus", str(plays), "--top", "5", *seq)
+        assert neuron["seq"] == poly["seq"] == (4 if seq else 128)
+        assert [(a["window"], a["position"]) for a in neuron["top_activations"]] == \
+            [(c["window"], c["position"]) for c in poly["top"]]
+        assert [a["activation"] for a in neuron["top_activations"]] == \
+            pytest.approx([c["activation"] for c in poly["top"]], abs=1e-6)

@@ -568,7 +568,7 @@ def cmd_neuron(args) -> None:
         top = top_activations(model.params, model.config, windows, layer, index, k=args.top, batch=args.batch or 16)
         out["top_activations"] = [
             {"activation": float(a), "token": int(t), "piece": piece(model, t), "window": int(w), "position": int(p),
-             "context": decode(model, windows[w, max(0, p - 8): p + 1])}
+             "context": decode(model, windows[w, max(0, p - 7): p + 1])}
             for a, w, p, t in zip(top.activations, top.windows, top.positions, top.tokens)]
     if args.json:
         print_json(out)
@@ -590,7 +590,7 @@ def cmd_neuron(args) -> None:
         print(f"\ntop activations in {out['corpus']} (mlp_post after GELU, each window of {out['seq']} tokens run "
               f"from its start, as `tinygpt polysemantic`):")
         print(table([[a["activation"], repr(a["piece"]), repr(a["context"])] for a in out["top_activations"]],
-                    ["activation", "token", "context (ending at the token)"]))
+                    ["activation", "token", "context (its last 8 tokens)"]))
 
 
 # ----------------------------------------------------------------------------------------------------- svd
