@@ -106,10 +106,10 @@ def write_json(path, obj, *, indent: int | None = 1) -> None:
     write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
-    """The safetensors serialisation of numpy `tensors`, deterministic: the header's keys (metadata and
-    tensor names) in sorted order. (safetensors' own writer keeps its metadata in a hash map, so two runs
-    may order it differently; the data section is the library's, untouched.)"""
+def _safetensors_parts(tensors: dict, metadata: dict[str, str] | None):
+    """(header, data) of the safetensors serialisation of numpy `tensors`, the header deterministic: its keys
+    (metadata and tensor names) in sorted order. safetensors' own writer keeps the metadata in a hash map, so
+    two runs may order it differently; the data section is the library's, untouched (a view, not a copy)."""
     from safetensors.numpy import save
 
     raw = save(tensors, metadata=metadata)
@@ -119,12 +119,22 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned
-    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+    return len(text).to_bytes(8, "little") + text, memoryview(raw)[8 + n:]
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """The whole deterministic safetensors serialisation as bytes (see `save_safetensors`)."""
+    header, data = _safetensors_parts(tensors, metadata)
+    return header + bytes(data)
 
 
 def save_safetensors(path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write numpy `tensors` (+ string metadata) as a safetensors file, atomically and deterministically."""
-    write_bytes(path, safetensors_bytes(tensors, metadata))
+    """Write numpy `tensors` (+ string metadata) as a safetensors file, atomically and deterministically.
+    Peak memory: one serialised copy of the tensors (the library's), written out without another."""
+    header, data = _safetensors_parts(tensors, metadata)
+    with atomic_write(path, "wb") as f:
+        f.write(header)
+        f.write(data)
 
 
 def remove_stale_temporaries(directory) -> None:
