@@ -149,12 +149,15 @@ def remove_stale_temporaries(directory) -> None:
 
 
 def _holder(lock_path: Path) -> str:
-    try:
-        info = json.loads(lock_path.read_text())
-        since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
-        return f"pid {info['pid']} on {info['host']} since {since}: {info['command']}"
-    except Exception:
-        return "another process"
+    """Who holds the lock, as its holder wrote it just after taking it (waiting up to a second for that)."""
+    for _ in range(20):
+        try:
+            info = json.loads(lock_path.read_text())
+            since = time.strftime("%H:%M:%S", time.localtime(info["since"]))
+            return f"pid {info['pid']} on {info['host']} since {since}: {info['command']}"
+        except Exception:
+            time.sleep(0.05)
+    return "another process"
 
 
 @contextlib.contextmanager
