@@ -27,6 +27,8 @@ import math
 import numpy as np
 from scipy.special import betainc
 
+from tinygpt.errors import InputError
+
 from .memory import residual_keys
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -45,7 +47,7 @@ def pairwise_cosines(vectors, *, max_pairs: int = 200_000, seed: int = 0) -> np.
     u = unit_vectors(vectors)
     n = len(u)
     if n < 2:
-        raise ValueError(f"need at least 2 vectors for pairwise cosines, got {n}")
+        raise InputError(f"need at least 2 vectors for pairwise cosines, got {n}")
     if n * (n - 1) // 2 <= max_pairs:
         i, j = np.triu_indices(n, k=1)
     else:
@@ -63,7 +65,7 @@ def gaussian_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
 def epsilon_for_angle(degrees: float) -> float:
     """|cos| <= sin(theta) means the angle is within theta of 90 degrees."""
     if not 0 < degrees < 90:
-        raise ValueError(f"the angle from orthogonal must be in (0, 90) degrees, got {degrees}")
+        raise InputError(f"the angle from orthogonal must be in (0, 90) degrees, got {degrees}")
     return math.sin(math.radians(degrees))
 
 
@@ -118,7 +120,7 @@ def model_vector_sets(params, layer: int) -> dict[str, np.ndarray]:
     blocks = params["blocks"]
     n_layer = blocks["W_in"].shape[0]
     if not 0 <= layer < n_layer:
-        raise ValueError(f"layer {layer} is outside [0, {n_layer})")
+        raise InputError(f"layer {layer} is outside [0, {n_layer})")
     return {
         "embedding": np.asarray(params["wte"], np.float64),  # [vocab, d_model]
         f"neuron_keys L{layer}": residual_keys(params, layer),  # [d_mlp, d_model]

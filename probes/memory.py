@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.errors import InputError
+from tinygpt.inputs import checks_tokens
 from tinygpt.model import causal_mask, forward, run_blocks
 
 from .transforms import center, unembedding_matrix
@@ -43,9 +45,9 @@ f32 = jnp.float32
 
 def check_neuron(config: Config, layer: int, neuron: int) -> None:
     if not 0 <= layer < config.n_layer:
-        raise ValueError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
+        raise InputError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
     if not 0 <= neuron < config.d_mlp:
-        raise ValueError(f"neuron {neuron} is out of range: each MLP has d_mlp={config.d_mlp} neurons (0-based)")
+        raise InputError(f"neuron {neuron} is out of range: each MLP has d_mlp={config.d_mlp} neurons (0-based)")
 
 
 def neuron_key(params, layer: int, neuron: int):
@@ -113,6 +115,7 @@ def compiled_layer_mlp_post(config: Config, layer: int):
     return jax.jit(functools.partial(layer_mlp_post, layer=layer, config=config))
 
 
+@checks_tokens("windows")
 def neuron_activations(params, config: Config, windows, layer: int, neuron: int, *, batch: int = 16) -> np.ndarray:
     """The neuron's activation (mlp_post, after GELU) at every token of windows [n, seq], each window run from
     its first token (the one definition, see the module doc), `batch` windows at a time, only up to the
@@ -135,6 +138,7 @@ class TopActivations:
     tokens: np.ndarray  # [k] the token at that position
 
 
+@checks_tokens("windows")
 def top_activations(params, config: Config, windows, layer: int, neuron: int, *, k: int = 10,
                     batch: int = 16) -> TopActivations:
     """The k (window, position) pairs where the neuron is most active (`neuron_activations`) over windows
@@ -158,6 +162,7 @@ class NeuronOnPrompt:
     suppressed: list[tuple[int, float]]
 
 
+@checks_tokens("tokens")
 def neuron_on_prompt(params, config: Config, tokens, layer: int, neuron: int, *, position: int = -1,
                      k: int = 10) -> NeuronOnPrompt:
     """The neuron's activation at every position of tokens [1, seq] (`neuron_activations`, the prompt as one

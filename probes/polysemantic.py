@@ -25,6 +25,8 @@ import jax
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.errors import InputError
+from tinygpt.inputs import checks_tokens
 
 from .harvest import check_layer, site_chunks, site_width
 from .memory import neuron_activations, residual_keys
@@ -92,20 +94,21 @@ def _correlation_sums(sae_params, x, a, config: SAEConfig):
     return f.sum(0), (f**2).sum(0), f.T @ a
 
 
+@checks_tokens("windows")
 def neuron_report(params, config: Config, windows, layer: int, neuron: int, *, k: int = 20, context: int = 8,
                   sae: SAE | None = None, n_features: int = 5, batch: int = 8) -> NeuronReport:
     """Top contexts, token-type entropies and (with an SAE) explaining features of MLP neuron (layer, neuron)
     over token windows [n_windows, seq]."""
     layer = check_layer(config, "mlp_post", layer)
     if not 0 <= neuron < config.d_mlp:
-        raise ValueError(f"neuron {neuron} is outside [0, d_mlp={config.d_mlp})")
+        raise InputError(f"neuron {neuron} is outside [0, d_mlp={config.d_mlp})")
     windows = np.asarray(windows, np.int32)
     if sae is not None:
         if sae.config.site is None:
-            raise ValueError("the SAE does not record the site it was trained on (SAEConfig.site)")
+            raise InputError("the SAE does not record the site it was trained on (SAEConfig.site)")
         check_layer(config, sae.config.site, sae.config.layer)
         if site_width(config, sae.config.site) != sae.config.d_in:
-            raise ValueError(f"the SAE reads {sae.config.d_in}-wide vectors, but {sae.config.site} of this model "
+            raise InputError(f"the SAE reads {sae.config.d_in}-wide vectors, but {sae.config.site} of this model "
                              f"is {site_width(config, sae.config.site)} wide: it belongs to another model")
     same_site = sae is not None and (sae.config.site, sae.config.layer) == ("mlp_post", layer)
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.errors import InputError
 
 from .transforms import center, unembedding_matrix
 
@@ -76,14 +77,14 @@ def dense_svd(W):
 
 def check_matrix(config: Config, name: str, layer: int, head: int | None) -> None:
     if name not in MATRICES:
-        raise ValueError(f"unknown matrix {name!r}; choose one of {', '.join(MATRICES)}")
+        raise InputError(f"unknown matrix {name!r}; choose one of {', '.join(MATRICES)}")
     if not 0 <= layer < config.n_layer:
-        raise ValueError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
+        raise InputError(f"layer {layer} is out of range: the model has {config.n_layer} layers (0-based)")
     per_head = MATRICES[name][0]
     if per_head and head is not None and not 0 <= head < config.n_head:
-        raise ValueError(f"head {head} is out of range: the model has {config.n_head} heads (0-based)")
+        raise InputError(f"head {head} is out of range: the model has {config.n_head} heads (0-based)")
     if not per_head and head is not None:
-        raise ValueError(f"{name} belongs to the MLP, which has no heads: leave out the head")
+        raise InputError(f"{name} belongs to the MLP, which has no heads: leave out the head")
 
 
 READING = ("W_Q", "W_K", "W_V", "W_in")  # read the residual stream: rows in d_model
@@ -129,7 +130,7 @@ def weight_svd(params, config: Config, name: str, layer: int, head: int | None =
     check_matrix(config, name, layer, head)
     per_head, input_space, output_space = MATRICES[name]
     if per_head and head is None:
-        raise ValueError(f"{name} is per head: give a head (0..{config.n_head - 1})")
+        raise InputError(f"{name} is per head: give a head (0..{config.n_head - 1})")
     U, S, Vt = layer_svd(params, name, layer)
     if per_head:
         U, S, Vt = U[head], S[head], Vt[head]

@@ -38,6 +38,8 @@ import numpy as np
 from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.errors import InputError
+from tinygpt.inputs import checks_tokens
 from tinygpt.model import unembed
 from tinygpt.sweep import base_logits, cache_run, starts_from_z, sweep_positions
 
@@ -72,9 +74,9 @@ class CausalTrace:
 def check_subject(subject_positions, seq: int) -> tuple[int, ...]:
     subject = tuple(sorted({int(p) for p in np.atleast_1d(subject_positions)}))
     if not subject:
-        raise ValueError("the subject must cover at least one token position")
+        raise InputError("the subject must cover at least one token position")
     if subject[0] < 0 or subject[-1] >= seq:
-        raise ValueError(f"subject positions {list(subject)} are outside the prompt of {seq} tokens")
+        raise InputError(f"subject positions {list(subject)} are outside the prompt of {seq} tokens")
     return subject
 
 
@@ -85,7 +87,7 @@ def embedding_std(params, subjects) -> float:
     itself (`tokenizer.encode(subject)`, no leading space); its noise std is 3 x this over its dataset."""
     ids = np.concatenate([np.asarray(s, np.int64).reshape(-1) for s in subjects]) if len(subjects) else []
     if len(ids) == 0:
-        raise ValueError("embedding_std needs at least one subject token")
+        raise InputError("embedding_std needs at least one subject token")
     values = np.asarray(params["wte"], np.float32)[ids].astype(np.float64)  # [tokens, d_model]
     return float(values.std(ddof=1))
 
@@ -110,7 +112,7 @@ def subject_noise(params, tokens, subject_positions, *, samples: int = 10, noise
     tokens = np.asarray(tokens).reshape(-1)
     subject = check_subject(subject_positions, len(tokens))
     if draw not in NOISE_DRAWS:
-        raise ValueError(f"unknown noise draw {draw!r}; choose from {', '.join(NOISE_DRAWS)}")
+        raise InputError(f"unknown noise draw {draw!r}; choose from {', '.join(NOISE_DRAWS)}")
     if noise_std is None:
         noise_std = noise * embedding_std(params, [tokens[list(subject)]])
     shape = (samples, len(subject), params["wte"].shape[1])
@@ -124,16 +126,16 @@ def check_noise_values(values, samples: int | None, n_subject: int, d_model: int
     try:
         values = np.asarray(values, np.float32)
     except (TypeError, ValueError):
-        raise ValueError(f"noise_values must be None, 'rome' or an array of numbers [samples, {n_subject} subject "
+        raise InputError(f"noise_values must be None, 'rome' or an array of numbers [samples, {n_subject} subject "
                          f"tokens, d_model={d_model}], got {type(values).__name__}") from None
     rows = samples if samples is not None else "samples"
     if values.ndim != 3 or values.shape[1:] != (n_subject, d_model) or values.shape[0] < 1 or (
             samples is not None and values.shape[0] != samples):
-        raise ValueError(f"noise_values must have shape [{rows}, {n_subject} subject tokens, d_model={d_model}], "
+        raise InputError(f"noise_values must have shape [{rows}, {n_subject} subject tokens, d_model={d_model}], "
                          f"got {list(values.shape)}")
     bad = int((~np.isfinite(values)).sum())
     if bad:
-        raise ValueError(f"noise_values must be finite, got {bad} NaN or infinite entries")
+        raise InputError(f"noise_values must be finite, got {bad} NaN or infinite entries")
     return values
 
 
@@ -142,7 +144,7 @@ def trace_noise(params, tokens, subject: tuple, noise_values, *, samples: int | 
     """(noise [samples, n_subject, d_model] float32, its std, the seed recorded, the draw) for `causal_trace`'s
     `noise_values`: None (the seeded jax draw), "rome" (ROME's draw, seed 1) or an explicit array."""
     if isinstance(noise_values, str) and noise_values != "rome":
-        raise ValueError(f"noise_values must be None, 'rome' or an array [samples, subject tokens, d_model], "
+        raise InputError(f"noise_values must be None, 'rome' or an array [samples, subject tokens, d_model], "
                          f"got {noise_values!r}")
     if noise_values is None or isinstance(noise_values, str):
         draw = "jax" if noise_values is None else "rome"
@@ -188,6 +190,7 @@ compiled_trace = jax.jit(trace_scores, static_argnames=("config", "subject", "ki
                                                         "chunk_size"))
 
 
+@checks_tokens("tokens")
 def causal_trace(params, tokens, config: Config, subject_positions, *, answer: int | None = None,
                  kinds=("resid_post", "mlp_out", "attn_out"), samples: int | None = None, noise: float = 3.0,
                  noise_std: float | None = None, seed: int = 0, noise_values=None, window: int = 10,
@@ -210,20 +213,20 @@ def causal_trace(params, tokens, config: Config, subject_positions, *, answer: i
     if tokens.ndim == 2 and tokens.shape[0] == 1:
         tokens = tokens[0]
     if tokens.ndim != 1:
-        raise ValueError(f"causal tracing takes one prompt (token ids [seq]), got shape {tokens.shape}")
+        raise InputError(f"causal tracing takes one prompt (token ids [seq]), got shape {tokens.shape}")
     subject = check_subject(subject_positions, len(tokens))
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
-        raise ValueError(f"unknown kind {unknown[0] if unknown else None!r}; choose from {', '.join(KINDS)}")
+        raise InputError(f"unknown kind {unknown[0] if unknown else None!r}; choose from {', '.join(KINDS)}")
     if (samples is not None and samples < 1) or window < 1:
-        raise ValueError("samples and window must be at least 1")
+        raise InputError("samples and window must be at least 1")
     values, std, seed, draw = trace_noise(params, tokens, subject, noise_values, samples=samples, noise=noise,
                                           noise_std=noise_std, seed=seed)
     if answer is None:
         answer = int(jnp.argmax(forward(params, tokens[None], config, keep=("logits",)).logits[0, -1]))
     if not 0 <= answer < config.vocab_size:
-        raise ValueError(f"answer token {answer} is outside the vocabulary [0, {config.vocab_size})")
+        raise InputError(f"answer token {answer} is outside the vocabulary [0, {config.vocab_size})")
     scores, clean_prob, corrupt_prob = compiled_trace(
         params, jnp.asarray(tokens), jnp.asarray(values), jnp.asarray(answer), config=config, subject=subject,
         kinds=kinds, window=window, buckets=buckets, chunk_size=chunk_size)
@@ -255,9 +258,9 @@ def find_subject(tokenizer, tokens, subject: str, occurrence: int = 0) -> list[i
     found = subject_occurrences(tokenizer, tokens, subject)
     if not found:
         text = b"".join(tokenizer.token_bytes(int(t)) for t in np.asarray(tokens).reshape(-1))
-        raise ValueError(f"subject {subject!r} does not occur in the prompt {text.decode('utf-8', 'replace')!r}")
+        raise InputError(f"subject {subject!r} does not occur in the prompt {text.decode('utf-8', 'replace')!r}")
     if not -len(found) <= occurrence < len(found):
-        raise ValueError(f"occurrence={occurrence} is out of range: subject {subject!r} occurs {len(found)} "
+        raise InputError(f"occurrence={occurrence} is out of range: subject {subject!r} occurs {len(found)} "
                          f"time{'s' if len(found) > 1 else ''} in the prompt (occurrence counts from 0, negative "
                          f"from the end)")
     return found[occurrence]
