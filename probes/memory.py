@@ -36,7 +36,7 @@ import numpy as np
 from tinygpt.config import Config
 from tinygpt.errors import InputError
 from tinygpt.inputs import checks_tokens
-from tinygpt.model import causal_mask, forward, run_blocks
+from tinygpt.model import causal_mask, embedding, forward, run_blocks
 
 from .transforms import center, unembedding_matrix
 
@@ -100,7 +100,7 @@ def layer_mlp_post(params, tokens, layer: int, config: Config):
     Blocks 0..layer-1 run keeping nothing, block `layer` keeps its mlp_post, later blocks are skipped.
     `layer` is a Python int: it sets how many blocks run (see `compiled_layer_mlp_post`)."""
     seq = tokens.shape[1]
-    resid = params["wte"][tokens] + params["wpe"][jnp.arange(seq)]  # [batch, seq, d_model]
+    resid = embedding(params["wte"], tokens) + params["wpe"][jnp.arange(seq)]  # [batch, seq, d_model]
     mask = causal_mask(jnp.ones(tokens.shape, jnp.int32))  # [batch, 1, seq, key]
     before = jax.tree.map(lambda x: x[:layer], params["blocks"])
     resid, _ = run_blocks(before, resid, mask, config, {}, frozenset(), layers=jnp.arange(layer))

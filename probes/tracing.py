@@ -39,6 +39,7 @@ from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.errors import InputError
+from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
 from tinygpt.model import unembed
 from tinygpt.sweep import base_logits, cache_run, starts_from_z, sweep_positions
@@ -290,5 +291,5 @@ def plot_trace(result: CausalTrace, labels: list[str], path: str) -> None:
         ax.set_title(f"restoring {names[kind]}", fontsize=9)
         fig.colorbar(image, ax=ax).set_label("P(answer)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
