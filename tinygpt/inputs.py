@@ -137,7 +137,7 @@ def checks_tokens(*arguments: str):
         signature = inspect.signature(fn)
         unknown = [a for a in arguments if a not in signature.parameters]
         if unknown or "config" not in signature.parameters:
-            raise TypeError(f"checks_tokens: {fn.__qualname__} has no argument {(unknown or ['config'])[0]!r}")
+            raise RuntimeError(f"checks_tokens: {fn.__qualname__} has no argument {(unknown or ['config'])[0]!r}")
 
         @functools.wraps(fn)
         def run(*args, **kwargs):

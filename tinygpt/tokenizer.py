@@ -53,7 +53,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import WeightsError
+from .errors import InputError, InputTypeError, WeightsError
 from .files import atomic_write, parse_json, read_bytes
 
 __all__ = [
@@ -248,9 +248,9 @@ class Tokenizer:
         self._special_tokens: tuple[str, ...] = tuple(dict.fromkeys(special_tokens))
         for token in self._special_tokens:
             if not isinstance(token, str) or not token:
-                raise ValueError(f"special tokens must be non-empty strings, got {token!r}")
+                raise InputError(f"special tokens must be non-empty strings, got {token!r}")
             if token not in self._token_to_id:
-                raise ValueError(f"special token {token!r} is not in the vocabulary")
+                raise InputError(f"special token {token!r} is not in the vocabulary")
         # Longest first, so that at any position the longest special token wins
         # (Hugging Face matches added tokens leftmost-longest).
         by_length = sorted(self._special_tokens, key=len, reverse=True)
@@ -361,7 +361,7 @@ class Tokenizer:
         instead (Hugging Face's option of the same name).
         """
         if not isinstance(text, str):
-            raise TypeError(f"encode() expects a str, got {type(text).__name__}")
+            raise InputTypeError(f"encode() expects a str, got {type(text).__name__}")
         ids: list[int] = []
         for chunk, is_special in self._split_special(text, split_special_tokens):
             if is_special:
@@ -386,13 +386,13 @@ class Tokenizer:
         generation wants).  ``pad_id`` defaults to :attr:`eos_id`.
         """
         if isinstance(texts, str):
-            raise TypeError("encode_batch() expects a sequence of strings, not a single str")
+            raise InputTypeError("encode_batch() expects a sequence of strings, not a single str")
         if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if pad_id is None:
             pad_id = self.eos_id
             if pad_id is None:
-                raise ValueError("no pad_id given and the vocabulary has no <|endoftext|> token")
+                raise InputError("no pad_id given and the vocabulary has no <|endoftext|> token")
         pad_id = self._check_id(pad_id)
 
         encoded = [self.encode(t) for t in texts]
@@ -439,9 +439,9 @@ class Tokenizer:
         try:
             index = operator.index(token_id)  # accepts numpy / jax integer scalars too
         except TypeError:
-            raise TypeError(f"token ids must be integers, got {token_id!r}") from None
+            raise InputTypeError(f"token ids must be integers, got {token_id!r}") from None
         if not 0 <= index < self._vocab_size or self._id_to_bytes[index] is None:
-            raise ValueError(
+            raise InputError(
                 f"token id {index} is not in the vocabulary (vocab_size={self._vocab_size})"
             )
         return index
@@ -491,7 +491,7 @@ class Tokenizer:
             try:
                 ids = tuple(self._token_to_id[s] for s in self._bpe(symbols))
             except KeyError as e:
-                raise ValueError(
+                raise InputError(
                     f"BPE of {pretoken!r} produced {e.args[0]!r}, which is not in the vocabulary"
                 ) from None
             if len(self._cache) >= self._cache_size:

@@ -34,6 +34,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable
 
+from tinygpt.errors import InputError
 from tinygpt.tokenizer import ENDOFTEXT, bytes_to_unicode, pretokenize
 
 MERGES_HEADER = "#version: 0.2"
@@ -56,7 +57,7 @@ def train_bpe(texts: Iterable[str] | Counter, vocab_size: int, *, min_frequency:
     min_frequency  stop once the best pair occurs fewer times than this
     """
     if vocab_size < 257:
-        raise ValueError(f"vocab_size must be at least 257 (256 bytes + <|endoftext|>), got {vocab_size}")
+        raise InputError(f"vocab_size must be at least 257 (256 bytes + <|endoftext|>), got {vocab_size}")
     counts = texts if isinstance(texts, Counter) else count_pretokens(texts)
     byte_to_symbol = bytes_to_unicode()
     vocab: dict[str, int] = {symbol: i for i, symbol in enumerate(byte_to_symbol.values())}
