@@ -32,6 +32,8 @@ import numpy as np
 import optax
 
 from tinygpt.config import Config
+from tinygpt.errors import InputError
+from tinygpt.inputs import checks_tokens
 from tinygpt.model import causal_mask, run_blocks
 
 from .harvest import embed_tokens
@@ -64,7 +66,7 @@ def neighbour_ratios(points) -> np.ndarray:
     """mu = r2 / r1 for every point after dropping duplicate points.  [n, d] -> [n_unique]"""
     points = np.unique(np.asarray(points, np.float32), axis=0)
     if len(points) < 3:
-        raise ValueError(f"TwoNN needs at least 3 distinct points, got {len(points)}")
+        raise InputError(f"TwoNN needs at least 3 distinct points, got {len(points)}")
     centred = points - points.mean(0)  # distances are shift-invariant; centring keeps float32 precise
     r = _two_nearest(centred)  # [n, 2]
     r1, r2 = r[:, 0], r[:, 1]
@@ -80,7 +82,7 @@ def two_nn_dimension(points, *, method: str = "fit", discard: float = 0.1) -> fl
     if method == "mle":
         return float((n - 1) / log_mu.sum())
     if method != "fit":
-        raise ValueError(f"method must be 'fit' or 'mle', got {method!r}")
+        raise InputError(f"method must be 'fit' or 'mle', got {method!r}")
     empirical_cdf = np.arange(1, n + 1) / n  # F(mu_(i)) = i / N for the i-th smallest
     kept = slice(0, min(int(n * (1 - discard)), n - 1))  # F = 1 (the largest mu) has no finite -log(1 - F)
     x, y = log_mu[kept], -np.log(1 - empirical_cdf[kept])
@@ -114,9 +116,9 @@ def property_labels(name: str, windows, tokenizer=None) -> np.ndarray:
         same = windows[:, :, None] == windows[:, None, :]  # [n_windows, seq, seq]
         return (same & earlier).any(-1)
     if name not in PROPERTIES:
-        raise ValueError(f"unknown property {name!r}; known: {', '.join(PROPERTIES)}")
+        raise InputError(f"unknown property {name!r}; known: {', '.join(PROPERTIES)}")
     if tokenizer is None:
-        raise ValueError(f"property {name!r} reads the tokens' text: the model needs a tokenizer (or use 'repeated')")
+        raise InputError(f"property {name!r} reads the tokens' text: the model needs a tokenizer (or use 'repeated')")
     vocab = np.arange(int(windows.max()) + 1)
     texts = tokenizer.pieces(vocab.tolist())
     if name == "line_end":
@@ -238,11 +240,12 @@ def sample_positions(windows, n_points: int, seed: int = 0, skip_first: int = 1)
     n_windows, seq = np.asarray(windows).shape
     candidates = n_windows * (seq - skip_first)
     if candidates < 3:
-        raise ValueError(f"{n_windows} windows of {seq} tokens leave {candidates} positions: too few")
+        raise InputError(f"{n_windows} windows of {seq} tokens leave {candidates} positions: too few")
     flat = np.sort(np.random.default_rng(seed).choice(candidates, min(n_points, candidates), replace=False))
     return np.stack([flat // (seq - skip_first), flat % (seq - skip_first) + skip_first], axis=1)
 
 
+@checks_tokens("windows")
 def layer_geometry(params, config: Config, windows, *, n_points: int = 2000, property: str | None = "repeated",
                    tokenizer=None, probe_steps: int = 500, seed: int = 0) -> ManifoldReport:
     """Intrinsic dimension (TwoNN fit and MLE, participation ratio) of the residual stream at every depth,
@@ -256,7 +259,7 @@ def layer_geometry(params, config: Config, windows, *, n_points: int = 2000, pro
         held_out = np.random.default_rng(seed + 1).random(len(windows)) < 0.3  # split by window
         test = held_out[positions[:, 0]]
         if test.all() or not test.any():
-            raise ValueError(f"{len(np.unique(positions[:, 0]))} windows are too few to hold 30% of them out for "
+            raise InputError(f"{len(np.unique(positions[:, 0]))} windows are too few to hold 30% of them out for "
                              f"the probe: use more tokens or points")
     layers = []
     for depth, x in enumerate(points):
