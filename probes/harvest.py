@@ -319,16 +319,15 @@ def read_token_ids(path, vocab_size: int) -> np.ndarray:
     return stream
 
 
-def read_text(path) -> str:
-    """A UTF-8 text corpus, or HarvestError naming the file."""
+def read_text(path, what: str = "corpus file", *, error=HarvestError) -> str:
+    """A UTF-8 text corpus (a regular file), or `error` naming it."""
     from tinygpt.files import read_bytes
 
-    data = read_bytes(path, "corpus file", error=HarvestError)
+    data = read_bytes(path, what, error=error)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise HarvestError(f"corpus file {str(path)!r} is not UTF-8 text (byte {e.start}): give a text file, or "
-                           f"token ids as .npy") from None
+        raise error(f"{what} {str(path)!r} is not UTF-8 text (byte {e.start}): give a UTF-8 text file") from None
 
 
 def corpus_stream(model, corpus: str | os.PathLike | None = None, *, split: str = "val",
@@ -382,9 +381,9 @@ def check_not_written(path, directory, argument: str) -> None:
         if not same and path.exists() and own.exists():
             same = os.path.samefile(path, own)
         if same:
-            raise argument_error(HarvestError, argument, "{argument} {path!r} is the harvest's own {name} in "
-                                 "{directory!r}: one command never reads and writes the same file; give a file "
-                                 "outside the harvest", path=str(path), name=name, directory=str(directory))
+            raise argument_error(HarvestError, argument, "{argument} {path!r} is where the harvest in {directory!r} "
+                                 "keeps its {name}: one command never reads and writes the same file; give a file "
+                                 "outside the harvest directory", path=str(path), name=name, directory=str(directory))
 
 
 # ------------------------------------------------------------------------------------------------ harvest
@@ -511,6 +510,9 @@ def _open_store(path: Path, windows: np.ndarray, info: dict):
     _remove(path, temporaries)
     if old["rows_done"] == 0:  # created (perhaps not completely) but nothing harvested: create again
         return _create(path, windows, info), info
+    if fingerprint(load_npy(path / TOKENS, "harvest file", error=HarvestError)) != info["windows"]:
+        raise HarvestError(f"{str(path / TOKENS)!r} is not the windows {SIDECAR} records: the harvest is damaged; "
+                           f"remove {str(path)!r} and harvest again")
     acts = load_npy(path / ACTIVATIONS, "harvest file", error=HarvestError, mmap=True)
     if acts.shape != (info["n_rows"], info["width"]) or acts.dtype != np.float32:
         raise HarvestError(f"{str(path / ACTIVATIONS)!r} is {acts.dtype} {list(acts.shape)}, expected float32 "

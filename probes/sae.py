@@ -323,6 +323,9 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
         raise SAEError(f"activations have shape {tuple(acts.shape)}, expected [n, d_in={config.d_in}]")
     if not is_integer(log_every) or log_every < 1:
         raise argument_error(SAEError, "log_every", "{argument} must be at least 1, got {value!r}", value=log_every)
+    if len(acts) < config.batch_size:
+        raise argument_error(SAEError, "batch_size", "{argument} {batch_size} is more than the {n} activation rows",
+                             batch_size=config.batch_size, n=len(acts))
     if normalize:
         config = dataclasses.replace(config, input_scale=input_scale_for(acts, seed=config.seed))
     rng = np.random.default_rng(config.seed)
@@ -338,29 +341,30 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
 
     bar = tqdm(total=config.steps, desc=f"SAE {config.kind}", disable=not progress)
     done = 0
-    while done < config.steps:
-        round_steps = min(log_every, config.steps - done)
-        xs = np.stack([next(data) for _ in range(round_steps)])  # [round_steps, batch, d_in]
-        params, opt_state, steps_since_fired, metrics = run_steps(params, opt_state, steps_since_fired, xs)
-        previous, done = done, done + round_steps
-        resampling_left = config.resample_every and config.steps - done >= config.resample_every
-        crossed = config.resample_every and done // config.resample_every > previous // config.resample_every
-        if crossed and resampling_left:
-            params, opt_state, steps_since_fired = resample_dead(params, opt_state, steps_since_fired, sample, rng,
-                                                                 optimizer=optimizer, config=config)
-        elif not resampling_left and np.all(np.asarray(steps_since_fired) >= min(config.dead_steps, done)):
-            bar.close()
-            raise SAEError(f"every latent of the SAE is dead at step {done} of {config.steps} (none fired in the last "
-                           f"{min(config.dead_steps, done)} steps) and no resampling is left to revive them: lower "
-                           f"l1_coeff (now {config.l1_coeff:g}) or lr (now {config.lr:g}), or resample dead latents "
-                           f"(resample_every, now {config.resample_every})")
-        history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
-        bar.update(round_steps)
-        bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.1f}",
-                        dead=f"{history[-1]['dead_fraction']:.2f}")
-        if on_round is not None:
-            on_round(history[-1])
-    bar.close()
+    try:
+        while done < config.steps:
+            round_steps = min(log_every, config.steps - done)
+            xs = np.stack([next(data) for _ in range(round_steps)])  # [round_steps, batch, d_in]
+            params, opt_state, steps_since_fired, metrics = run_steps(params, opt_state, steps_since_fired, xs)
+            previous, done = done, done + round_steps
+            resampling_left = config.resample_every and config.steps - done >= config.resample_every
+            crossed = config.resample_every and done // config.resample_every > previous // config.resample_every
+            if crossed and resampling_left:
+                params, opt_state, steps_since_fired = resample_dead(params, opt_state, steps_since_fired, sample,
+                                                                     rng, optimizer=optimizer, config=config)
+            elif not resampling_left and np.all(np.asarray(steps_since_fired) >= min(config.dead_steps, done)):
+                raise SAEError(f"every latent of the SAE is dead at step {done} of {config.steps} (none fired in the "
+                               f"last {min(config.dead_steps, done)} steps) and no resampling is left to revive them: "
+                               f"lower l1_coeff (now {config.l1_coeff:g}) or lr (now {config.lr:g}), or resample dead "
+                               f"latents (resample_every, now {config.resample_every})")
+            history.append({"step": done, **{k: float(v) for k, v in metrics.items()}})
+            bar.update(round_steps)
+            bar.set_postfix(mse=f"{history[-1]['mse']:.4f}", l0=f"{history[-1]['l0']:.1f}",
+                            dead=f"{history[-1]['dead_fraction']:.2f}")
+            if on_round is not None:
+                on_round(history[-1])
+    finally:
+        bar.close()
     return SAE(config, params), history
 
 

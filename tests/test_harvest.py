@@ -3,6 +3,7 @@ harvest resumes to exactly the uninterrupted result, and mismatched or oversized
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -202,3 +203,146 @@ def test_embedded_model_defaults_to_its_held_out_plays():
     assert not np.array_equal(train, stream)
     with pytest.raises(HarvestError, match="split"):
         corpus_stream(model, None, split="test")
+
+
+# ------------------------------------------------------------------------------ files: safe and checked
+
+
+class Opens:
+    """An object whose unpickling writes `flag`: a .npy corpus made of it must never be unpickled."""
+
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __reduce__(self):
+        return (open, (str(self.flag), "w"))
+
+
+def test_corpus_files_are_checked_and_never_unpickled(tmp_path):
+    model = tinygpt.Model(config=CONFIG, params=None, tokenizer=None, source="random")
+    flag = tmp_path / "unpickled"
+    np.save(tmp_path / "pickled.npy", np.array([Opens(flag), 3], dtype=object), allow_pickle=True)
+    with pytest.raises(HarvestError, match="holds Python objects \\(a pickle\\), which tinygpt never loads"):
+        corpus_stream(model, tmp_path / "pickled.npy")
+    assert not flag.exists()
+    with open(tmp_path / "archive.npy", "wb") as f:
+        np.savez(f, ids=np.arange(10))
+    with pytest.raises(HarvestError, match="is an .npz archive, not a .npy array"):
+        corpus_stream(model, tmp_path / "archive.npy")
+    np.save(tmp_path / "short.npy", np.arange(1000, dtype=np.int32))
+    (tmp_path / "short.npy").write_bytes((tmp_path / "short.npy").read_bytes()[:500])
+    with pytest.raises(HarvestError, match="short.npy' is damaged"):
+        corpus_stream(model, tmp_path / "short.npy")
+    (tmp_path / "text.npy").write_text("not numpy")
+    with pytest.raises(HarvestError, match="is not a .npy array"):
+        corpus_stream(model, tmp_path / "text.npy")
+    with pytest.raises(HarvestError, match="does not exist"):
+        corpus_stream(model, tmp_path / "missing.npy")
+
+    class Chars:  # a tokenizer of one id per character, for text corpora
+        eos_id = None
+
+        def encode(self, text):
+            return [ord(c) % CONFIG.vocab_size for c in text]
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(HarvestError, match="is not UTF-8 text"):
+        corpus_stream(dataclasses.replace(model, tokenizer=Chars()), tmp_path / "latin1.txt")
+
+
+def test_a_corpus_inside_the_harvest_is_refused(tmp_path):
+    from probes.harvest import check_not_written
+
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "tokens.npy", np.arange(100))
+    with pytest.raises(HarvestError, match="corpus .*tokens.npy' is where the harvest in .*data' keeps its "
+                                           "tokens.npy") as e:
+        check_not_written(tmp_path / "data" / "tokens.npy", tmp_path / "data", "corpus")
+    assert e.value.argument == "corpus"
+    (tmp_path / "link.npy").symlink_to(tmp_path / "data" / "tokens.npy")
+    with pytest.raises(HarvestError, match="keeps its tokens.npy"):
+        check_not_written(tmp_path / "link.npy", tmp_path / "data", "corpus")
+    check_not_written(tmp_path / "data" / "tokens.npy", tmp_path / "elsewhere", "corpus")  # fine
+
+
+def test_a_second_writer_is_refused_naming_the_first(params, stream, tmp_path):
+    import os
+
+    from tinygpt.errors import LockedError
+    from tinygpt.files import writer_lock
+
+    with writer_lock((tmp_path / "h").absolute(), "harvest directory"):
+        with pytest.raises(LockedError, match=f"is being written by another tinygpt \\(pid {os.getpid()} on "):
+            harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, path=tmp_path / "h", progress=False)
+    assert not (tmp_path / "h").exists()  # refused before touching anything
+    harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, path=tmp_path / "h", progress=False)  # released
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]  # no lock file left
+
+
+def test_two_identical_harvests_write_identical_files(params, stream, tmp_path):
+    for name in ("a", "b"):
+        harvest(params, CONFIG, stream, "mlp_post", 1, seq=8, batch=3, path=tmp_path / name, progress=False,
+                source="random")
+    for name in ("harvest.json", "tokens.npy", "activations.npy"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.fixture()
+def finished(params, stream, tmp_path):
+    """A finished harvest directory, and the rows it should hold."""
+    store = harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=tmp_path / "h", progress=False)
+    return tmp_path / "h", np.array(store.acts)
+
+
+def damage_sidecar(h):
+    (h / "harvest.json").write_text('{"format": 1, "site": ')
+
+
+def drop_tokens(h):
+    (h / "tokens.npy").unlink()
+
+
+def truncate_activations(h):
+    data = (h / "activations.npy").read_bytes()
+    (h / "activations.npy").write_bytes(data[: len(data) // 2])
+
+
+def replace_activations(h):
+    np.save(h / "activations.npy", np.zeros((1000, 32), np.float32))
+
+
+def nan_activations(h):
+    acts = np.lib.format.open_memmap(h / "activations.npy", mode="r+")
+    acts[37, 5] = np.nan
+    acts.flush()
+
+
+def other_windows(h):
+    np.save(h / "tokens.npy", np.load(h / "tokens.npy")[::-1].copy())
+
+
+def drop_a_key(h):
+    info = json.loads((h / "harvest.json").read_text())
+    del info["width"]
+    (h / "harvest.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (damage_sidecar, "harvest.json' is not valid JSON"),
+    (drop_tokens, "tokens.npy' does not exist"),
+    (truncate_activations, "activations.npy' is damaged \\(mmap length is greater than file size\\)"),
+    (replace_activations, "activations.npy' is float32 \\[1000, 32\\], but harvest.json records float32 \\[56, 32\\]"),
+    (nan_activations, "non-finite values \\(NaN or inf\\) from row 37"),
+    (other_windows, "tokens.npy' \\(int32 \\[7, 8\\]\\) is not the windows harvest.json records"),
+    (drop_a_key, "'width' is missing"),
+])
+def test_a_damaged_harvest_is_one_clear_error(finished, damage, message):
+    h, _ = finished
+    damage(h)
+    with pytest.raises(HarvestError, match=message):
+        load_harvest(h)
+
+
+def test_a_sound_harvest_loads(finished):
+    h, acts = finished
+    np.testing.assert_array_equal(load_harvest(h).acts, acts)

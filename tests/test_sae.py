@@ -5,6 +5,7 @@ sparse features in superposition, an SAE recovers the true dictionary."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,53 @@ def test_config_errors():
         saes.train_sae(np.zeros((100, 5), np.float32), SAEConfig(d_in=4, d_sae=8), progress=False)
 
 
+def test_config_errors_name_the_argument_and_the_cli_names_its_flag():
+    """The API names its argument ("steps must be ..."), not the class; the CLI says "--steps" instead,
+    through one table per command (tinygpt.cli.geometry.cli_message)."""
+    from tinygpt.cli.geometry import SAE_TRAIN_FLAGS, cli_message
+
+    with pytest.raises(SAEError) as e:
+        SAEConfig(d_in=4, d_sae=8, steps=0)
+    assert str(e.value) == "steps must be an integer >= 1, got 0" and e.value.argument == "steps"
+    assert cli_message(e.value, SAE_TRAIN_FLAGS) == "--steps must be an integer >= 1, got 0"
+    with pytest.raises(SAEError) as e:
+        SAEConfig(d_in=4, d_sae=8, l1_coeff=float("nan"))
+    assert cli_message(e.value, SAE_TRAIN_FLAGS) == "--l1 must be a finite number >= 0, got nan"
+    with pytest.raises(SAEError, match="^batch_size 64 is more than the 10 activation rows$"):
+        saes.train_sae(np.ones((10, 4), np.float32), SAEConfig(d_in=4, d_sae=8, batch_size=64), progress=False)
+    for bad in ({"lr": 0.0}, {"d_sae": 2.5}, {"resample_every": -1}, {"site": "resid_middle", "layer": 0},
+                {"site": "resid_post"}, {"site": "embed", "layer": 1}, {"site": "attn_pattern", "layer": 0}):
+        with pytest.raises(SAEError):
+            SAEConfig(**{"d_in": 4, "d_sae": 8, **bad})
+
+
+# ---------------------------------------------------------------------------------------- dead latents
+
+
+def test_resampling_revives_latents_when_every_latent_is_dead():
+    """With no latent alive there is no 'mean alive encoder norm' to scale the new encoder columns by: they
+    get norm 0.2 (x 1), not 0 (a zero column never fires, so the SAE stayed dead forever)."""
+    config = SAEConfig(d_in=4, d_sae=6, kind="relu")
+    params = saes.init_sae(config, seed=0)
+    optimizer = optax.adam(1e-3)
+    x = np.random.default_rng(3).standard_normal((50, 4)).astype(np.float32)
+    silent = np.full(6, config.dead_steps)  # every latent dead
+    new, _, silent = saes.resample_dead(params, optimizer.init(params), silent, x, np.random.default_rng(2),
+                                        optimizer=optimizer, config=config)
+    np.testing.assert_allclose(np.linalg.norm(new["W_enc"], axis=0), 0.2, rtol=1e-5)
+    f = saes.encode(new, x, config)  # [50, 6]
+    assert bool((f > 0).any(axis=0).all())  # every latent fires again (on its own input at least)
+    np.testing.assert_array_equal(silent, 0)
+
+
+def test_training_stops_with_a_clear_error_when_every_latent_is_dead_for_good():
+    x = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
+    config = SAEConfig(d_in=8, d_sae=16, kind="relu", l1_coeff=1e4, lr=0.1, batch_size=64, steps=100, warmup_steps=0,
+                       dead_steps=10, resample_every=0)
+    with pytest.raises(SAEError, match="every latent of the SAE is dead at step 40 of 100 .* lower l1_coeff"):
+        saes.train_sae(x, config, progress=False, log_every=20)
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 
@@ -164,6 +212,80 @@ def test_save_load_round_trip(tmp_path):
         saes.load_sae(tmp_path / "other.safetensors")
     with pytest.raises(SAEError, match="does not exist"):
         saes.load_sae(tmp_path / "missing.safetensors")
+
+
+def write_sae_file(path, tensors=None, config=None, extra=None, raw_config=None):
+    """An SAE file as tinygpt writes it, with parts replaced."""
+    from tinygpt.files import save_safetensors
+
+    sae = identity_sae(3, site="resid_post", layer=0)
+    tensors = {name: np.asarray(value, np.float32) for name, value in sae.params.items()} if tensors is None else tensors
+    fields = {**dataclasses.asdict(sae.config), **(config or {})}
+    metadata = {saes.METADATA_KEY: raw_config if raw_config is not None else json.dumps(fields)}
+    if extra is not None:
+        metadata[saes.EXTRA_KEY] = extra
+    save_safetensors(path, tensors, metadata)
+    return path
+
+
+GOOD = {name: np.asarray(value, np.float32) for name, value in identity_sae(3).params.items()}
+
+
+@pytest.mark.parametrize("parts, message", [
+    ({"raw_config": "{not json"}, "metadata 'tinygpt_sae_config' is not valid JSON"),
+    ({"raw_config": "[1, 2]"}, "is not a JSON object"),
+    ({"config": {"expansion": 8}}, "unknown SAEConfig key\\(s\\) 'expansion'"),
+    ({"config": {"site": "resid_middle"}}, "unknown site 'resid_middle'"),
+    ({"config": {"steps": "many"}}, "steps must be an integer >= 1, got 'many'"),
+    ({"tensors": {**GOOD, "W_enc": np.full((3, 6), np.nan, np.float32)}}, "tensor W_enc has 18 non-finite values"),
+    ({"tensors": {**GOOD, "W_enc": GOOD["W_dec"]}}, "tensor W_enc is float32 \\[6, 3\\], expected float32 \\[3, 6\\]"),
+    ({"tensors": {**GOOD, "b_dec": GOOD["b_dec"].astype(np.float64)}}, "tensor b_dec is float64"),
+    ({"tensors": {**GOOD, "W_extra": GOOD["b_dec"]}}, "holds tensors"),
+    ({"extra": "{oops"}, "metadata 'tinygpt_sae_extra' is not valid JSON"),
+])
+def test_a_damaged_sae_file_is_one_clear_error(tmp_path, parts, message):
+    path = write_sae_file(tmp_path / "s.safetensors", **parts)
+    with pytest.raises(SAEError, match=message):
+        saes.load_sae(path)
+
+
+def test_an_sae_is_refused_on_another_model(tmp_path):
+    from probes.harvest import fingerprint
+
+    params, other = random_params(CONFIG), random_params(CONFIG, seed=1)
+    sae = identity_sae(CONFIG.d_model, site="resid_post", layer=0)
+    saes.save_sae(sae, tmp_path / "s.safetensors", extra={"model_fingerprint": fingerprint(params)})
+    saes.load_sae(tmp_path / "s.safetensors", params)  # its own model
+    with pytest.raises(SAEError, match="was made from another model \\(model fingerprint [0-9a-f]{16}; this model's"):
+        saes.load_sae(tmp_path / "s.safetensors", other)
+
+
+def test_saving_is_atomic_and_deterministic(tmp_path, monkeypatch):
+    """The file appears whole or not at all, whatever the safetensors version (the bytes are written by
+    tinygpt.files, not by safetensors' save_file); the same SAE gives the same bytes, keys sorted."""
+    x = np.random.default_rng(0).standard_normal((512, 6)).astype(np.float32)
+    config = SAEConfig(d_in=6, d_sae=12, kind="topk", k=3, batch_size=64, steps=20, warmup_steps=5, site="mlp_out",
+                       layer=1)
+    first, _ = saes.train_sae(x, config, progress=False, log_every=10)
+    second, _ = saes.train_sae(x, config, progress=False, log_every=10)
+    extra = {"model": "m", "harvest": "h", "model_fingerprint": "0123456789abcdef"}
+    saes.save_sae(first, tmp_path / "a.safetensors", extra=extra)
+    saes.save_sae(second, tmp_path / "b.safetensors", extra=dict(reversed(extra.items())))
+    data = (tmp_path / "a.safetensors").read_bytes()
+    assert data == (tmp_path / "b.safetensors").read_bytes()
+    header = json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+
+    import os
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        saes.save_sae(identity_sae(6), tmp_path / "a.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == data  # the old file, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # no temporary left
 
 
 # ---------------------------------------------------------------------------------- recovery in superposition

@@ -5,6 +5,7 @@ on the embedded model, trained on training plays, it beats the logit lens at eve
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,73 @@ def test_tuned_lens_beats_the_logit_lens_on_the_embedded_models_held_out_plays()
     result = tl.evaluate_lenses(model.params, model.config, trained.translators, held_out_stream, seq=64, batch=8,
                                 max_windows=32)
     assert np.all(result.kl_tuned < result.kl_logit), (result.kl_tuned, result.kl_logit)
+
+
+# ------------------------------------------------------------------------------------- files: safe, checked
+
+
+def write_lens_file(path, A=None, b=None, **metadata):
+    """A lens file as tinygpt writes it, with parts replaced."""
+    from tinygpt.files import save_safetensors
+
+    L, d = CFG.n_layer, CFG.d_model
+    tensors = {"A": np.zeros((L, d, d), np.float32) if A is None else A,
+               "b": np.zeros((L, d), np.float32) if b is None else b}
+    fields = {"format": tl.FORMAT, "site": tl.SITE, "config": json.dumps(tl.config_dict(CFG)), "info": "{}",
+              **metadata}
+    save_safetensors(path, tensors, fields)
+    return path
+
+
+L_, D_ = CFG.n_layer, CFG.d_model
+
+
+@pytest.mark.parametrize("parts, message", [
+    ({"A": np.zeros((1, D_, D_), np.float32), "b": np.zeros((1, D_), np.float32)},
+     f"tensor A is float32 \\[1, {D_}, {D_}\\], expected float32 \\[{L_}, {D_}, {D_}\\]"),
+    ({"A": np.zeros((L_, D_, 1), np.float32)}, f"tensor A is float32 \\[{L_}, {D_}, 1\\]"),
+    ({"A": np.full((L_, D_, D_), np.nan, np.float32)}, "tensor A has .* non-finite values"),
+    ({"b": np.zeros((L_, D_), np.float16)}, "tensor b is float16"),
+    ({"config": "{n_layer"}, "metadata 'config' is not valid JSON"),
+    ({"info": "]"}, "metadata 'info' is not valid JSON"),
+    ({"site": "resid_middle"}, "reads the unknown site 'resid_middle'"),
+    ({"format": "other"}, "is not a tuned lens written by tinygpt"),
+])
+def test_a_damaged_lens_file_is_one_clear_error(tmp_path, parts, message):
+    path = write_lens_file(tmp_path / "lens.safetensors", **parts)
+    with pytest.raises(tl.TunedLensError, match=message):
+        tl.load_translators(path, CFG)
+
+
+def test_a_lens_is_refused_on_another_model_of_the_same_shape(tmp_path):
+    params, other = random_params(1), random_params(2)
+    path = tmp_path / "lens.safetensors"
+    tl.save_translators(path, tl.init_translators(CFG), CFG, params=params, steps=0)
+    tl.load_translators(path, CFG, params)
+    with pytest.raises(tl.TunedLensError, match="was made from another model"):
+        tl.load_translators(path, CFG, other)
+
+
+def test_identical_training_runs_write_identical_files_atomically(tmp_path):
+    params = random_params(3)
+    for name in ("a", "b"):
+        trained = tl.train_tuned_lens(params, CFG, stream(4, 400), steps=3, batch=BATCH, seq=SEQ, lr=3e-3)
+        tl.save_translators(tmp_path / f"{name}.safetensors", trained.translators, CFG, params=params, steps=3,
+                            seq=SEQ, batch=BATCH)
+    data = (tmp_path / "a.safetensors").read_bytes()
+    assert data == (tmp_path / "b.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_training_arguments_are_named():
+    from tinygpt.cli.geometry import cli_message
+    from tinygpt.cli.reading import TUNED_LENS_FLAGS
+
+    with pytest.raises(tl.TunedLensError, match="^steps must be at least 1, got 0$") as e:
+        tl.train_tuned_lens(random_params(0), CFG, stream(0, 100), steps=0, seq=SEQ)
+    assert cli_message(e.value, TUNED_LENS_FLAGS) == "--steps must be at least 1, got 0"
+    with pytest.raises(tl.TunedLensError, match="^lr must be a finite number > 0, got nan$"):
+        tl.train_tuned_lens(random_params(0), CFG, stream(0, 100), lr=float("nan"), seq=SEQ)
+    with pytest.raises(tl.TunedLensError) as e:
+        tl.train_tuned_lens(random_params(0), CFG, stream(0, 100), seq=1)
+    assert cli_message(e.value, TUNED_LENS_FLAGS).startswith("--seq (the window length) 1 must be between 2")

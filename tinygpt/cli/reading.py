@@ -270,11 +270,9 @@ def stream_of(model, args, split: str) -> np.ndarray:
     if model.tokenizer is None:
         raise CLIError(f"model {model.source!r} has no tokenizer: use --stream IDS")
     if args.text is not None:
-        try:
-            with open(args.text, encoding="utf-8") as f:
-                texts = [f.read()]
-        except OSError as e:
-            raise CLIError(f"cannot read --text {args.text}: {e.strerror}") from None
+        from probes.harvest import read_text
+
+        texts = [read_text(args.text, "--text", error=CLIError)]
     else:
         texts = corpus_texts(split)
     return token_stream(model.tokenizer, texts, args.max_chars)
