@@ -1,22 +1,43 @@
-"""tinygpt: a minimal GPT-2 in JAX whose every intermediate can be read and edited."""
+"""tinygpt: a minimal GPT-2 in JAX whose every intermediate can be read and edited.
 
-from .api import Model, load
-from .config import Config
-from .errors import ConfigError, InputError, SiteError, TinyGPTError
-from .generation import Generation, generate
-from .inputs import checked
-from .model import forward, make_forward
-from .params import init_params
-from .sites import SITE_NAMES, SITES
-from .trace import Trace
+The names below are imported on first use (PEP 562), so `import tinygpt` and the `tinygpt` command's start-up
+do not import jax until something needs it: the command installs its Ctrl-C handling first (see
+`tinygpt.cli.main`), and a Ctrl-C during jax's import is then never lost."""
 
-__all__ = ["Config", "ConfigError", "Model", "load", "forward", "make_forward", "Trace", "SITES",
-           "SITE_NAMES", "SiteError", "InputError", "TinyGPTError", "checked", "init_params", "generate", "Generation", "Tokenizer"]
+from __future__ import annotations
+
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Model": "api", "load": "api",
+    "Config": "config",
+    "TinyGPTError": "errors", "InputError": "errors", "ConfigError": "errors", "SiteError": "errors",
+    "Generation": "generation", "generate": "generation",
+    "checked": "inputs",
+    "forward": "model", "make_forward": "model",
+    "init_params": "params",
+    "SITE_NAMES": "sites", "SITES": "sites",
+    "Tokenizer": "tokenizer",
+    "Trace": "trace",
+}
+
+__all__ = list(_EXPORTS)
 
 
-def __getattr__(name):  # modules written beside the engine, imported on first use
-    if name == "Tokenizer":
-        from .tokenizer import Tokenizer
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:  # a submodule: tinygpt.sites, tinygpt.sweep, ...
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'tinygpt' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
 
-        return Tokenizer
-    raise AttributeError(f"module 'tinygpt' has no attribute {name!r}")
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -145,6 +145,16 @@ def remove_stale_temporaries(directory) -> None:
             entry.unlink()
 
 
+def remove_own_temporaries(path) -> None:
+    """Delete temporary files that an earlier writer of `path` (killed before it could clean up) left beside
+    it; only this file's (`.NAME.tinygpt-tmp.*`), never another writer's. Call holding path's writer lock."""
+    path = Path(path)
+    prefix = f".{path.name}{TEMP_MARK}."
+    for entry in (path.parent if str(path.parent) else Path(".")).iterdir():
+        if entry.name.startswith(prefix):
+            entry.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------------------------------ locking
 
 

@@ -23,7 +23,7 @@ from jax.experimental import io_callback
 
 from .config import Config
 from .errors import InputError
-from .inputs import check_float, check_int, check_seed
+from .arguments import check_float, check_int, check_seed
 from .model import (
     _at_top_level,
     block_attend_mlp,

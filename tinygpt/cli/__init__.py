@@ -12,9 +12,10 @@ import os
 import signal
 import sys
 
+from tinygpt import interrupts
 from tinygpt.errors import TinyGPTError
 
-from .common import CLIError, Parser, fail  # noqa: F401  (CLIError: re-exported)
+from .common import CLIError, InterruptLatch, Parser, fail  # noqa: F401  (CLIError: re-exported)
 
 # Modules of subcommands, in the order `--help` lists them. A module that is missing is skipped.
 COMMAND_MODULES = ["core", "causal", "reading", "geometry"]
@@ -53,9 +54,15 @@ def main(argv=None) -> int:
     (Ctrl-C), 143 terminated (SIGTERM). Errors that are tinygpt's own bugs still show their traceback."""
     as_script = argv is None
     if as_script:
+        # First, before jax is imported (`import tinygpt` is lazy): a Ctrl-C is remembered as well as raised,
+        # because one that lands in a garbage-collector callback during jax's import is printed and dropped.
+        # Commands check the latch between steps and before writing, so such a Ctrl-C still stops them.
+        interrupts.install()  # again, for callers of main() that did not come through tinygpt.__main__
         signal.signal(signal.SIGTERM, _terminate)
     try:
         code = _run(build_parser(), argv)
+        if as_script and InterruptLatch.received:  # the KeyboardInterrupt was swallowed, the command ran on
+            code = _interrupted("interrupted", 130)
     except KeyboardInterrupt:
         code = _interrupted("interrupted", 130)
     except Terminated:

@@ -11,7 +11,8 @@ import numpy as np
 
 from tinygpt.errors import InputError, OutputError, TinyGPTError, require
 from tinygpt.files import check_output_file
-from tinygpt.inputs import SEED_RANGE, check_float, check_int
+from tinygpt.interrupts import InterruptLatch  # noqa: F401  (re-exported for the commands)
+from tinygpt.arguments import SEED_RANGE, check_float, check_int
 
 
 class CLIError(TinyGPTError):
@@ -31,6 +32,36 @@ class Parser(argparse.ArgumentParser):
         command = self.prog.removeprefix("tinygpt").strip()
         fail(f"{command}: {message}" if command else message)
         self.exit(2)
+
+
+# ---------------------------------------------------------------------------------- errors and interrupts
+
+
+def cli_message(error, flags: dict[str, str] | None = None) -> str:
+    """An error's message in the command's terms: a probe's error about an API argument
+    (`probes.harvest.argument_error`) names the command's flag for it instead, when `flags` maps the argument
+    ({"steps": "--steps"}); any other error, its own message."""
+    argument = getattr(error, "argument", None)
+    if flags and argument in flags and hasattr(error, "template"):
+        return error.template.format(argument=flags[argument], **error.values)
+    return str(error)
+
+
+def probe_errors(fn=None, *, flags: dict[str, str] | None = None):
+    """Turn tinygpt's errors (bad input, damaged artifacts, a missing corpus package, a locked output) into
+    one-line CLI errors, naming the command's flags (`cli_message`)."""
+    if fn is None:
+        return lambda fn: probe_errors(fn, flags=flags)
+
+    def wrapped(args):
+        try:
+            return fn(args)
+        except CLIError:
+            raise
+        except TinyGPTError as e:
+            raise CLIError(cli_message(e, flags)) from None
+
+    return wrapped
 
 
 # -------------------------------------------------------------------------------------------- option types

@@ -15,11 +15,12 @@ import numpy as np
 from tinygpt.files import save_figure
 
 from .common import (
-    add_plot_arg,
     CLIError,
+    InterruptLatch,
     Number,
     add_json_arg,
     add_model_args,
+    add_plot_arg,
     count,
     load_model,
     natural,
@@ -27,6 +28,7 @@ from .common import (
     pieces,
     positive,
     print_json,
+    probe_errors,
     seed,
     table,
 )
@@ -64,94 +66,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def cli_message(error, flags: dict[str, str] | None = None) -> str:
-    """An error's message in the command's terms: a probe's error about an API argument
-    (`probes.harvest.argument_error`) names the command's flag for it instead, when `flags` maps the argument
-    ({"steps": "--steps"}); any other error, its own message."""
-    argument = getattr(error, "argument", None)
-    if flags and argument in flags and hasattr(error, "template"):
-        return error.template.format(argument=flags[argument], **error.values)
-    return str(error)
-
-
-def probe_errors(fn=None, *, flags: dict[str, str] | None = None):
-    """Turn tinygpt's errors (bad input, damaged artifacts, a missing corpus package, a locked output) into
-    one-line CLI errors, naming the command's flags (`cli_message`)."""
-    if fn is None:
-        return lambda fn: probe_errors(fn, flags=flags)
-
-    def wrapped(args):
-        from tinygpt.errors import TinyGPTError
-
-        try:
-            return fn(args)
-        except CLIError:
-            raise
-        except TinyGPTError as e:
-            raise CLIError(cli_message(e, flags)) from None
-
-    return wrapped
-
-
-class InterruptLatch:
-    """Remembers a Ctrl-C (SIGINT) while a command prepares a file, so that it is never written after one.
-
-    Ctrl-C raises KeyboardInterrupt as usual; the latch also records it, because a KeyboardInterrupt can be
-    lost: Python runs the signal handler at the next line of Python code, and when that line belongs to a
-    garbage-collector callback (JAX registers one, jax._src.lib._xla_gc_callback) the exception is printed as
-    "Exception ignored in ..." and dropped, and the command ran on and replaced its --out. `check()` raises
-    KeyboardInterrupt if a Ctrl-C was ever received: call it before writing and between steps."""
-
-    def __init__(self):
-        self.interrupted = False
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        import signal
-
-        if self._previous == signal.SIG_IGN:
-            return
-        self.interrupted = True
-        if callable(self._previous):
-            self._previous(signum, frame)  # signal.default_int_handler raises KeyboardInterrupt
-        else:
-            raise KeyboardInterrupt
-
-    def check(self, *_) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-        return False
-
-
-def remove_own_temporaries(path) -> None:
-    """Delete temporary files that an earlier writer of `path` (killed before it could clean up) left beside
-    it; only this file's (`.NAME.tinygpt-tmp.*`), never another writer's. Call holding path's writer lock."""
-    from pathlib import Path
-
-    from tinygpt.files import TEMP_MARK
-
-    path = Path(path)
-    prefix = f".{path.name}{TEMP_MARK}."
-    for entry in (path.parent if str(path.parent) else Path(".")).iterdir():
-        if entry.name.startswith(prefix):
-            entry.unlink(missing_ok=True)
 
 
 def corpus_windows(model, args) -> tuple[np.ndarray, str]:
@@ -275,7 +189,7 @@ def cmd_sae_train(args) -> None:
     """Holds --out's writer lock throughout; writes --out only after the whole training ran uninterrupted."""
     from probes import sae as saes
     from probes.harvest import check_not_written, load_harvest
-    from tinygpt.files import check_output_file, writer_lock
+    from tinygpt.files import check_output_file, remove_own_temporaries, writer_lock
 
     out = check_output_file(args.out, "--out")
     check_not_written(out, args.harvest, "out")

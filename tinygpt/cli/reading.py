@@ -11,6 +11,9 @@ import numpy as np
 from tinygpt import files
 
 from .common import (
+    InterruptLatch,
+    cli_message,
+    probe_errors,
     add_plot_arg,
     CLIError,
     add_json_arg,
@@ -33,7 +36,6 @@ from .common import (
     table,
     token_arg,
 )
-from .geometry import InterruptLatch, cli_message, probe_errors, remove_own_temporaries
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
 
@@ -309,7 +311,7 @@ def cmd_tuned_lens_train(args) -> None:
     import time
 
     from probes.tuned_lens import save_translators, train_tuned_lens
-    from tinygpt.files import check_output_file, writer_lock
+    from tinygpt.files import check_output_file, remove_own_temporaries, writer_lock
 
     out = check_output_file(args.out, "--out")
     with writer_lock(out, "--out"), InterruptLatch() as latch:
