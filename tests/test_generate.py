@@ -28,8 +28,10 @@ def test_cached_logits_equal_full_forward_at_every_step(model):
     prompt = np.random.default_rng(0).integers(0, config.vocab_size, (2, 5))
     out = generate(params, config, prompt, 12, temperature=0.8, seed=1, return_logits=True)
     full = full_logits(params, config, out.sequences)
-    # the logits that chose new token i are the full forward's logits at position prompt_len - 1 + i
-    np.testing.assert_allclose(out.logits, full[:, 4:-1], atol=1e-5, rtol=0)
+    # the logits that chose new token i are the full forward's logits at position prompt_len - 1 + i; the
+    # cached steps' one-token kernels and the full forward's round differently: 1.8e-5 on this peaked model
+    # (weights x6) with jax 0.10, whose float32 forward is itself ~3e-5 from a float64 evaluation
+    np.testing.assert_allclose(out.logits, full[:, 4:-1], atol=5e-5, rtol=0)
 
 
 def test_greedy_equals_argmax_of_repeated_full_forwards(model):
@@ -113,7 +115,8 @@ def test_traces_of_prompt_and_steps_are_readable(model):
     keep = ("resid_post", "mlp_post", "attn_pattern", "embed")
     out = generate(params, config, prompt, 6, temperature=0, keep=keep)
     full = tinygpt.forward(params, out.sequences, config, keep=keep)
-    np.testing.assert_allclose(out.prompt_trace.resid_post, full.resid_post[:, :, :5], atol=1e-5)
+    # the prompt's 5 positions and the full forward's 11 take differently shaped kernels: up to 2.8e-5 here
+    np.testing.assert_allclose(out.prompt_trace.resid_post, full.resid_post[:, :, :5], atol=5e-5)
     # step i feeds generated token i (position 5 + i); its trace is [step, layer, batch, 1, ...]. The decode
     # step's single-token kernels round differently from the full forward's: up to 2e-5 on this peaked model
     # (weights x6), whose float32 forward is itself 3e-5 from a float64 evaluation.
