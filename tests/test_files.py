@@ -155,3 +155,12 @@ def test_reads_refuse_what_is_not_a_regular_file_within_the_cap(tmp_path):
             read_json(path, "config.json", error=WeightsError)
     with pytest.raises(WeightsError, match="2,000 bytes, more than the 1,000 allowed"):
         read_json(big, "config.json", max_bytes=1000, error=WeightsError)
+
+
+def test_a_users_file_named_like_the_lock_is_never_touched(tmp_path):
+    user = tmp_path / "out.safetensors.lock"
+    user.write_text("my notes")
+    with pytest.raises(OutputError, match="not a tinygpt lock file"):
+        with writer_lock(tmp_path / "out.safetensors"):
+            pass
+    assert user.read_text() == "my notes"

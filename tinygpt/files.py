@@ -170,6 +170,17 @@ def _holder(lock_path: Path) -> str:
     return "another process"
 
 
+def _is_lock_file(fd: int) -> bool:
+    """Empty (just created, or left by a holder killed before it wrote) or a holder's JSON record."""
+    data = os.pread(fd, 4096, 0)
+    if not data.strip():
+        return True
+    try:
+        return {"pid", "host", "since", "command"} <= set(json.loads(data))
+    except (ValueError, TypeError):
+        return False
+
+
 @contextlib.contextmanager
 def writer_lock(target, flag: str = "--out"):
     """Hold an exclusive lock on `target` (a file or directory to be written) for the duration of the block.
@@ -195,6 +206,10 @@ def writer_lock(target, flag: str = "--out"):
                 raise
             raise LockedError(f"{flag} {str(target)!r} is being written by another tinygpt "
                               f"({_holder(lock_path)}); wait for it to finish or choose another {flag}") from None
+        if not _is_lock_file(fd):  # a file of the user's that happens to be called TARGET.lock: leave it
+            os.close(fd)
+            raise OutputError(f"{flag} {str(target)!r}: {str(lock_path)!r} exists and is not a tinygpt lock file; "
+                              "move it away")
         # The holder before us may have removed the file between our open and our flock: then we hold a
         # lock on a deleted inode, which protects nothing. Retry until the path is the inode we locked.
         try:
