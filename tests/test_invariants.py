@@ -1,8 +1,10 @@
 """Property-based invariants of the forward pass, over random weights and tokens of a few tiny configs.
 
 JAX compiles once per (config, keep, input shapes), so the config space is three fixed cases, each with its
-own sequence length; hypothesis draws weights (through a seed), tokens, positions, permutations and pad ids.
-Jitted forwards are cached at module level by (config, keep) (`make_forward` caches per input shape).
+own sequence length; hypothesis draws weights (through a seed), tokens, positions, permutations, padding
+masks and pad ids. Jitted forwards are cached at module level by (config, keep, edits) (`make_forward` caches
+per input shape), so the core invariants (`@core_invariant`: 200 examples each under the ci profile, see
+tests/conftest.py) cost a few compiles and then milliseconds per example.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 import tinygpt
 from tinygpt.params import cast, check_params
 from tinygpt.sites import SITE_NAMES, SITES
+from conftest import core_invariant
 from random_weights import random_params as _random_params  # noqa: E402
 
 BATCH = 2
@@ -51,6 +54,18 @@ for _c in CASES:
 cases = st.sampled_from(CASES)
 seeds = st.integers(0, 2**32 - 1)
 
+
+@st.composite
+def case_and_mask(draw, cases=cases):
+    """(case, mask): a left-padding mask [BATCH, case.seq] (each row 0 .. seq-1 pad positions; shrinks to
+    no padding) or None, half the time each."""
+    case = draw(cases)
+    if not draw(st.booleans(), label="masked"):
+        return case, None
+    pads = draw(st.lists(st.integers(0, case.seq - 1), min_size=BATCH, max_size=BATCH), label="pads")
+    return case, (np.arange(case.seq)[None, :] >= np.asarray(pads)[:, None]).astype(np.int32)
+
+
 HEAD_SITES = ("q", "k", "v", "z", "head_out", "attn_scores", "attn_pattern")
 ATTN_SITES = ("attn_scores", "attn_pattern")
 
@@ -59,11 +74,16 @@ ATTN_SITES = ("attn_scores", "attn_pattern")
 _FORWARDS: dict = {}
 
 
-def fwd(config, keep=None):
-    """The jitted forward for (config, keep), compiled once per input shape for the whole module."""
-    key = (config, keep)
+def identity(value, layer):
+    return value
+
+
+def fwd(config, keep=None, edited=()):
+    """The jitted forward for (config, keep) with an identity edit at each site in `edited`, compiled once
+    per input shape for the whole module."""
+    key = (config, keep, edited)
     if key not in _FORWARDS:
-        _FORWARDS[key] = tinygpt.make_forward(config, keep=keep)
+        _FORWARDS[key] = tinygpt.make_forward(config, keep=keep, edits={name: identity for name in edited} or None)
     return _FORWARDS[key]
 
 
@@ -111,17 +131,10 @@ def assert_bitwise(actual, expected, what=""):
         raise AssertionError(f"{what}: not bitwise identical (max |diff| {diff:.3g})")
 
 
-def left_pad_mask(rng, seq):
-    """A [BATCH, seq] left-padding mask: row 0 unpadded, the other rows with 0..seq-1 pad positions."""
-    mask = np.ones((BATCH, seq), np.int32)
-    for row in range(1, BATCH):
-        mask[row, : rng.integers(0, seq)] = 0
-    return mask
-
-
 # --------------------------------------------------------------------------------------------- causality
 
 
+@core_invariant
 @given(case=cases, seed=seeds, data=st.data())
 def test_causality_future_tokens_do_not_change_the_past(case, seed, data):
     cfg, S = case.config, case.seq
@@ -147,10 +160,12 @@ def test_causality_future_tokens_do_not_change_the_past(case, seed, data):
 # ------------------------------------------------------------------------------- residual decomposition
 
 
-@given(case=cases, seed=seeds)
-def test_residual_stream_decomposes_into_component_writes(case, seed):
+@core_invariant
+@given(case_mask=case_and_mask(), seed=seeds)
+def test_residual_stream_decomposes_into_component_writes(case_mask, seed):
+    case, mask = case_mask
     cfg = case.config
-    tr = fwd(cfg)(random_params(cfg, seed), random_tokens(cfg, seed, (BATCH, case.seq)))
+    tr = fwd(cfg)(random_params(cfg, seed), random_tokens(cfg, seed, (BATCH, case.seq)), mask)
     total = np64(tr.embed) + np64(tr.pos_embed)
     assert_close(tr.resid_pre[0], total, what="resid_pre[0] = embed + pos_embed")
     for layer in range(cfg.n_layer):
@@ -164,11 +179,13 @@ def test_residual_stream_decomposes_into_component_writes(case, seed):
     assert_close(tr.resid_post[-1], total, what="resid_post[-1] = embed + pos_embed + sum(attn_out + mlp_out)")
 
 
-@given(case=cases, seed=seeds)
-def test_attn_out_is_the_sum_of_head_writes(case, seed):
+@core_invariant
+@given(case_mask=case_and_mask(), seed=seeds)
+def test_attn_out_is_the_sum_of_head_writes(case_mask, seed):
+    case, mask = case_mask
     cfg = case.config
     params = random_params(cfg, seed)
-    tr = fwd(cfg)(params, random_tokens(cfg, seed, (BATCH, case.seq)))
+    tr = fwd(cfg)(params, random_tokens(cfg, seed, (BATCH, case.seq)), mask)
     blocks = params["blocks"]
     for layer in range(cfg.n_layer):
         head_out = np.einsum("bshd,hdm->bshm", np64(tr.z[layer]), np64(blocks["W_O"][layer]))
@@ -198,13 +215,15 @@ def check_patterns(pattern, scores, mask=None):
         assert (scores[sel] == -np.inf).all(), "a padding key's score is not -inf for a real query"
 
 
-@given(case=cases, seed=seeds)
-def test_attention_pattern_is_causal_and_normalized(case, seed):
+@core_invariant
+@given(case_mask=case_and_mask(), seed=seeds)
+def test_attention_pattern_is_causal_and_normalized(case_mask, seed):
+    case, mask = case_mask
     cfg = case.config
-    tr = fwd(cfg)(random_params(cfg, seed), random_tokens(cfg, seed, (BATCH, case.seq)))
-    check_patterns(tr.attn_pattern, tr.attn_scores)
-    # sanity: the random weights give non-uniform attention (the properties below are not trivially met)
-    assert np.asarray(tr.attn_pattern)[..., -1, :].max() > 1.5 / case.seq
+    tr = fwd(cfg)(random_params(cfg, seed), random_tokens(cfg, seed, (BATCH, case.seq)), mask)
+    check_patterns(tr.attn_pattern, tr.attn_scores, mask)
+    if mask is None:  # sanity: the random weights give non-uniform attention (the properties are not trivially met)
+        assert np.asarray(tr.attn_pattern)[..., -1, :].max() > 1.5 / case.seq
 
 
 # ------------------------------------------------------------------------------------ padding invariance
@@ -221,6 +240,7 @@ def real_part(value, name, row, n_pad):
     return value
 
 
+@core_invariant
 @given(case=cases, seed=seeds, data=st.data())
 def test_left_padding_matches_unpadded_single_runs(case, seed, data):
     cfg, S, n = case.config, case.seq, case.short
@@ -285,12 +305,13 @@ def test_consistent_head_permutation_only_permutes_heads(case, seed, data):
 EAGER_CASE = CASES[1]
 
 
-@given(seed=seeds, masked=st.booleans())
-def test_jit_equals_no_jit(seed, masked):
+@core_invariant
+@given(case_mask=case_and_mask(st.just(EAGER_CASE)), seed=seeds)
+def test_jit_equals_no_jit(case_mask, seed):
+    _, mask = case_mask
     cfg = EAGER_CASE.config
     params = random_params(cfg, seed)
     tokens = random_tokens(cfg, seed, (BATCH, EAGER_CASE.seq))
-    mask = left_pad_mask(np.random.default_rng(seed), EAGER_CASE.seq) if masked else None
     jitted = fwd(cfg)(params, tokens, mask)
     with jax.disable_jit():
         eager = tinygpt.forward(params, tokens, cfg, attention_mask=mask)
@@ -423,11 +444,20 @@ def test_identity_edit_changes_nothing(site, keep):
                      what=f"{name} with a fresh-but-equal edit at {site!r}")
 
 
-def test_identity_edits_at_every_site_under_jit_are_bitwise():
-    cfg = IDENTITY_CASE.config
-    params, tokens = _identity_inputs()
-    every = tinygpt.make_forward(cfg, edits={n: (lambda v, layer: v) for n in SITE_NAMES})(params, tokens)
-    base = fwd(cfg)(params, tokens)
-    assert every.kept() == base.kept() == SITE_NAMES
-    for name in SITE_NAMES:
-        assert_bitwise(every[name], base[name], what=name)
+@pytest.mark.parametrize("keep", [None, RESTRICTED_KEEP], ids=["keep_all", "keep_restricted"])
+@core_invariant
+@given(case_mask=case_and_mask(), seed=seeds)
+def test_identity_edits_at_every_site_under_jit_are_bitwise(keep, case_mask, seed):
+    """Identity edits at every site at once (the per-site edits are tested op by op above): every kept value
+    bitwise equal to the unedited forward's, for any weights, tokens and padding. The edits make the forward
+    take its reference attention and per-head outputs where the unedited one with restricted `keep` takes the
+    fused paths. (Both forwards always get a mask, all ones for no padding: one compile per case.)"""
+    case, mask = case_mask
+    cfg = case.config
+    params, tokens = random_params(cfg, seed), random_tokens(cfg, seed, (BATCH, case.seq))
+    mask = np.ones((BATCH, case.seq), np.int32) if mask is None else mask
+    every = fwd(cfg, keep, SITE_NAMES)(params, tokens, mask)
+    base = fwd(cfg, keep)(params, tokens, mask)
+    assert every.kept() == base.kept() == (SITE_NAMES if keep is None else keep)
+    for name in base.kept():
+        assert_bitwise(every[name], base[name], what=f"{name}, identity edits at every site, keep={keep}")

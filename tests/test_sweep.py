@@ -3,7 +3,8 @@
 One config (3 layers so a run can start before, at and after a middle layer) and one token shape; random
 weights with O(1) activations drawn by hypothesis through a seed. Each sweep is jitted once with the weights
 and tokens as arguments; the naive single run (`patched_forward`) is jitted once with the layer, unit and
-position as traced arguments.
+position as traced arguments. The core invariant (`test_sweep_entries_equal_single_runs`, 200 examples under
+the ci profile) reuses those compiled programs and checks drawn entries of drawn sweeps.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 import tinygpt
 from tinygpt import sweep
 from tinygpt.params import param_shapes
+from tinygpt.sites import SITES
+from conftest import core_invariant
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=16, vocab_size=61)
 BATCH, SEQ = 2, 9
@@ -67,9 +70,11 @@ def naive_unit(params, tokens, mask, source, layer, unit, *, site, axis):
 # ------------------------------------------------------------------------------------------- unit sweeps
 
 
-@pytest.mark.parametrize("site, axis, chunk_size, z", [("z", "head", None, False), ("z", "head", None, True),
-                                                       ("mlp_post", "d_mlp", 16, True), ("q", "head", None, False),
-                                                       ("k", "head", None, False)])
+UNIT_SWEEPS = [("z", "head", None, False), ("z", "head", None, True), ("mlp_post", "d_mlp", 16, True),
+               ("q", "head", None, False), ("k", "head", None, False)]  # (site, axis, chunk_size, z)
+
+
+@pytest.mark.parametrize("site, axis, chunk_size, z", UNIT_SWEEPS)
 @settings(max_examples=5)
 @given(seed=seeds)
 def test_unit_sweep_equals_naive_loop(site, axis, chunk_size, z, seed):
@@ -145,14 +150,20 @@ def naive_position(params, clean, corrupt, noise, kind, layer, position):
     return answer_log_prob(logits)
 
 
-@settings(max_examples=5)
-@given(seed=seeds)
-def test_position_sweep_equals_naive_loop(seed):
+def position_inputs(seed):
+    """(params, clean, corrupt, noise): corrupted tokens and noise on their embeddings from FIRST_CHANGED on."""
     params, clean = random_params(seed), random_tokens(seed)
     corrupt = clean.copy()
     corrupt[:, FIRST_CHANGED:] = random_tokens(seed + 1)[:, FIRST_CHANGED:]
     noise = np.zeros((BATCH, SEQ, CFG.d_model), np.float32)
     noise[:, FIRST_CHANGED:] = np.random.default_rng(seed).standard_normal((BATCH, SEQ - FIRST_CHANGED, CFG.d_model))
+    return params, clean, corrupt, noise
+
+
+@settings(max_examples=5)
+@given(seed=seeds)
+def test_position_sweep_equals_naive_loop(seed):
+    params, clean, corrupt, noise = position_inputs(seed)
     values, late_values, all_from_z, base = position_sweep_jit(params, clean, corrupt, noise)
     assert values.shape == (len(KINDS), CFG.n_layer, SEQ, BATCH)
     expected = np.asarray([[[naive_position(params, clean, corrupt, noise, k, layer, p) for p in range(SEQ)]
@@ -163,6 +174,47 @@ def test_position_sweep_equals_naive_loop(seed):
     # before the first change, restoring is a no-op: the base run's score
     np.testing.assert_allclose(values[:, :, :FIRST_CHANGED], np.broadcast_to(base, values[:, :, :FIRST_CHANGED].shape),
                                atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- the core invariant
+
+SIZES = {"seq": SEQ, "head": CFG.n_head, "d_head": CFG.d_head, "d_mlp": CFG.d_mlp, "d_model": CFG.d_model}
+
+
+@core_invariant
+@given(seed=seeds, kind=st.sampled_from(UNIT_SWEEPS + ["positions"]),
+       pads=st.lists(st.integers(0, SEQ - 1), min_size=BATCH, max_size=BATCH),
+       entries=st.lists(st.tuples(st.integers(0, len(KINDS) - 1), st.integers(0, CFG.n_layer - 1),
+                                  st.integers(0, CFG.d_mlp - 1)), min_size=1, max_size=3))
+def test_sweep_entries_equal_single_runs(seed, kind, pads, entries):
+    """Drawn entries (kind, layer, unit or position) of a drawn sweep equal the single patched run. Unit sweeps:
+    any left padding of the rows (`pads` per row), any replacement values; position sweeps: the restorations of
+    `test_position_sweep_equals_naive_loop`. Only that test's and the unit test's compiled programs are used
+    (same static arguments and shapes), so the examples cost milliseconds."""
+    if kind == "positions":
+        params, clean, corrupt, noise = position_inputs(seed)
+        values = position_sweep_jit(params, clean, corrupt, noise)[0]  # [kind, layer, position, batch]
+        for k, layer, position in entries:
+            position %= SEQ
+            np.testing.assert_allclose(values[k, layer, position],
+                                       naive_position(params, clean, corrupt, noise, k, layer, position),
+                                       atol=TOL, rtol=0, err_msg=f"{KINDS[k]} restored at layer {layer}, {position}")
+        return
+    site, axis, chunk_size, z = kind
+    params, tokens = random_params(seed), random_tokens(seed)
+    mask = (np.arange(SEQ)[None, :] >= np.asarray(pads)[:, None]).astype(np.int32)
+    if site == "z":  # zero ablation, as in the unit test
+        source = jnp.zeros((CFG.n_layer, 1, 1, 1, 1))
+    else:
+        shape = (CFG.n_layer, *(BATCH if d == "batch" else SIZES[d] for d in SITES[site].shape))
+        source = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(shape), jnp.float32)
+    values = sweep_units_jit(params, tokens, mask, source, site=site, axis=axis, chunk_size=chunk_size, z=z)
+    size = sweep.axis_size(site, axis, CFG, SEQ)
+    for _, layer, unit in entries:
+        unit %= size
+        np.testing.assert_allclose(values[layer, unit],
+                                   naive_unit(params, tokens, mask, source, layer, unit, site=site, axis=axis),
+                                   atol=TOL, rtol=0, err_msg=f"{site} {axis} unit {unit} at layer {layer}")
 
 
 # ------------------------------------------------------------------------------------------------- parts

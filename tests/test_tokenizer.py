@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinygpt.errors import WeightsError
+from conftest import core_invariant
 from tinygpt.tokenizer import (
     ENDOFTEXT,
     WHITESPACE,
@@ -302,13 +303,31 @@ def test_large_text_is_fast_and_matches_oracle(tok, oracle):
 # --------------------------------------------------------------------------
 
 
-@HYPOTHESIS
-@given(text=st.text() | _BIASED_TEXT)
-def test_decode_encode_round_trip(tok, text):
+def check_round_trip(tok, text):
     ids = tok.encode(text)
     assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
     assert tok.decode(ids) == text
     assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+@core_invariant
+@given(text=st.text() | _BIASED_TEXT)
+def test_decode_encode_round_trip(tok, text):
+    check_round_trip(tok, text)
+
+
+@pytest.fixture(scope="module")
+def embedded_tok() -> Tokenizer:
+    """The embedded model's own 2048-token vocabulary (always present, unlike GPT-2's files)."""
+    from weights import EMBEDDED_DIR
+
+    return Tokenizer.from_dir(EMBEDDED_DIR)
+
+
+@core_invariant
+@given(text=st.text() | _BIASED_TEXT)
+def test_embedded_tokenizer_round_trip(embedded_tok, text):
+    check_round_trip(embedded_tok, text)
 
 
 def test_pieces(tok):
