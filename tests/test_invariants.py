@@ -429,14 +429,30 @@ def _identity_base(keep):
     return _IDENTITY_BASE[keep]
 
 
+# An edit at these sites makes a forward that keeps neither take the reference attention (scores, softmax,
+# values written out) where the unedited one takes the fused CPU kernel (`causal_attention`). The two sum in
+# different orders: with jax 0.10 on the 2-core CPUs, attn_out differs by up to 1.4e-6 (it was bitwise with
+# the jax of 275866a). Every other identity edit is bitwise, and these are too when the sites are kept.
+KERNEL_SWITCHING = frozenset({"attn_scores", "attn_pattern"})
+
+
+def assert_identity(actual, expected, what, *, switches_kernel):
+    """Bitwise, or float32 rounding where the edit switched the attention kernel (see KERNEL_SWITCHING)."""
+    if switches_kernel:
+        assert_close(actual, expected, rtol=1e-5, atol_frac=1e-5, what=what)
+    else:
+        assert_bitwise(actual, expected, what=what)
+
+
 @pytest.mark.parametrize("keep", [None, RESTRICTED_KEEP], ids=["keep_all", "keep_restricted"])
 @pytest.mark.parametrize("site", SITE_NAMES)
 def test_identity_edit_changes_nothing(site, keep):
     base = _identity_base(keep)
     same = _eager({site: lambda v, layer: v}, keep)
     assert same.kept() == base.kept()
+    switches = keep is not None and site in KERNEL_SWITCHING
     for name in base.kept():
-        assert_bitwise(same[name], base[name], what=f"{name} with an identity edit at {site!r}")
+        assert_identity(same[name], base[name], f"{name} with an identity edit at {site!r}", switches_kernel=switches)
     fresh = (lambda v, layer: v * 1) if keep is None else (lambda v, layer: v + 0)  # a new array, equal
     equal = _eager({site: fresh}, keep)
     for name in base.kept():
@@ -449,9 +465,9 @@ def test_identity_edit_changes_nothing(site, keep):
 @given(case_mask=case_and_mask(), seed=seeds)
 def test_identity_edits_at_every_site_under_jit_are_bitwise(keep, case_mask, seed):
     """Identity edits at every site at once (the per-site edits are tested op by op above): every kept value
-    bitwise equal to the unedited forward's, for any weights, tokens and padding. The edits make the forward
-    take its reference attention and per-head outputs where the unedited one with restricted `keep` takes the
-    fused paths. (Both forwards always get a mask, all ones for no padding: one compile per case.)"""
+    bitwise equal to the unedited forward's, for any weights, tokens and padding. With restricted `keep` the edits
+    make the forward take its reference attention and per-head outputs where the unedited one takes the fused
+    paths: equal to float32 rounding there (KERNEL_SWITCHING). (Both forwards always get a mask, all ones for no padding: one compile per case.)"""
     case, mask = case_mask
     cfg = case.config
     params, tokens = random_params(cfg, seed), random_tokens(cfg, seed, (BATCH, case.seq))
@@ -460,4 +476,5 @@ def test_identity_edits_at_every_site_under_jit_are_bitwise(keep, case_mask, see
     base = fwd(cfg, keep)(params, tokens, mask)
     assert every.kept() == base.kept() == (SITE_NAMES if keep is None else keep)
     for name in base.kept():
-        assert_bitwise(every[name], base[name], what=f"{name}, identity edits at every site, keep={keep}")
+        assert_identity(every[name], base[name], f"{name}, identity edits at every site, keep={keep}",
+                        switches_kernel=keep is not None)
