@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -69,3 +70,13 @@ def tiny_config():
     import tinygpt
 
     return tinygpt.Config(n_layer=2, n_head=2, d_model=16, d_head=8, d_mlp=64, n_ctx=16, vocab_size=50)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module. XLA's CPU backend maps each live executable into
+    memory (code, constants, data: 3 mappings); the whole suite compiles tens of thousands of programs, and
+    one process holding them all passed Linux's vm.max_map_count (65530), where LLVM aborted the run."""
+    yield
+    jax.clear_caches()
+    gc.collect()

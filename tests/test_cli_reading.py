@@ -147,5 +147,5 @@ def test_generate_greedy_with_and_without_prompt_lookup(capsys):
         printed = capsys.readouterr().out.split()
         assert printed == [f"<{i}>" for i in [1, 2, 3, 1, 2, 3, *plain["tokens"]]]
     assert "add --temperature 0" in run_error(capsys, "generate", "--tokens", "1,2", "--prompt-lookup", "4")
-    assert "--prompt-lookup must be" in run_error(capsys, "generate", "--tokens", "1,2", "--temperature", "0",
-                                                  "--prompt-lookup", "-1")
+    assert "--prompt-lookup: must be >= 0" in run_error(capsys, "generate", "--tokens", "1,2", "--temperature", "0",
+                                                        "--prompt-lookup", "-1")
