@@ -54,7 +54,8 @@ from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
 from tinygpt.files import TEMP_MARK, atomic_write, parse_json, read_json, remove_stale_temporaries, write_json, \
     writer_lock
-from tinygpt.model import causal_mask, forward, run_blocks
+from tinygpt.inputs import checks_tokens
+from tinygpt.model import causal_mask, embedding, forward, run_blocks
 from tinygpt.sites import SITES, check_site_names
 
 ACTIVATIONS, TOKENS, SIDECAR = "activations.npy", "tokens.npy", "harvest.json"
@@ -235,7 +236,7 @@ def embed_tokens(params, tokens):
     """The residual stream entering block 0 for unpadded windows: wte[tokens] + wpe[positions].
     tokens [batch, seq] -> [batch, seq, d_model]"""
     positions = jnp.arange(tokens.shape[1])  # [seq]
-    return params["wte"][tokens] + params["wpe"][positions]
+    return embedding(params["wte"], tokens) + params["wpe"][positions]
 
 
 @functools.lru_cache(maxsize=32)
@@ -394,6 +395,7 @@ def default_batch(seq: int, width: int, chunk_bytes: int = 64 << 20) -> int:
     return int(np.clip(chunk_bytes // (seq * width * 4), 1, 64))
 
 
+@checks_tokens("stream")
 def harvest(params, config: Config, stream, site: str, layer: int | None = None, *, seq: int | None = None,
             batch: int | None = None, n_tokens: int | None = None, path: str | os.PathLike | None = None,
             max_bytes: int = 4 << 30, progress: bool = True, source: str = "",

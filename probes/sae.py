@@ -45,6 +45,7 @@ import optax
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
 from tinygpt.files import save_safetensors
+from tinygpt.inputs import checks_tokens
 from tinygpt.model import forward
 from tinygpt.sites import SITES
 
@@ -462,6 +463,7 @@ def _spliced_losses_fn(config: Config, sae_config: SAEConfig, site: str, layer: 
     return run
 
 
+@checks_tokens("windows")
 def loss_recovered(params, config: Config, sae: SAE, windows, *, mean_activation=None, batch: int = 8,
                    site: str | None = None, layer: int | None = None) -> LossRecovered:
     """Cross-entropy on token windows [n, seq] with the SAE's reconstruction spliced in at its site (from the

@@ -35,6 +35,7 @@ from jax import lax
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
 from tinygpt.files import save_safetensors
+from tinygpt.inputs import checks_tokens
 from tinygpt.model import forward
 
 from .harvest import argument_error, check_model, check_tensors, fingerprint, is_integer, metadata_json, \
@@ -153,6 +154,7 @@ class TrainedLens:
     losses: np.ndarray  # [steps] training loss (mean KL over layers, nats) at each step
 
 
+@checks_tokens("stream")
 def train_tuned_lens(params, config: Config, stream, *, steps: int = 300, batch: int = 8, seq: int = 64,
                      lr: float = 1e-3, seed: int = 0, translators=None, progress: bool = False,
                      on_step: Callable[[int], None] | None = None) -> TrainedLens:
@@ -226,6 +228,7 @@ class LensComparison:
                  "ppl_tuned": float(self.ppl_tuned[layer])} for layer in range(len(self.kl_logit))]
 
 
+@checks_tokens("stream")
 def evaluate_lenses(params, config: Config, translators, stream, *, seq: int = 64, batch: int = 8,
                     max_windows: int | None = 64) -> LensComparison:
     """Compare the tuned lens with the logit lens on non-overlapping windows [seq] of a token stream, in
@@ -262,6 +265,7 @@ def _tuned_lens(translators, params, tokens, attention_mask, target, config: Con
     return {**jax.tree.map(lambda x: x[None], out), **final_top(trace.logits, k)}  # a [site] axis of 1
 
 
+@checks_tokens("tokens")
 def tuned_lens(params, config: Config, translators, tokens, *, target=None, k: int = 5,
                attention_mask=None) -> LensSummary:
     """The tuned lens at every layer (block l's resid_pre) and position of tokens [batch, seq], summarised as
