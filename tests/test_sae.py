@@ -119,8 +119,9 @@ def test_config_errors():
 
 def test_config_errors_name_the_argument_and_the_cli_names_its_flag():
     """The API names its argument ("steps must be ..."), not the class; the CLI says "--steps" instead,
-    through one table per command (tinygpt.cli.geometry.cli_message)."""
-    from tinygpt.cli.geometry import SAE_TRAIN_FLAGS, cli_message
+    through one table per command (tinygpt.cli.common.cli_message)."""
+    from tinygpt.cli.common import cli_message
+    from tinygpt.cli.geometry import SAE_TRAIN_FLAGS
 
     with pytest.raises(SAEError) as e:
         SAEConfig(d_in=4, d_sae=8, steps=0)

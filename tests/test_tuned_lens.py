@@ -172,7 +172,7 @@ def test_identical_training_runs_write_identical_files_atomically(tmp_path):
 
 
 def test_training_arguments_are_named():
-    from tinygpt.cli.geometry import cli_message
+    from tinygpt.cli.common import cli_message
     from tinygpt.cli.reading import TUNED_LENS_FLAGS
 
     with pytest.raises(tl.TunedLensError, match="^steps must be at least 1, got 0$") as e:
