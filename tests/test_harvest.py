@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tinygpt
+from tinygpt.errors import InputError
 from probes.harvest import (
     HarvestError,
     corpus_stream,
@@ -170,7 +171,7 @@ def test_bad_requests_fail_with_one_clear_message(params, stream):
         harvest(params, CONFIG, stream, "resid_post", 2, seq=8, progress=False)
     with pytest.raises(HarvestError, match="too few"):
         token_windows(stream[:5], 8)
-    with pytest.raises(HarvestError, match="vocabulary"):
+    with pytest.raises(InputError, match=r"token id \d+ in stream is outside the vocabulary"):  # checks_tokens
         harvest(params, CONFIG, stream + 100, "resid_post", 0, seq=8, progress=False)
 
 
