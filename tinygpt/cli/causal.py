@@ -10,10 +10,10 @@ import numpy as np
 from tinygpt.files import save_figure
 
 from .common import (
-    add_plot_arg,
     CLIError,
     add_json_arg,
     add_model_args,
+    add_plot_arg,
     add_prompt_args,
     add_token_arg,
     count,

@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 
-
+from tinygpt.arguments import SEED_RANGE, check_float, check_int
 from tinygpt.errors import InputError, OutputError, TinyGPTError, require
 from tinygpt.files import check_output_file
 from tinygpt.interrupts import InterruptLatch  # noqa: F401  (re-exported for the commands)
-from tinygpt.arguments import SEED_RANGE, check_float, check_int
 
 
 class CLIError(TinyGPTError):
@@ -68,7 +67,7 @@ def probe_errors(fn=None, *, flags: dict[str, str] | None = None):
 # Every numeric option takes one of these types (tests/test_cli_options.py walks the parser to make sure):
 # each refuses, while the command line is parsed and so before any work, what the option cannot mean (NaN,
 # infinities, negatives, zero counts, absurd sizes), with argparse's "argument --FLAG: ..." naming the flag.
-# The bounds are the API's own (tinygpt.inputs.check_int / check_float), so both refuse the same values.
+# The bounds are the API's own (tinygpt.arguments.check_int / check_float), so both refuse the same values.
 
 INT_LIMIT = 2**31 - 1  # no count, size or index of a GPT-2 run comes near it
 

@@ -11,15 +11,14 @@ import numpy as np
 from tinygpt import files
 
 from .common import (
-    InterruptLatch,
-    cli_message,
-    probe_errors,
-    add_plot_arg,
     CLIError,
+    InterruptLatch,
     add_json_arg,
     add_model_args,
+    add_plot_arg,
     add_prompt_args,
     add_token_arg,
+    cli_message,
     count,
     decode,
     integer,
@@ -30,6 +29,7 @@ from .common import (
     pieces,
     positive,
     print_json,
+    probe_errors,
     prompt_ids,
     real,
     seed,
