@@ -54,13 +54,13 @@ def main(argv=None) -> int:
     (Ctrl-C), 143 terminated (SIGTERM). Errors that are tinygpt's own bugs still show their traceback."""
     as_script = argv is None
     if as_script:
-        # First, before jax is imported (`import tinygpt` is lazy): a Ctrl-C is remembered as well as raised,
-        # because one that lands in a garbage-collector callback during jax's import is printed and dropped.
-        # Commands check the latch between steps and before writing, so such a Ctrl-C still stops them.
-        interrupts.install()  # again, for callers of main() that did not come through tinygpt.__main__
+        # First, before jax is imported (`import tinygpt` is lazy): during start-up a Ctrl-C is remembered, not
+        # raised (raised, it could be dropped by a gc callback or abort an extension's import); `_run` arms it
+        # once the arguments are parsed (see tinygpt.interrupts). tinygpt.__main__ did this already.
+        interrupts.install()
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = _run(build_parser(), argv)
+        code = _run(build_parser(), argv, arm=as_script)
         if as_script and InterruptLatch.received:  # the KeyboardInterrupt was swallowed, the command ran on
             code = _interrupted("interrupted", 130)
     except KeyboardInterrupt:
@@ -82,7 +82,7 @@ def _interrupted(what: str, code: int) -> int:
     return code
 
 
-def _run(parser, argv) -> int:
+def _run(parser, argv, *, arm: bool = False) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a bad argument (already printed as one line)
@@ -90,6 +90,8 @@ def _run(parser, argv) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if arm:  # start-up is over (jax imported, arguments parsed): a Ctrl-C from now on raises
+        interrupts.arm()
     try:
         args.func(args)
     except TinyGPTError as e:  # bad input, options, files: CLIError, InputError, WeightsError, ...
