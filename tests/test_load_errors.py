@@ -264,8 +264,12 @@ def test_vocab_id_of_1e10_is_refused_without_allocating(ckpt):
         Tokenizer({"a": 0, "b": 10**10}, [])
 
 
-@pytest.mark.parametrize("name, error", [("config.json", ConfigError), ("model.safetensors", WeightsError),
-                                         ("vocab.json", WeightsError), ("merges.txt", WeightsError)])
+# Each file of a checkpoint directory, and the error it gives when it is not a regular file.
+CHECKPOINT_FILES = [("config.json", ConfigError), ("model.safetensors", WeightsError), ("vocab.json", WeightsError),
+                    ("merges.txt", WeightsError)]
+
+
+@pytest.mark.parametrize("name, error", CHECKPOINT_FILES)
 def test_fifo_instead_of_a_file_does_not_hang(ckpt, name, error):
     (ckpt / name).unlink()
     os.mkfifo(ckpt / name)
@@ -273,8 +277,7 @@ def test_fifo_instead_of_a_file_does_not_hang(ckpt, name, error):
         tinygpt.load(ckpt)
 
 
-@pytest.mark.parametrize("name, error", [("config.json", ConfigError), ("model.safetensors", WeightsError),
-                                         ("vocab.json", WeightsError), ("merges.txt", WeightsError)])
+@pytest.mark.parametrize("name, error", CHECKPOINT_FILES)
 def test_symlink_to_dev_zero(ckpt, name, error):
     (ckpt / name).unlink()
     (ckpt / name).symlink_to("/dev/zero")
@@ -282,8 +285,7 @@ def test_symlink_to_dev_zero(ckpt, name, error):
         tinygpt.load(ckpt)
 
 
-@pytest.mark.parametrize("name, error", [("config.json", ConfigError), ("model.safetensors", WeightsError),
-                                         ("vocab.json", WeightsError), ("merges.txt", WeightsError)])
+@pytest.mark.parametrize("name, error", CHECKPOINT_FILES)
 def test_directory_instead_of_a_file(ckpt, name, error):
     (ckpt / name).unlink()
     (ckpt / name).mkdir()
