@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinygpt import forward
 from tinygpt.config import Config
-from tinygpt.model import forward
 from tinygpt.inputs import checks_tokens
 
 from .transforms import center, unembedding_bias, unembedding_matrix

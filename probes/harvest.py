@@ -50,12 +50,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
 from tinygpt.files import TEMP_MARK, atomic_write, parse_json, read_json, remove_stale_temporaries, write_json, \
     writer_lock
 from tinygpt.inputs import checks_tokens
-from tinygpt.model import causal_mask, embedding, forward, run_blocks
+from tinygpt.model import causal_mask, embedding, run_blocks
 from tinygpt.sites import SITES, check_site_names
 
 ACTIVATIONS, TOKENS, SIDECAR = "activations.npy", "tokens.npy", "harvest.json"

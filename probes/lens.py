@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from tinygpt import forward
 from tinygpt.config import Config
-from tinygpt.model import forward, ln_apply, ln_scale, unembed
+from tinygpt.model import ln_apply, ln_scale, unembed
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
 

@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.errors import InputError
 from tinygpt.inputs import checks_tokens
-from tinygpt.model import causal_mask, embedding, forward, run_blocks
+from tinygpt.model import causal_mask, embedding, run_blocks
 
 from .transforms import center, unembedding_matrix
 

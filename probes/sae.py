@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
 from tinygpt.files import save_safetensors
 from tinygpt.inputs import checks_tokens
-from tinygpt.model import forward
 from tinygpt.sites import SITES
 
 from .harvest import argument_error, check_model, check_tensors, is_integer, metadata_json, read_safetensors, \

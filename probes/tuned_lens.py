@@ -32,11 +32,11 @@ import numpy as np
 import optax
 from jax import lax
 
+from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.errors import ArtifactError
 from tinygpt.files import save_safetensors
 from tinygpt.inputs import checks_tokens
-from tinygpt.model import forward
 
 from .harvest import argument_error, check_model, check_tensors, fingerprint, is_integer, metadata_json, \
     read_safetensors

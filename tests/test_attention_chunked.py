@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import tinygpt
-from tinygpt.model import (ATTENTION_CHUNK, apply_mask, attention_scores, causal_attention, causal_mask,
-                           chunked_attention, mix_values, softmax)
+from tinygpt.kernels import ATTENTION_CHUNK, causal_attention, chunked_attention
+from tinygpt.model import apply_mask, attention_scores, causal_mask, mix_values, softmax
 from random_weights import random_params
 
 BATCH, HEAD, D_HEAD = 2, 3, 8

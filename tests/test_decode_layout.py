@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinygpt
-from tinygpt.model import attention_output, project_heads, project_heads_batched
+from tinygpt.kernels import project_heads_batched
+from tinygpt.model import attention_output, project_heads
 from tinygpt.params import layer_views
 
 

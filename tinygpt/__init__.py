@@ -15,7 +15,7 @@ _EXPORTS = {
     "TinyGPTError": "errors", "InputError": "errors", "ConfigError": "errors", "SiteError": "errors",
     "Generation": "generation", "generate": "generation",
     "checked": "inputs",
-    "forward": "model", "make_forward": "model",
+    "forward": "compiled", "make_forward": "compiled",
     "init_params": "params",
     "SITE_NAMES": "sites", "SITES": "sites",
     "Tokenizer": "tokenizer",

@@ -1,4 +1,6 @@
-"""The loaded model: config, params and tokenizer together, with conveniences for interactive use."""
+"""The loaded model: config, params and tokenizer together, with conveniences for interactive use.
+
+`weights/` reads files into plain data (config, params, tokenizer); `load` assembles them into a `Model`."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+import weights
+
+from .compiled import forward
 from .config import Config
-from .model import forward
 from .errors import InputError
 
 
@@ -40,7 +44,8 @@ class Model:
 
 
 def load(name_or_path=None, **kwargs) -> Model:
-    """See `weights.load`: a hub id, a local directory, or None for the embedded default model."""
-    import weights
-
-    return weights.load(name_or_path, **kwargs)
+    """The model `weights.load` reads (a hub id, a local directory, or None for the embedded default model;
+    keyword arguments as it takes them: dtype, revision, cache_dir, offline, allow_nonfinite)."""
+    config, params, tokenizer = weights.load(name_or_path, **kwargs)
+    source = "embedded" if name_or_path is None else str(name_or_path)
+    return Model(config=config, params=params, tokenizer=tokenizer, source=source)

@@ -1,8 +1,8 @@
 """Text generation with a key-value cache, compiled so a whole continuation is one XLA program.
 
 The prompt runs through the reference `forward` (keeping its keys and values); each new token then runs
-through `decode_step`, which is the same block (`block_qkv` + `block_attend_mlp`) attending over the
-cache. Edits apply to the prompt and to every step, and any sites can be kept for both: the prompt's
+through `decode_step`, which is the same block (`block_qkv`, `attention`, `block_after_attention`) attending
+over the cache. Edits apply to the prompt and to every step, and any sites can be kept for both: the prompt's
 trace is a normal `Trace`, the steps' trace is stacked over steps, `[step, layer, batch, 1, ...]`.
 
 Sampling: greedy (temperature 0), temperature, top-k, top-p (nucleus), seeded by an explicit seed.
@@ -24,20 +24,13 @@ from jax.experimental import io_callback
 from .config import Config
 from .errors import InputError
 from .arguments import check_float, check_int, check_seed
-from .model import (
-    _at_top_level,
-    block_attend_mlp,
-    block_qkv,
-    check_inputs,
-    embedding,
-    final_sites,
-    forward,
-    positions_from_mask,
-    project_heads_batched,
-    unembed,
-)
+from .compiled import at_top_level, forward
+from .inputs import check_inputs
+from .kernels import project_heads_batched
+from .model import attention, block_after_attention, block_qkv, embedding, final_sites, positions_from_mask, unembed
 from .params import layer_views
-from .trace import Edits, SiteRecorder, Trace, normalize_edits, normalize_keep
+from .recorder import Edits, SiteRecorder, normalize_edits, normalize_keep
+from .trace import Trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +118,8 @@ def decode_step(params, layers, tokens, positions, cache, index, mask, config: C
         # the block reads [batch, total, head, d_head]; XLA cancels this transpose against the CPU attention's
         # own (`chunked_attention`), so no step copies the cache
         k_view, v_view = layer_k.transpose(0, 3, 1, 2), layer_v.transpose(0, 3, 1, 2)
-        resid = block_attend_mlp(resid_pre, q, k_view, v_view, mask, p, site, config.ln_eps)
+        z = attention(q, k_view, v_view, mask, site)  # [batch, new, head, d_head]
+        resid = block_after_attention(resid_pre, z, p, site, config.ln_eps)
         new_cache.append((layer_k, layer_v))
         per_layer.append(site.kept)
     final_sites(resid, params, outer, config.ln_eps)
@@ -195,12 +189,12 @@ def generate(
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     if prompt_lookup:
         args = (config, max_new_tokens, prompt_lookup, normalize_edits(edits), return_logits)
-        if not _at_top_level():
+        if not at_top_level():
             return _generate_lookup(params, layer_views(params["blocks"]), tokens, attention_mask, *args)
         run = _cached_jit(("lookup", config, max_new_tokens, prompt_lookup, _Static(args[3]), return_logits),
                           lambda p, layers, t, m: _generate_lookup(p, layers, t, m, *args))
         return run(params, layer_views(params["blocks"]), tokens, attention_mask)
-    if not _at_top_level():  # inside an outer jit/vmap: trace inline (a cache keyed on closures over tracers
+    if not at_top_level():  # inside an outer jit/vmap: trace inline (a cache keyed on closures over tracers
         # would only grow)
         return _generate(params, layer_views(params["blocks"]), tokens, attention_mask, jax.random.PRNGKey(seed),
                          config, max_new_tokens, sampling, normalize_edits(edits),

@@ -34,9 +34,12 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .config import Config
-from .model import _at_top_level, _forward, attach_weights, check_inputs
+from . import model
+from .compiled import at_top_level
+from .inputs import check_inputs
+from .recorder import normalize_keep
 from .sites import SITES
-from .trace import Trace, derived_sites, normalize_keep
+from .trace import Trace, derived_sites, forward_trace
 from .errors import InputError
 
 BATCH = "batch"
@@ -146,28 +149,22 @@ def sharded_forward(params, tokens, config: Config, *, keep=None, attention_mask
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     (tokens, attention_mask), batch = pad_to_multiple((tokens, attention_mask), mesh.size)
-    run = _sharded_forward_program(config, keep, derived, mesh)
+    run = _sharded_forward_program(config, keep - derived, mesh)
     replicated_params = replicate(params, mesh)
-    trace = run(replicated_params, shard_batch(tokens, mesh), shard_batch(attention_mask, mesh))
+    sites = run(replicated_params, shard_batch(tokens, mesh), shard_batch(attention_mask, mesh))
     if tokens.shape[0] != batch:  # drop the padding rows (before the weights join the trace's leaves)
-        trace = jax.tree_util.tree_map(lambda x, per_layer: x[:, :batch] if per_layer else x[:batch],
-                                       trace, _per_layer_fields(keep, derived))
-    return attach_weights(trace, replicated_params, attention_mask[:batch])
-
-
-def _per_layer_fields(keep: frozenset, derived: frozenset) -> Trace:
-    """A Trace holding, for each stored site, whether it is per-layer (stacked on a leading layer axis)."""
-    return Trace(derived=derived, **{name: SITES[name].per_layer for name in keep - derived})
+        sites = {name: x[:, :batch] if SITES[name].per_layer else x[:batch] for name, x in sites.items()}
+    return forward_trace(sites, derived, replicated_params, attention_mask[:batch])
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_forward_program(config: Config, keep: frozenset, derived: frozenset, mesh: Mesh):
+def _sharded_forward_program(config: Config, store: frozenset, mesh: Mesh):
+    """`model.forward` storing the sites `store`, each split along its batch axis (1 for per-layer sites)."""
     by_layer, by_batch = split_along(mesh, 1), split_along(mesh, 0)
-    out_shardings = Trace(derived=derived, **{name: by_layer if SITES[name].per_layer else by_batch
-                                              for name in keep - derived})
+    out_shardings = {name: by_layer if SITES[name].per_layer else by_batch for name in store}
 
     def run(params, tokens, attention_mask):
-        return _forward(params, tokens, attention_mask, config, {}, keep, derived)
+        return model.forward(params, tokens, config, attention_mask=attention_mask, keep=store)
 
     return jax.jit(run, out_shardings=out_shardings)
 
@@ -199,7 +196,7 @@ def sharded_sweep(fn: Callable[..., Any], indices, *args, mesh: Mesh | None = No
     # every device gets the same number of entries, a whole number of chunks
     indices, n = pad_to_multiple(indices, mesh.size * (chunk_size or 1))
     padded = jax.tree_util.tree_leaves(indices)[0].shape[0]
-    if _at_top_level():
+    if at_top_level():
         program = _compiled_sweep(fn, mesh, chunk_size, out_axis)
         out = program(jax.tree_util.tree_map(lambda x: shard_batch(x, mesh), indices), replicate(args, mesh))
     else:  # inside the caller's jit: part of its program

@@ -35,11 +35,11 @@ import numpy as np
 from jax import lax
 
 from .config import Config
-from .model import (block_after_attention, block_attend_mlp, block_ln1, causal_mask, forward, ln_apply, ln_scale,
-                    project_heads, unembed)
+from .compiled import forward
+from .model import attention, block_after_attention, block_ln1, causal_mask, ln_apply, ln_scale, project_heads, unembed
+from .recorder import SiteRecorder, normalize_edits
 from .sharding import sharded_sweep
 from .sites import SITES, check_site_names
-from .trace import SiteRecorder, normalize_edits
 from .errors import InputError
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of activations one vmapped chunk of runs may hold
@@ -221,7 +221,8 @@ def block_suffix(resid, p, k_prefix, v_prefix, mask, out_index, site_in: SiteRec
     v = site_in("v", project_heads(ln1, p["W_V"], p["b_V"]))
     k = jnp.concatenate([k_prefix, k], axis=1)  # [batch, key, head, d_head]
     v = jnp.concatenate([v_prefix, v], axis=1)  # [batch, key, head, d_head]
-    return block_attend_mlp(resid_pre, q, k, v, mask, p, site_out, eps)
+    z = attention(q, k, v, mask, site_out)  # [batch, S or len(out_index), head, d_head]
+    return block_after_attention(resid_pre, z, p, site_out, eps)
 
 
 def run_patched(params, config: Config, cache: Cache, patches: Patches, *, first: int = 0, read=(-1,)):

@@ -1,30 +1,26 @@
-"""The Trace (every named intermediate, returned as a value) and the site recorder used by the forward.
+"""The Trace: every kept intermediate of a forward pass, returned as a value; and compact traces' derivations.
 
 A `Trace` is a pytree with one field per site of `tinygpt.sites.SITES`; a field is `None` when it was not
-kept. Per-layer sites are stacked over blocks: `trace.resid_post[3]` is block 3's output.
+kept. Per-layer sites are stacked over blocks: `trace.resid_post[3]` is block 3's output. The forward fills
+it through the site recorder (`tinygpt.recorder`), where edits apply.
 
-Edits are plain functions `(value, layer) -> value` keyed by site name. At each site the forward calls
-`value = site(name, value)`, which applies the site's edits in order and keeps the result if asked. An edit
-that declares a parameter named `positions`, `(value, layer, positions) -> value`, is also given each
-sequence entry's absolute position, int [batch, seq] (the value's seq axis; the query axis of attention
-scores and patterns): the token's index among the row's real tokens, as the position embedding counts it.
-That is what ties an edit to a token when the value does not start at position 0: a left-padded row, or a
-generation step, whose value holds only the new tokens.
+A compact trace stores only the kept sites that are not cheap functions of other kept sites, and computes the
+others (`tinygpt.sites.DERIVED`) when they are read, with the reference forward's own functions
+(`tinygpt.model`, and the kernel the forward uses for head_out): `DERIVATIONS` below says how.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+import functools
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from .sites import DERIVED, GLOBAL_SITES, LAYER_SITES, SITE_NAMES, SITES, check_site_names
-from .errors import InputError, InputTypeError
-
-Edit = Callable[[jax.Array, Any], jax.Array]
-Edits = Mapping[str, Union[Edit, Sequence[Edit]]]
+from .errors import InputError
+from .kernels import head_outputs_batched
+from .model import apply_mask, attention_scores, causal_mask, gelu_new, ln_apply, softmax
+from .sites import DERIVED, SITE_NAMES, SITES, check_site_names
 
 
 @jax.tree_util.register_pytree_node_class
@@ -60,8 +56,6 @@ class Trace:
             return None
         if name in self._cache:
             return self._cache[name]
-        from .model import derive_site  # the model's own functions compute a derived site
-
         value = derive_site(name, self, self._weights)
         if not _leaks(value, self._stored):  # a value traced inside jit/vmap is not kept for reads outside
             self._cache[name] = value
@@ -126,17 +120,6 @@ class Trace:
         return f"Trace({shapes}{derived})"
 
 
-def normalize_keep(keep: Iterable[str] | str | None) -> frozenset[str]:
-    """`None` or "all" keeps every site; otherwise a collection of site names."""
-    if keep is None or keep == "all":
-        return frozenset(SITE_NAMES)
-    if isinstance(keep, str):
-        keep = (keep,)
-    keep = tuple(keep)
-    check_site_names(keep, "keep")
-    return frozenset(keep)
-
-
 def _leaks(value, stored: Mapping[str, Any]) -> bool:
     """Whether `value` is a tracer of a transformation the trace's stored values are not part of."""
     tracer = jax.core.Tracer
@@ -154,72 +137,80 @@ def derived_sites(keep: frozenset[str], edits: Mapping[str, Any]) -> frozenset[s
     return frozenset(derived)
 
 
-def normalize_edits(edits: Edits | None) -> dict[str, tuple[Edit, ...]]:
-    """Check site names and make every entry a tuple of callables."""
-    if edits is None:
-        return {}
-    if not isinstance(edits, Mapping):
-        raise InputTypeError(f"edits must be a mapping from site name to function, got {type(edits).__name__}")
-    check_site_names(edits.keys(), "edits")
-    out = {}
-    for name, fns in edits.items():
-        fns = (fns,) if callable(fns) else tuple(fns)
-        for fn in fns:
-            if not callable(fn):
-                raise InputTypeError(f"edits[{name!r}] must be a function (value, layer) -> value, got {fn!r}")
-        out[name] = fns
-    return out
+# ------------------------------------------------------------------------------------- derived trace sites
 
 
-def takes_positions(fn) -> bool:
-    """Whether an edit declares a `positions` parameter (see the module docstring)."""
-    try:
-        return "positions" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a callable without a signature Python can read
-        return False
+def _derived_ln(resid, scale, w, b):
+    """A LayerNorm output from its input and kept divisor. resid, scale [..., layer, batch, seq, d_model | 1],
+    w, b [..., layer, d_model] (the same leading axes: a trace stacked by vmap or scan carries its weights so)"""
+    return ln_apply(resid, scale, w[..., None, None, :], b[..., None, None, :])
 
 
-class SiteRecorder:
-    """Applies edits at a site and keeps its value if asked. One per block call (and one for the
-    embedding / final sites), so `layer` is the block index (a traced int inside the scan) or None.
-    `positions` [batch, seq] are the absolute positions of the values' seq entries, for the edits that take
-    them (None where the caller has none to give)."""
-
-    def __init__(self, edits: dict[str, tuple[Edit, ...]], keep: frozenset[str], layer, positions=None):
-        self.edits, self.keep, self.layer, self.positions = edits, keep, layer, positions
-        self.kept: dict[str, jax.Array] = {}
-
-    def wants(self, name: str) -> bool:
-        """Whether `name` is read (kept) or written (edited): the forward computes optional values, such as
-        per-head outputs, only then."""
-        return name in self.keep or name in self.edits
-
-    def __call__(self, name: str, value: jax.Array) -> jax.Array:
-        for fn in self.edits.get(name, ()):
-            if takes_positions(fn):
-                if self.positions is None:
-                    raise InputError(f"the edit at site {name!r} takes positions, and this computation has none "
-                                     "to give it (edits with positions run in forward and generate)")
-                new = fn(value, self.layer, positions=self.positions)
-            else:
-                new = fn(value, self.layer)
-            if new is value:
-                continue
-            new = jnp.asarray(new)
-            if new.shape != value.shape:
-                raise InputError(
-                    f"edit at site {name!r} returned shape {new.shape}, but the site's value has shape "
-                    f"{value.shape}"
-                )
-            value = new.astype(value.dtype)
-        if name in self.keep:
-            self.kept[name] = value
-        return value
+def _each_layer(fn, args, ranks):
+    """fn applied to one layer's values, mapped over the layer axis and any axes stacked in front of it (a
+    trace stacked by vmap or scan). ranks: each argument's rank without those axes."""
+    lead = args[0].shape[:args[0].ndim - ranks[0]]
+    flat = jax.vmap(fn)(*(a.reshape(-1, *a.shape[a.ndim - r:]) for a, r in zip(args, ranks)))
+    return flat.reshape(*lead, *flat.shape[1:])
 
 
-def layer_sites_kept(keep: frozenset[str]) -> tuple[str, ...]:
-    return tuple(n for n in LAYER_SITES if n in keep)
+def _derived_head_out(z, W_O):
+    """Per-head writes.  z [..., layer, batch, seq, head, d_head], W_O [..., layer, head, d_head, d_model]"""
+    return _each_layer(head_outputs_batched, (z, W_O), (4, 3))
 
 
-def global_sites_kept(keep: frozenset[str]) -> tuple[str, ...]:
-    return tuple(n for n in GLOBAL_SITES if n in keep)
+def _derived_scores(q, k, attention_mask):
+    """Masked attention scores.  q, k [..., layer, batch, seq, head, d_head], attention_mask [..., layer,
+    batch, seq] (the forward's input, repeated per layer) -> [..., layer, batch, head, seq, key]"""
+    return _each_layer(lambda q, k, real: apply_mask(attention_scores(q, k), causal_mask(real)),
+                       (q, k, attention_mask), (4, 4, 2))
+
+
+# How each site of `DERIVED` is computed from its sources and weights (in `DERIVED`'s order), exactly as
+# the forward computes it.
+DERIVATIONS = {
+    "ln1": lambda s, w: _derived_ln(s["resid_pre"], s["ln1_scale"], w["ln1_w"], w["ln1_b"]),
+    "attn_scores": lambda s, w: _derived_scores(s["q"], s["k"], w["attention_mask"]),
+    "attn_pattern": lambda s, w: softmax(s["attn_scores"]),
+    "head_out": lambda s, w: _derived_head_out(s["z"], w["W_O"]),
+    "resid_mid": lambda s, w: s["resid_pre"] + s["attn_out"],
+    "ln2": lambda s, w: _derived_ln(s["resid_mid"], s["ln2_scale"], w["ln2_w"], w["ln2_b"]),
+    "mlp_post": lambda s, w: gelu_new(s["mlp_pre"]),
+    "resid_post": lambda s, w: s["resid_mid"] + s["mlp_out"],
+}
+assert tuple(DERIVATIONS) == tuple(DERIVED)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _derive(name: str, sources: dict, weights: dict):
+    return DERIVATIONS[name](sources, weights)
+
+
+def derive_site(name: str, trace: Trace, weights: dict):
+    """Compute a compact trace's derived site `name` from the trace's kept sites (called by `Trace`)."""
+    sources, needs = DERIVED[name]
+    values = {s: getattr(trace, s) for s in sources}
+    missing = [s for s in sources if values[s] is None] + [w for w in needs if w not in weights]
+    if missing:
+        raise InputError(f"the derived site {name!r} is computed from {', '.join(sources + needs)}, and this trace "
+                         f"no longer holds {', '.join(missing)}")
+    return _derive(name, values, {w: weights[w] for w in needs})
+
+
+def forward_trace(sites: Mapping[str, Any], derived: frozenset, params, attention_mask) -> Trace:
+    """The Trace of a forward's kept `sites` (`model.forward`'s result), deriving the `derived` ones on read.
+    Attaches the per-layer weights the derivations read (W_O for head_out, the LayerNorm weights) and the
+    input's attention_mask [batch, seq] (None: all real) for the scores, repeated per layer [layer, batch, seq]
+    so that the trace's leaves share their leading axes. Called outside a compiled forward, so that a jitted
+    call does not copy the weights into its outputs."""
+    trace = Trace(derived=derived, **sites)
+    needs = {w for name in trace.derived() for w in DERIVED[name][1]}
+    if not needs:
+        return trace
+    weights = {w: params["blocks"][w] for w in sorted(needs - {"attention_mask"})}
+    if "attention_mask" in needs:
+        if attention_mask is None:
+            attention_mask = jnp.ones(trace.q.shape[1:3], jnp.int32)  # [batch, seq]
+        weights["attention_mask"] = jnp.broadcast_to(attention_mask.astype(bool),
+                                                     (trace.q.shape[0], *attention_mask.shape))
+    return trace.with_weights(weights)

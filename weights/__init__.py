@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .checkpoint import read, write
 from .errors import WeightsError
@@ -13,9 +14,17 @@ from .hub import ALIASES, HubError, resolve
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 
 
+class Checkpoint(NamedTuple):
+    """What a checkpoint holds, in the engine's layout: plain data (`tinygpt.load` builds the Model)."""
+
+    config: Any  # tinygpt.Config
+    params: dict  # the params pytree (`tinygpt.params`)
+    tokenizer: Any  # tinygpt.Tokenizer, or None for a checkpoint without vocab.json / merges.txt
+
+
 def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revision: str | None = None,
          cache_dir=None, offline: bool | None = None, allow_nonfinite: bool = False):
-    """Load a GPT-2 checkpoint as a `tinygpt.Model`.
+    """Read a GPT-2 checkpoint: its (config, params, tokenizer) as a `Checkpoint` (`tinygpt.load` makes a Model).
 
     name_or_path  a local directory (config.json + model.safetensors [+ vocab.json, merges.txt]), a hub id
                   ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "openai-community/gpt2",
@@ -27,19 +36,17 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revi
     A damaged config.json raises ConfigError; a damaged or mismatched model.safetensors, vocab.json or
     merges.txt raises WeightsError; each names the file and the problem.
     """
-    from tinygpt.api import Model
     from tinygpt.params import resolve_dtype
 
     resolve_dtype(dtype)  # a bad dtype fails before anything is downloaded or read
     if name_or_path is None:
         if not (EMBEDDED_DIR / "model.safetensors").is_file():
             raise WeightsError(f"the embedded default model is missing from {EMBEDDED_DIR}")
-        directory, source = EMBEDDED_DIR, "embedded"
+        directory = EMBEDDED_DIR
     else:
         directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, offline=offline)
-        source = str(name_or_path)
     config, params = read(directory, dtype=dtype, allow_nonfinite=allow_nonfinite)
-    return Model(config=config, params=params, tokenizer=load_tokenizer(directory, config), source=source)
+    return Checkpoint(config, params, load_tokenizer(directory, config))
 
 
 def load_tokenizer(directory: str | os.PathLike, config=None):
@@ -81,5 +88,5 @@ def save(model, directory: str | os.PathLike) -> None:
         model.tokenizer.save(directory)
 
 
-__all__ = ["load", "save", "read", "write", "resolve", "load_tokenizer", "WeightsError", "HubError",
+__all__ = ["Checkpoint", "load", "save", "read", "write", "resolve", "load_tokenizer", "WeightsError", "HubError",
            "ALIASES", "EMBEDDED_DIR"]

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tinygpt.compiled import forward
 from tinygpt.config import Config
-from tinygpt.model import forward
 from tinygpt.params import init_params, n_params
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "embedded"
