@@ -34,6 +34,7 @@ from probes import metrics
 from probes.transforms import unembedding_weight
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import Table, displayable, token
 from tinygpt.model import positions_from_mask
 from tinygpt.sites import SITES, check_site_names
 from tinygpt.sweep import axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_units
@@ -246,6 +247,7 @@ def ablate(params, tokens, config: Config, site: str, *, layers=None, heads=None
 NEURON_ACTIONS = ("ablate", "scale", "set")
 
 
+@displayable(axes={"original": "batch vocab", "edited": "batch vocab", "kl": "batch seq"})
 @dataclasses.dataclass
 class OutputChange:
     """How an edit moved the output distribution."""
@@ -262,6 +264,13 @@ class OutputChange:
         up, down = np.argsort(-change)[:k], np.argsort(change)[:k]
         return (up, change[up]), (down, change[down])
 
+    def _headline(self):
+        (up, up_change), (down, down_change) = self.top_changes(5)
+        return Table(["promoted", "change", "suppressed", "change"],
+                     [(token(u), float(uc), token(d), float(dc)) for u, uc, d, dc in zip(up, up_change, down, down_change)],
+                     caption=f"log-prob changes at position {self.position}; KL there "
+                             f"{float(self.kl[:, self.position].mean()):.4g} nats (batch mean)")
+
 
 def output_change(original_logits, edited_logits, *, position: int = -1) -> OutputChange:
     """Compare logits [batch, seq, vocab] without and with an edit: log-probs at `position`, KL everywhere."""
@@ -273,6 +282,7 @@ def output_change(original_logits, edited_logits, *, position: int = -1) -> Outp
 NEURON_ACTIONS = ("ablate", "scale", "set")
 
 
+@displayable(axes={"activation": "batch seq", "direct_logits": "vocab"})
 @dataclasses.dataclass
 class NeuronStudy:
     """What one MLP neuron does on a prompt batch."""
@@ -284,6 +294,13 @@ class NeuronStudy:
     activation: np.ndarray  # [batch, seq] its activation (mlp_post) without the edit
     change: OutputChange  # the output distribution with the edit vs without
     direct_logits: np.ndarray  # [vocab] its output direction through the unembedding, W_out[neuron] @ W_U (wte.T)
+
+    def _headline(self):
+        top = np.argsort(-np.asarray(self.direct_logits))[:5]
+        return [("neuron", f"L{self.layer}.{self.neuron} ({self.action}" + ("" if self.value is None else f" {self.value}") + ")"),
+                ("max |activation|", float(np.abs(self.activation).max())),
+                ("KL at position", float(self.change.kl[:, self.change.position].mean())),
+                ("writes to", ", ".join(token(t) for t in top))]
 
 
 @checks_tokens("tokens")
@@ -315,6 +332,7 @@ def neuron_study(params, tokens, config: Config, layer: int, neuron: int, *, act
 # ------------------------------------------------------------------------------------------------- sweeps
 
 
+@displayable(axes={"values": "layer unit"})
 @dataclasses.dataclass
 class SweepResult:
     """A metric for every (layer, unit) intervened on, and for the run without intervention."""
@@ -329,6 +347,14 @@ class SweepResult:
     def effect(self) -> np.ndarray:
         """values - baseline, [layer, unit]."""
         return self.values - self.baseline
+
+    def _headline(self):
+        effect = np.asarray(self.effect)
+        order = np.argsort(-np.abs(effect), axis=None)[:8]
+        rows = [(int(self.layers[i]), int(self.units[j]), float(self.values[i, j]), float(effect[i, j]))
+                for i, j in zip(*np.unravel_index(order, effect.shape))]
+        return Table(["layer", "unit", self.metric, "effect"], rows,
+                     caption=f"largest effects on {self.metric} (baseline {self.baseline:.4g})")
 
 
 def unit_sweep_scores(params, tokens, attention_mask, source, layers, units, answer, wrong, *, config: Config,

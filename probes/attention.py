@@ -22,6 +22,7 @@ import numpy as np
 
 import tinygpt
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
@@ -85,6 +86,7 @@ def induction_scores(params, config: Config, *, n: int | None = None, batch: int
     return np.asarray(_induction_scores(params, repeated_random_tokens(config, n, batch, seed), config))
 
 
+@displayable(axes={"first": "layer head", "previous": "layer head", "diagonal": "layer head", "induction": "layer head"})
 @dataclasses.dataclass
 class HeadSummary:
     first: np.ndarray  # [layer, head] mean attention to the first position

@@ -36,6 +36,7 @@ import numpy as np
 
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import Table, displayable, token
 from tinygpt.inputs import checks_tokens
 
 from .transforms import center, unembedding_bias, unembedding_matrix
@@ -103,6 +104,7 @@ def direct_contributions(vectors, scale, direction):
     return (center(vectors.astype(f32)) / scale) @ direction
 
 
+@displayable(axes={"contributions": "component batch", "bias_term": "batch", "logit": "batch", "ln_final_scale": "batch"})
 @dataclasses.dataclass
 class Attribution:
     """Direct logit attribution at one position. logit == contributions.sum(0) + bias_term (per batch row)."""
@@ -117,6 +119,14 @@ class Attribution:
     target: int
     baseline: int | None
     position: int
+
+    def _headline(self):
+        values = np.asarray(self.contributions).mean(axis=1)  # [component]
+        order = np.argsort(-np.abs(values))[:10]
+        against = "" if self.baseline is None else f" minus {token(self.baseline)}"
+        return Table(["component", "direct logit"], [(self.labels[i], float(values[i])) for i in order],
+                     caption=f"logit of {token(self.target)}{against} at position {self.position}: "
+                             f"{float(np.mean(self.logit)):.4g} (batch mean); largest components")
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -161,6 +171,7 @@ def direct_logit_attribution(params, config: Config, tokens, target: int, *, bas
 # ---------------------------------------------------------------------------------------- per-neuron (MLP)
 
 
+@displayable(axes={"neurons": "d_mlp batch", "activations": "d_mlp batch", "bias": "batch", "total": "batch"})
 @dataclasses.dataclass
 class NeuronAttribution:
     """One MLP layer's direct contribution split over its neurons: neurons.sum(0) + bias == total."""
@@ -170,6 +181,13 @@ class NeuronAttribution:
     activations: np.ndarray  # [d_mlp, batch] mlp_post at the position
     bias: np.ndarray  # [batch] b_out's contribution
     total: np.ndarray  # [batch] the MLP's contribution (its row in `direct_logit_attribution`)
+
+    def _headline(self):
+        values = np.asarray(self.neurons).mean(axis=1)  # [d_mlp]
+        order = np.argsort(-np.abs(values))[:8]
+        return Table(["neuron", "direct logit", "activation"],
+                     [(f"L{self.layer}.{i}", float(values[i]), float(np.asarray(self.activations)[i].mean())) for i in order],
+                     caption=f"MLP {self.layer} total {float(np.mean(self.total)):.4g}; largest neurons (batch mean)")
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -27,6 +27,7 @@ import math
 import numpy as np
 from scipy.special import betainc
 
+from tinygpt.display import displayable
 from tinygpt.errors import InputError
 
 from .memory import residual_keys
@@ -69,6 +70,7 @@ def epsilon_for_angle(degrees: float) -> float:
     return math.sin(math.radians(degrees))
 
 
+@displayable
 @dataclasses.dataclass
 class CosineSummary:
     n: int  # vectors
@@ -91,6 +93,7 @@ def summarize(cosines, n: int, d: int, eps: float) -> CosineSummary:
                          max_abs=float(magnitude.max()), within=float((magnitude <= eps).mean()))
 
 
+@displayable
 @dataclasses.dataclass
 class SetGeometry:
     name: str
@@ -173,6 +176,7 @@ def first_violation(vectors, eps: float, block: int = 256) -> int:
     return len(u)
 
 
+@displayable
 @dataclasses.dataclass
 class Capacity:
     d: int

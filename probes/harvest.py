@@ -52,6 +52,7 @@ import numpy as np
 
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.errors import ArtifactError
 from tinygpt.files import TEMP_MARK, atomic_write, parse_json, read_json, remove_stale_temporaries, write_json, \
     writer_lock
@@ -186,6 +187,7 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+@displayable(axes={"acts": "token width", "windows": "window seq"})
 @dataclasses.dataclass
 class Harvest:
     """A site's activations, one row per token of `windows` (row w * seq + p = window w, position p)."""

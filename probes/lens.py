@@ -23,6 +23,7 @@ from jax import lax
 
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import Table, displayable, token
 from tinygpt.model import ln_apply, ln_scale, unembed
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
@@ -56,6 +57,7 @@ def target_rank(log_probs, target):
     return jnp.sum(log_probs > target_log_prob, axis=-1)
 
 
+@displayable(axes={"top_ids": "site layer batch seq k", "top_probs": "site layer batch seq k", "kl": "site layer batch seq", "final_top_ids": "batch seq k", "final_top_probs": "batch seq k", "target": "batch seq", "target_probs": "site layer batch seq", "target_ranks": "site layer batch seq"})
 @dataclasses.dataclass
 class LensSummary:
     """A lens read at every (site, layer, position). Arrays are numpy, indexed [site, layer, batch, seq, ...]."""
@@ -69,6 +71,18 @@ class LensSummary:
     target: np.ndarray | None = None  # [batch, seq] target token ids (None when no target was given)
     target_probs: np.ndarray | None = None  # [site, layer, batch, seq]
     target_ranks: np.ndarray | None = None  # [site, layer, batch, seq] 0 = most probable
+
+    def _headline(self, batch: int = 0, max_positions: int = 12):
+        """The lens grid of sequence `batch`: top token and probability at each (site, layer) and position."""
+        seq = self.top_ids.shape[3]
+        positions = range(max(0, seq - max_positions), seq)
+        rows = [[f"{site} L{layer}"] + [f"{token(self.top_ids[s, layer, batch, p, 0])} "
+                                         f"{float(self.top_probs[s, layer, batch, p, 0]):.2f}" for p in positions]
+                for layer in range(self.top_ids.shape[1]) for s, site in enumerate(self.sites)]
+        rows.append(["model"] + [f"{token(self.final_top_ids[batch, p, 0])} {float(self.final_top_probs[batch, p, 0]):.2f}"
+                                 for p in positions])
+        return Table(["site, layer"] + [f"pos {p}" for p in positions], rows,
+                     caption=f"top token and its probability (sequence {batch})")
 
     def rows(self, batch: int = 0) -> list[dict]:
         """One dict per (layer, site, position) of sequence `batch`, in layer, then site, then position order:

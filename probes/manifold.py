@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.errors import InputError
 from tinygpt.inputs import checks_tokens
 from tinygpt.model import causal_mask, run_blocks
@@ -133,6 +134,7 @@ def property_labels(name: str, windows, tokenizer=None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- linear probe
 
 
+@displayable
 @dataclasses.dataclass
 class ProbeResult:
     train_accuracy: float
@@ -218,6 +220,7 @@ def residual_points(params, config: Config, windows, positions, *, batch: int = 
     return points
 
 
+@displayable
 @dataclasses.dataclass
 class LayerGeometry:
     name: str  # "embed" (entering block 0) or "L{i}" (leaving block i)
@@ -227,6 +230,7 @@ class LayerGeometry:
     probe: ProbeResult | None
 
 
+@displayable
 @dataclasses.dataclass
 class ManifoldReport:
     layers: list[LayerGeometry]

@@ -32,6 +32,7 @@ import numpy as np
 from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
@@ -39,6 +40,7 @@ from tinygpt.errors import InputError
 # --------------------------------------------------------------------------------------------------- detect
 
 
+@displayable
 @dataclasses.dataclass
 class Activation:
     """One massive activation."""
@@ -90,6 +92,7 @@ def detect(params, config: Config, prompts, *, threshold: float = 100.0, ratio: 
     return sorted(found, key=lambda a: -abs(a.value))
 
 
+@displayable(axes={"values": "layer"})
 @dataclasses.dataclass
 class Trajectory:
     """One massive dim at the (prompt, position) where it is largest, at every layer."""
@@ -127,6 +130,7 @@ def trajectories(params, config: Config, prompts, activations: list[Activation])
 # ------------------------------------------------------------------------------------------------ exclusion
 
 
+@displayable(axes={"baseline": "layer", "attention_off": "layer", "mlp_off": "layer"})
 @dataclasses.dataclass
 class Exclusion:
     """The top activations at every layer with all attention, then all MLPs, disabled."""
@@ -177,6 +181,7 @@ def mlp_sites(params, tokens, config: Config):
 MLP_STAGES = ("input", "after_W_in", "after_gelu", "output")  # ln2, mlp_pre, mlp_post, mlp_out
 
 
+@displayable
 @dataclasses.dataclass
 class MLPStages:
     """Max |value| through the MLP of `layer`, at the massive positions and at every other position."""
@@ -208,6 +213,7 @@ def mlp_stages(params, config: Config, prompts, activations: list[Activation], l
 # ------------------------------------------------------------------------------------------------- geometry
 
 
+@displayable
 @dataclasses.dataclass
 class Geometry:
     """W_out's spectrum and how well its top direction explains the massive dim's output."""
@@ -269,6 +275,7 @@ def loss_with_set(params, tokens, layer, where, values, config: Config):
     return -metrics.log_prob(logits[:-1], tokens[1:]).mean()
 
 
+@displayable
 @dataclasses.dataclass
 class Intervention:
     """Next-token loss (mean over every predicted token of every prompt) with the massive activations of
@@ -319,6 +326,7 @@ def intervention(params, config: Config, prompts, activations: list[Activation],
 # ------------------------------------------------------------------------------------------- investigation
 
 
+@displayable
 @dataclasses.dataclass
 class MassiveReport:
     threshold: float

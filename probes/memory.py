@@ -35,6 +35,7 @@ import numpy as np
 
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import Table, displayable, token
 from tinygpt.errors import InputError
 from tinygpt.inputs import checks_tokens
 from tinygpt.model import causal_mask, embedding, run_blocks
@@ -76,10 +77,15 @@ def value_logits(params, layer: int, neuron: int):
     return value @ unembedding_matrix(params)  # [vocab]
 
 
+@displayable
 @dataclasses.dataclass
 class ValueTokens:
     promoted: list[tuple[int, float]]  # (token id, logit effect per unit activation), largest first
     suppressed: list[tuple[int, float]]  # most negative first
+
+    def _headline(self):
+        return Table(["promoted", "logit", "suppressed", "logit"],
+                     [(token(u), float(a), token(d), float(b)) for (u, a), (d, b) in zip(self.promoted, self.suppressed)])
 
 
 def value_tokens(params, layer: int, neuron: int, k: int = 10) -> ValueTokens:
@@ -129,6 +135,7 @@ def neuron_activations(params, config: Config, windows, layer: int, neuron: int,
     return np.concatenate(acts)
 
 
+@displayable
 @dataclasses.dataclass
 class TopActivations:
     """A neuron's largest activations over a corpus of windows."""
@@ -154,6 +161,7 @@ def top_activations(params, config: Config, windows, layer: int, neuron: int, *,
 # ------------------------------------------------------------------------------------------- on a prompt
 
 
+@displayable(axes={"activations": "seq", "ln_final_scale": "seq"})
 @dataclasses.dataclass
 class NeuronOnPrompt:
     activations: np.ndarray  # [seq] the neuron's activation at every position (batch row 0)

@@ -31,6 +31,7 @@ from probes import metrics
 from probes.ablation import layer_list, layer_mask, replaced_forward, site_where
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import Table, displayable, token
 from tinygpt.model import unembed
 from tinygpt.sites import SITES
 from tinygpt.sweep import (axis_size, base_logits, cache_run, check_patch_site, starts_from_z, sweep_positions,
@@ -90,6 +91,7 @@ def patch(params, clean_tokens, corrupt_tokens, config: Config, site: str, *, la
 # ------------------------------------------------------------------------------------------------ sweeps
 
 
+@displayable(axes={"values": "layer unit"})
 @dataclasses.dataclass
 class PatchingResult:
     """The metric of every patched run, and of the clean and corrupted runs."""
@@ -108,6 +110,15 @@ class PatchingResult:
     def recovery(self) -> np.ndarray:
         """(values - corrupt) / (clean - corrupt), [layer, unit]."""
         return np.asarray(metrics.normalized_recovery(self.values, self.corrupt, self.clean))
+
+    def _headline(self):
+        recovery = self.recovery
+        order = np.argsort(-np.abs(np.nan_to_num(recovery)), axis=None)[:8]
+        rows = [(int(self.layers[i]), int(self.units[j]), float(self.values[i, j]), float(recovery[i, j]))
+                for i, j in zip(*np.unravel_index(order, recovery.shape))]
+        return Table(["layer", self.by, self.metric, "recovery"], rows,
+                     caption=f"{self.site} by {self.by} ({self.direction}): clean {self.clean:.4g}, corrupt "
+                             f"{self.corrupt:.4g}; largest recoveries")
 
 
 def patching_scores(params, base, source_tokens, layers, answer, wrong, *, config: Config, site: str, by: str,
@@ -182,6 +193,7 @@ def _ids(tokens):
 # ------------------------------------------------------------------------------------ attribution patching
 
 
+@displayable
 @dataclasses.dataclass
 class Attribution:
     """First-order estimates of every patch's effect on the metric: metric(patched) - metric(base)."""

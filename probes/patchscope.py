@@ -29,6 +29,7 @@ from jax import lax
 
 import tinygpt
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.inputs import checks_tokens
 
 from .steering import RESID_SITES, resolve_positions
@@ -85,6 +86,7 @@ def _patched_generations(params, target_tokens, vectors, layers, position, confi
     return jax.vmap(one)(vectors, layers)
 
 
+@displayable(axes={"top_ids": "pair k", "top_probs": "pair k", "generated": "pair new"})
 @dataclasses.dataclass
 class Patchscope:
     source_layers: list[int]

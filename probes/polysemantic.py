@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.errors import InputError
 from tinygpt.inputs import checks_tokens
 
@@ -35,6 +36,7 @@ from .sae import SAE, SAEConfig, encode
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
 
 
+@displayable
 @dataclasses.dataclass
 class Context:
     window: int
@@ -45,6 +47,7 @@ class Context:
     context: list[int]  # up to `context` tokens ending with `token`
 
 
+@displayable
 @dataclasses.dataclass
 class FeatureMatch:
     feature: int
@@ -53,6 +56,7 @@ class FeatureMatch:
     key_cosine: float | None  # cosine of its decoder row with the neuron's key (SAEs on the residual stream)
 
 
+@displayable
 @dataclasses.dataclass
 class NeuronReport:
     layer: int

@@ -44,6 +44,7 @@ import optax
 
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.errors import ArtifactError
 from tinygpt.files import save_safetensors
 from tinygpt.inputs import checks_tokens
@@ -60,6 +61,7 @@ class SAEError(ArtifactError):
     """A bad SAE configuration, a file that is not an SAE, or activations of the wrong width."""
 
 
+@displayable
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
     d_in: int
@@ -114,6 +116,7 @@ class SAEConfig:
                                  layer=self.layer)
 
 
+@displayable
 @dataclasses.dataclass
 class SAE:
     config: SAEConfig
@@ -372,6 +375,7 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
 # ------------------------------------------------------------------------------------------------ metrics
 
 
+@displayable
 @dataclasses.dataclass
 class SAEMetrics:
     l0: float  # mean number of active latents per row
@@ -413,6 +417,7 @@ def evaluate(sae: SAE, acts, *, batch_size: int = 4096) -> SAEMetrics:
                       dead_fraction=float(1.0 - fired.mean()), n_rows=n)
 
 
+@displayable
 @dataclasses.dataclass
 class LossRecovered:
     ce_clean: float  # next-token cross-entropy (nats) of the unedited model

@@ -33,6 +33,7 @@ import numpy as np
 
 import tinygpt
 from tinygpt.config import Config
+from tinygpt.display import Table, displayable
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
 
@@ -127,6 +128,7 @@ def resolve_positions(positions, prompt_len: int) -> list[int] | None:
     return sorted(resolved)
 
 
+@displayable(axes={"tokens": "batch new", "baseline": "batch new"})
 @dataclasses.dataclass
 class Steered:
     tokens: np.ndarray  # [batch, new] generated with the vector added
@@ -216,12 +218,18 @@ def indirect_effects(params, tokens, attention_mask, answers, mean_head_out, con
     return (patched - answer_prob(None)).reshape(config.n_layer, config.n_head)
 
 
+@displayable(axes={"mean_head_out": "layer head d_model", "indirect_effect": "layer head", "vector": "d_model"})
 @dataclasses.dataclass
 class FunctionVector:
     mean_head_out: np.ndarray  # [layer, head, d_model] mean head outputs at the last token of clean prompts
     indirect_effect: np.ndarray  # [layer, head] mean rise of p(answer) when patched into corrupted prompts
     heads: list[tuple[int, int]]  # the chosen heads (layer, head), largest indirect effect first
     vector: np.ndarray  # [d_model] sum of the chosen heads' mean outputs
+
+    def _headline(self):
+        return Table(["head", "indirect effect"],
+                     [(f"L{layer}.H{head}", float(self.indirect_effect[layer, head])) for layer, head in self.heads],
+                     caption="the chosen heads, largest indirect effect first")
 
 
 @checks_tokens("clean", "corrupted")

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.errors import InputError
 
 from .transforms import center, unembedding_matrix
@@ -112,6 +113,7 @@ def layer_svd(params, name: str, layer: int):
     return dense_svd(blocks[name])
 
 
+@displayable
 @dataclasses.dataclass
 class WeightSVD:
     name: str

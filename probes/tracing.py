@@ -38,6 +38,7 @@ import numpy as np
 from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.errors import InputError
 from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
@@ -48,6 +49,7 @@ KINDS = ("resid_pre", "resid_post", "mlp_out", "attn_out")
 RESIDUAL_KINDS = ("resid_pre", "resid_post")  # restored alone (window 1), as in ROME
 
 
+@displayable(axes={"tokens": "seq"})
 @dataclasses.dataclass
 class CausalTrace:
     tokens: np.ndarray  # [seq] the prompt

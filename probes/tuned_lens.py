@@ -34,6 +34,7 @@ from jax import lax
 
 from tinygpt import forward
 from tinygpt.config import Config
+from tinygpt.display import displayable
 from tinygpt.errors import ArtifactError
 from tinygpt.files import save_safetensors
 from tinygpt.inputs import checks_tokens
@@ -148,6 +149,7 @@ def check_stream(stream, seq: int, config: Config) -> np.ndarray:
     return stream
 
 
+@displayable(axes={"losses": "step"})
 @dataclasses.dataclass
 class TrainedLens:
     translators: dict  # {"A": [layer, d_model, d_model], "b": [layer, d_model]}
@@ -211,6 +213,7 @@ def _window_metrics(translators, params, tokens, config: Config):
     return per_layer, cross_entropy(final_log_probs)
 
 
+@displayable(axes={"kl_logit": "layer", "kl_tuned": "layer", "ppl_logit": "layer", "ppl_tuned": "layer"})
 @dataclasses.dataclass
 class LensComparison:
     """Logit lens vs tuned lens on a token stream, per layer (block l's resid_pre), averaged over tokens."""

@@ -42,6 +42,19 @@ class Model:
         return (f"Model({self.source or 'unnamed'}: {c.n_layer} layers, {c.n_head} heads, d_model {c.d_model}, "
                 f"{n_params(self.params):,} params, dtype {self.params['wte'].dtype})")
 
+    def _repr_html_(self) -> str:
+        from .display import card, table_html
+        from .params import n_params
+
+        c, tok = self.config, self.tokenizer
+        rows = [("source", self.source or "unnamed"), ("n_layer", c.n_layer), ("n_head", c.n_head),
+                ("d_model", c.d_model), ("d_head", c.d_head), ("d_mlp", c.d_mlp), ("n_ctx", c.n_ctx),
+                ("vocab", c.vocab_size), ("parameters", f"{n_params(self.params):,}"),
+                ("dtype", str(self.params["wte"].dtype)),
+                ("tokenizer", "none (pass token ids)" if tok is None else f"yes ({type(tok).__name__})")]
+        return card(f"Model: {self.source or 'unnamed'}", f"GPT-2, {c.n_layer} layers, {c.n_head} heads",
+                    [table_html(None, rows, labels=True)])
+
 
 def load(name_or_path=None, **kwargs) -> Model:
     """The model `weights.load` reads (a hub id, a local directory, or None for the embedded default model;

@@ -112,12 +112,83 @@ class Trace:
         jitted call does not copy them into its outputs)."""
         return Trace(derived=self._derived, weights=weights, **self._stored)
 
+    # ---------------------------------------------------------------------------------- displays
+
+    def axes(self, name: str) -> tuple[str, ...]:
+        """The axis names of site `name` in this trace: `("layer", "batch", "seq", "d_model")` for resid_post
+        (axes stacked in front by vmap or scan are not named)."""
+        check_site_names([name], "Trace.axes")
+        return site_axes(name)
+
+    def _sizes(self) -> dict[str, int]:
+        """Axis name -> size, read off the stored sites."""
+        sizes = {}
+        for name, value in self._stored.items():
+            names = site_axes(name)
+            if hasattr(value, "shape") and len(value.shape) >= len(names):
+                for axis, n in zip(names, value.shape[len(value.shape) - len(names):]):
+                    if not axis.isdigit():
+                        sizes.setdefault(axis, int(n))
+        order = ("layer", "batch", "seq", "key", "head", "d_model", "d_head", "d_mlp", "vocab")
+        return dict(sorted(sizes.items(), key=lambda item: order.index(item[0]) if item[0] in order else 99))
+
+    def _struct(self, name: str):
+        """Shape and dtype of a kept site without computing it (a derived one by `jax.eval_shape`); None when
+        it cannot be known."""
+        if name in self._stored or name in self._cache:
+            value = self._stored.get(name, self._cache.get(name))
+            return jax.ShapeDtypeStruct(value.shape, value.dtype) if hasattr(value, "dtype") else None
+        sources, needs = DERIVED[name]
+        structs = {s: self._struct(s) for s in sources}
+        if any(v is None for v in structs.values()) or any(w not in self._weights for w in needs):
+            return None
+        weights = {w: jax.ShapeDtypeStruct(self._weights[w].shape, self._weights[w].dtype) for w in needs}
+        return jax.eval_shape(DERIVATIONS[name], structs, weights)
+
     def __repr__(self):
-        shapes = ", ".join(
-            f"{n}={tuple(getattr(v, 'shape', ()))}" for n, v in self._stored.items()
-        )
-        derived = f"; derived on read: {', '.join(self._derived)}" if self._derived else ""
-        return f"Trace({shapes}{derived})"
+        kept, sizes = self.kept(), self._sizes()
+        names = "all sites" if len(kept) == len(SITE_NAMES) else ", ".join(kept) or "no sites"
+        if len(names) > 120:
+            names = names[:names.rfind(",", 0, 110)] + f", … ({len(kept)} sites)"
+        dims = " ".join(f"{a}={sizes[a]}" for a in ("layer", "batch", "seq") if a in sizes)
+        dtypes = "/".join(sorted({str(v.dtype) for v in self._stored.values() if hasattr(v, "dtype")}))
+        derived = f"; {len(self.derived())} derived on read" if self.derived() else ""
+        return f"Trace({names}; {dims}; {dtypes}{derived})"
+
+    def _repr_html_(self) -> str:
+        from .display import Html, card, esc, shape_text, stats_html, table_html
+
+        rows, derived = [], set(self.derived())
+        for name in self.kept():
+            axes = site_axes(name)
+            if name in derived and name not in self._cache:
+                struct = self._struct(name)
+                shape = shape_text(struct.shape, axes) if struct is not None else "[" + ", ".join(axes) + "]"
+                dtype = str(struct.dtype) if struct is not None else ""
+                summary = Html('<span class="tg-dim"><i>derived on read</i> (not computed)</span>')
+            else:
+                value = getattr(self, name)
+                shape, dtype = shape_text(value.shape, axes), str(value.dtype)
+                summary = Html(stats_html(value))
+            rows.append((Html(f"<code>{esc(name)}</code>"), Html(f"<code>{esc(shape)}</code>"), dtype,
+                         Html(f'<span class="tg-nowrap">{summary}</span>'),
+                         Html(f'<span class="tg-dim tg-small">{esc(SITES[name].meaning)}</span>')))
+        title = f"Trace: {len(rows)} sites" + (f", {len(derived)} derived on read" if derived else "")
+        dims = ", ".join(f"{a}={n}" for a, n in self._sizes().items())
+        return card(title, dims, [table_html(["site", "shape", "dtype", "summary", "meaning"], rows, labels=True)])
+
+    def treescope(self, name: str, **kwargs):
+        """Site `name` rendered by treescope (optional: `pip install treescope`) with its axes named;
+        keyword arguments go to `treescope.render_array`."""
+        from .display import treescope_array
+
+        return treescope_array(self[name], self.axes(name), **kwargs)
+
+
+def site_axes(name: str) -> tuple[str, ...]:
+    """A site's axis names in a trace: a leading `layer` for per-layer sites, then `SITES[name].shape`."""
+    site = SITES[name]
+    return (("layer",) if site.per_layer else ()) + site.shape
 
 
 def _leaks(value, stored: Mapping[str, Any]) -> bool:

@@ -1,0 +1,208 @@
+"""Notebook displays (tinygpt/display.py): well-formed, escaped HTML naming what it shows; short reprs; every
+probe result dataclass is displayable; the optional treescope view."""
+
+from __future__ import annotations
+
+import dataclasses
+import html.parser
+import importlib
+import pkgutil
+
+import numpy as np
+import pytest
+
+import probes
+import tinygpt
+from tinygpt import display
+
+VOID = {"img", "br", "hr", "meta", "input", "col", "wbr"}
+
+
+class _Checker(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.tags, self.scripts = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.scripts += tag == "script"
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append(tag)
+        self.scripts += tag == "script"
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        self.stack.pop()
+
+
+def well_formed(markup: str) -> _Checker:
+    checker = _Checker()
+    checker.feed(markup)
+    checker.close()
+    assert not checker.stack, f"unclosed tags: {checker.stack}"
+    assert checker.scripts == 0, "a <script> element in the display"
+    return checker
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tinygpt.load()
+
+
+@pytest.fixture(scope="module")
+def trace(model):
+    return model("ROMEO: But soft, what light")
+
+
+def test_model_display_names_its_config(model):
+    markup = model._repr_html_()
+    well_formed(markup)
+    for text in ("embedded", "n_layer", "n_head", "d_model", "d_mlp", "n_ctx", "vocab", "2048", "675,328",
+                 "float32", "tokenizer"):
+        assert text in markup
+    assert len(repr(model)) < 200
+
+
+def test_trace_display_shows_every_site_with_named_axes(trace):
+    markup = trace._repr_html_()
+    well_formed(markup)
+    for name in tinygpt.SITE_NAMES:
+        assert f"<code>{name}</code>" in markup
+    assert "[layer=2, batch=1, seq=8, d_model=128]" in markup
+    assert "[layer=2, batch=1, head=4, seq=8, key=8]" in markup
+    assert "[batch=1, seq=8, vocab=2048]" in markup
+    assert "float32" in markup and "mean" in markup
+
+
+def test_trace_repr_is_short_and_informative(trace):
+    text = repr(trace)
+    assert len(text) < 300, text
+    assert "all sites" in text and "layer=2" in text and "seq=8" in text
+    partial = tinygpt.Trace(logits=trace.logits, resid_post=trace.resid_post)
+    assert "resid_post" in repr(partial) and "logits" in repr(partial)
+
+
+def test_compact_trace_marks_derived_sites_without_computing_them(model):
+    compact = model("ROMEO: But soft", compact=True)
+    markup = compact._repr_html_()
+    well_formed(markup)
+    assert compact._cache == {}  # nothing was derived to display it
+    assert markup.count("derived on read") == len(compact.derived()) + 1  # each row and the title
+    assert "[layer=2, batch=1, head=4, seq=5, key=5]" in markup  # a derived site's shape, by eval_shape
+    assert "derived on read" in repr(compact)
+
+
+def test_nan_counts_show():
+    x = np.array([[1.0, np.nan], [np.inf, -2.0]], np.float32)
+    assert display.array_stats(x) == {"nan": 1, "inf": 1, "min": -2.0, "mean": -0.5, "max": 1.0}
+    assert "tg-bad" in display.array_html(x, "seq d_model")
+    assert "float32[seq=2, d_model=2]" in display.array_html(x, "seq d_model")
+
+
+@display.displayable(axes={"values": "layer head"})
+@dataclasses.dataclass
+class _Hostile:
+    """A <b>result</b> & co."""
+
+    label: str
+    values: np.ndarray
+    tokens: list
+    note: dict
+
+    def _headline(self):
+        return display.Table(["<th>", "value"], [(self.label, 1.5), ("<script>alert(2)</script>", self.values)],
+                             caption="<i>caption</i>")
+
+
+def test_hostile_strings_are_escaped():
+    result = _Hostile("<script>alert(1)</script>", np.zeros((2, 4), np.float32), ["<img src=x onerror=1>"],
+                      {"<k>": "</td></tr>"})
+    markup = result._repr_html_()
+    checker = well_formed(markup)
+    assert "<script>" not in markup and "&lt;script&gt;alert(1)&lt;/script&gt;" in markup
+    assert "<img src=x" not in markup and "<i>" not in markup and "<b>" not in markup
+    assert "img" not in checker.tags  # no figure hook here, and no injected image
+    assert "float32[layer=2, head=4]" in markup
+    assert len(repr(result)) < 200 and "values[2x4 float32]" in repr(result)
+
+
+def test_token_text_is_escaped(model):
+    display.use_tokenizer(model.tokenizer)
+    try:
+        lt = model.tokenizer.encode("<")[0]
+        markup = display.table_html(["token"], [(display.token(lt),)])
+        well_formed(markup)
+        assert "&lt;" in markup and "'<'" not in markup
+    finally:
+        display.use_tokenizer(None)
+    assert display.token(5) == "#5"
+
+
+def test_a_figure_hook_is_embedded_as_png():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    @display.displayable
+    @dataclasses.dataclass
+    class WithFigure:
+        x: float
+
+        def _figure(self):
+            fig = Figure(figsize=(2, 1))
+            fig.add_subplot().plot([0, 1], [0, self.x])
+            return fig
+
+    checker = well_formed(WithFigure(1.0)._repr_html_())
+    assert "img" in checker.tags
+    assert 'src="data:image/png;base64,' in WithFigure(1.0)._repr_html_()
+
+
+def probe_dataclasses():
+    found = []
+    for info in pkgutil.iter_modules(probes.__path__):
+        module = importlib.import_module(f"probes.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__:
+                found.append(value)
+    return found
+
+
+def test_every_probe_dataclass_is_displayable():
+    classes = probe_dataclasses()
+    assert len(classes) > 30
+    missing = [f"{c.__module__}.{c.__qualname__}" for c in classes
+               if "_repr_html_" not in vars(c) or vars(c).get("__repr__") is not display.short_repr]
+    assert not missing, f"probe result dataclasses without @displayable: {missing}"
+
+
+def test_probe_results_render(model):
+    from probes import attribution, lens
+
+    tokens = model.encode("ROMEO: But soft, what light")
+    display.use_tokenizer(model.tokenizer)
+    try:
+        dla = attribution.direct_logit_attribution(model.params, model.config, tokens, 11)
+        grid = lens.logit_lens(model.params, model.config, tokens)
+        for result, names in ((dla, ["Attribution", "component", "direct logit", "embed"]),
+                              (grid, ["LensSummary", "resid_post L1", "pos 7", "&#x27;:&#x27; (25)"])):
+            markup = result._repr_html_()
+            well_formed(markup)
+            for name in names:
+                assert name in markup, name
+            assert len(repr(result)) <= 200
+    finally:
+        display.use_tokenizer(None)
+
+
+def test_treescope_view_names_the_axes(trace, monkeypatch):
+    treescope = pytest.importorskip("treescope")
+    figure = trace.treescope("attn_pattern")
+    assert len(figure._repr_html_()) > 1000  # treescope's own (compressed) page
+    seen = {}
+    monkeypatch.setattr(treescope, "render_array", lambda array, **kwargs: seen.update(kwargs, shape=array.shape))
+    trace.treescope("attn_pattern")
+    assert seen["axis_labels"] == dict(enumerate(("layer", "batch", "head", "seq", "key")))
+    assert seen["shape"] == (2, 1, 4, 8, 8)
