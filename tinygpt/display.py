@@ -79,7 +79,7 @@ STYLE = """<style>
 .tinygpt-card{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;font-size:13px;line-height:1.35;
  border:1px solid #c8ccd2;border-radius:6px;padding:8px 12px;margin:4px 0;max-width:100%;overflow-x:auto}
 .tinygpt-card .tg-title{font-weight:600;font-size:14px}
-.tinygpt-card .tg-doc{color:#5a6270;margin-left:6px}
+.tinygpt-card .tg-doc{color:#5a6270;margin-left:6px;font-weight:normal}
 .tinygpt-card table{border-collapse:collapse;margin:6px 0}
 .tinygpt-card th,.tinygpt-card td{border-bottom:1px solid #e3e6ea;padding:2px 10px 2px 0;text-align:left;
  vertical-align:top}
@@ -91,7 +91,7 @@ STYLE = """<style>
 .tinygpt-card .tg-small{font-size:12px;min-width:220px;display:inline-block}
 .tinygpt-card .tg-bad{color:#b3261e;font-weight:600}
 .tinygpt-card summary{cursor:pointer;color:#39404a;margin-top:4px}
-.tinygpt-card caption{text-align:left;color:#5a6270;caption-side:top}
+.tinygpt-card .tg-caption{color:#5a6270;margin-top:6px}
 </style>"""
 
 
@@ -109,9 +109,7 @@ def table_html(columns: Sequence[str] | None, rows: Iterable[Sequence[Any]], cap
                labels: bool = False) -> str:
     """A table: a header of `columns` (None: none) and one row per sequence of values (formatted by `cell`);
     `labels`: each row's first value is its label (a <th>)."""
-    out = ["<table>"]
-    if caption:
-        out.append(f"<caption>{esc(caption)}</caption>")
+    out = [f'<div class="tg-caption">{esc(caption)}</div>' if caption else "", "<table>"]
     if columns:
         out.append("<thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr></thead>")
     out.append("<tbody>")
