@@ -23,7 +23,6 @@ import numpy as np
 import tinygpt
 from tinygpt.config import Config
 from tinygpt.display import displayable
-from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
 
@@ -117,31 +116,3 @@ def head_summary(params, config: Config, tokens, *, induction_n: int | None = No
         diagonal=mean_over_batch(self_score(pattern)),
         induction=induction_scores(params, config, n=induction_n, seed=seed),
     )
-
-
-def plot_patterns(pattern, labels, path, *, layers=None, title: str = "") -> None:
-    """Save a grid of attention patterns (rows: layers, columns: heads) of one sequence to `path`.
-    pattern [layer, head, seq, key]; labels: the token pieces along both axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pattern = np.asarray(pattern)
-    layers = list(range(pattern.shape[0])) if layers is None else list(layers)
-    n_head, seq = pattern.shape[1], pattern.shape[2]
-    size = 1.2 + 0.18 * seq
-    fig, axes = plt.subplots(len(layers), n_head, figsize=(size * n_head, size * len(layers)), squeeze=False)
-    for row, layer in enumerate(layers):
-        for head in range(n_head):
-            ax = axes[row, head]
-            ax.imshow(pattern[layer, head], vmin=0.0, vmax=1.0, cmap="Blues")
-            ax.set_title(f"L{layer}H{head}", fontsize=8)
-            ticks = np.arange(seq) if seq <= 24 else np.arange(0, seq, max(1, seq // 12))
-            ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=90, fontsize=6)
-            ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=6)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
-    plt.close(fig)

@@ -33,7 +33,6 @@ from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.display import displayable
-from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
 
@@ -360,38 +359,3 @@ def investigate(params, config: Config, prompts, *, threshold: float = 100.0, ra
         first, exclusion(params, config, prompts, top_activations(found, top)),
         mlp_stages(params, config, prompts, found, first), geometry(params, config, prompts, found, first, dim),
         intervention(params, config, prompts, found, first))
-
-
-def plot_report(report: MassiveReport, path: str) -> None:
-    """Two panels, written to `path` (PNG) with matplotlib's Agg backend: each massive dim's |value| across
-    layers, and the geometry regression (mlp_out[dim] against h . v1, massive positions marked)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for t in report.trajectories:
-        left.plot(np.abs(t.values), marker="o", label=f"dim {t.dim} (prompt {t.prompt}, pos {t.position})")
-    left.set_yscale("symlog")
-    if report.trajectories:
-        left.set_xticks(range(len(report.trajectories[0].values)))
-    left.set_xlabel("layer (block output)")
-    left.set_ylabel("|resid_post|")
-    left.set_title("massive dims across layers", fontsize=9)
-    if report.trajectories:
-        left.legend(fontsize=7)
-    g = report.geometry
-    if g is not None:
-        right.scatter(g.projection[~g.is_massive], g.output[~g.is_massive], s=10, label="other positions")
-        right.scatter(g.projection[g.is_massive], g.output[g.is_massive], s=30, c="red", label="massive positions")
-        line = np.linspace(g.projection.min(), g.projection.max(), 2)
-        right.plot(line, g.slope * line + g.intercept, "k--", lw=1,
-                   label=f"slope {g.slope:.3g}, R^2 {g.r2:.3f}")
-        right.set_xlabel("h . v1 (top singular direction of W_out)")
-        right.set_ylabel(f"mlp_out[{g.dim}] at layer {g.layer}")
-        right.legend(fontsize=7)
-    right.set_title("W_out geometry", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)

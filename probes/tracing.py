@@ -40,7 +40,6 @@ from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.display import displayable
 from tinygpt.errors import InputError
-from tinygpt.files import save_figure
 from tinygpt.inputs import checks_tokens
 from tinygpt.model import unembed
 from tinygpt.sweep import base_logits, cache_run, starts_from_z, sweep_positions
@@ -267,31 +266,3 @@ def find_subject(tokenizer, tokens, subject: str, occurrence: int = 0) -> list[i
                          f"time{'s' if len(found) > 1 else ''} in the prompt (occurrence counts from 0, negative "
                          f"from the end)")
     return found[occurrence]
-
-
-def plot_trace(result: CausalTrace, labels: list[str], path: str) -> None:
-    """ROME's figure: one heatmap per kind, tokens down (the subject's marked *), layers across, colour
-    P(answer) with the state restored; written to `path` (PNG) with matplotlib's Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = {"resid_pre": "residual (block input)", "resid_post": "residual (block output)",
-             "mlp_out": "MLP output", "attn_out": "attention output"}
-    cmaps = {"resid_pre": "Purples", "resid_post": "Purples", "mlp_out": "Greens", "attn_out": "Reds"}
-    rows = [f"{label}*" if i in set(result.subject.tolist()) else label for i, label in enumerate(labels)]
-    kinds = list(result.scores)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 0.32 * len(rows) + 1.6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        image = ax.pcolormesh(result.scores[kind].T, cmap=cmaps[kind], vmin=result.corrupt_prob)
-        ax.invert_yaxis()
-        ax.set_yticks(np.arange(len(rows)) + 0.5, rows, fontsize=8)
-        n_layer = result.scores[kind].shape[0]
-        ax.set_xticks(np.arange(0, n_layer, max(1, n_layer // 12)) + 0.5, np.arange(0, n_layer, max(1, n_layer // 12)))
-        ax.set_xlabel("layer" + ("" if kind in RESIDUAL_KINDS else f" (window {result.window})"))
-        ax.set_title(f"restoring {names[kind]}", fontsize=9)
-        fig.colorbar(image, ax=ax).set_label("P(answer)", fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)

@@ -73,8 +73,11 @@ def test_pattern_image_is_written(tmp_path):
     tokens = attention.repeated_random_tokens(CFG, N, 4, seed=4)
     pattern = np.asarray(attention.attention_patterns(params, CFG, tokens))[:, 0]  # [layer, head, seq, key]
     path = tmp_path / "patterns.png"
-    attention.plot_patterns(pattern, [f"t{i}" for i in range(2 * N)], path, layers=[0, 2], title="test")
+    plots = pytest.importorskip("probes.plots")
+    fig = plots.attention_patterns(pattern, [f"t{i}" for i in range(2 * N)], layers=[0, 2], prompt="test")
+    plots.save(fig, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 2 * CFG.n_head + 1  # a panel per (layer, head) and one colour bar
 
 
 def test_bad_inputs_are_clear_errors():

@@ -7,13 +7,12 @@ import argparse
 
 import numpy as np
 
-from tinygpt.files import save_figure
-
 from .common import (
     CLIError,
     add_json_arg,
     add_model_args,
     add_plot_arg,
+    decode,
     add_prompt_args,
     add_token_arg,
     count,
@@ -26,6 +25,7 @@ from .common import (
     print_json,
     prompt_ids,
     real,
+    save_plot,
     seed,
     table,
     token_arg,
@@ -58,35 +58,6 @@ def check_range(values: list[int] | None, size: int, flag: str, what: str) -> No
 
 def piece(model, token_id: int) -> str:
     return pieces(model, [token_id])[0]
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_grid(path: str, grids: dict, xlabel: str, xticks: list[str], title: str, cmap: str = "RdBu_r") -> None:
-    """One heatmap per entry of grids ({name: [layer, unit]}), layers down, units across, centred on 0."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(grids), figsize=(1.5 + 0.45 * len(xticks) * len(grids) + 1.5 * len(grids),
-                                                     1.5 + 0.3 * max(g.shape[0] for g in grids.values())),
-                             squeeze=False)
-    for ax, (name, grid) in zip(axes[0], grids.items()):
-        limit = float(np.nanmax(np.abs(grid))) or 1.0
-        image = ax.imshow(grid, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_title(f"{title}: {name}", fontsize=9)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("layer")
-        if len(xticks) <= 64:
-            ax.set_xticks(range(len(xticks)), xticks, rotation=90, fontsize=7)
-        fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------- ablate
@@ -127,7 +98,8 @@ def register_ablate(subparsers) -> None:
     add_token_arg(p, "answer", "the answer token for the sweep metric")
     add_token_arg(p, "wrong", "the wrong token for logit_diff")
     p.add_argument("--top", type=count, default=10, help="tokens / units to list (default 10)")
-    add_plot_arg(p, "sweeps: save a layer x unit heatmap")
+    add_plot_arg(p, "save the next-token probabilities before and after; with --sweep, a layer x unit heatmap "
+                    "(the largest effects when there are more than 64 units)")
     add_json_arg(p)
     p.set_defaults(func=cmd_ablate)
 
@@ -187,6 +159,10 @@ def cmd_ablate(args) -> None:
     result = {"site": site, "layers": layers if layers is not None else list(range(config.n_layer)),
               "method": args.method, **{k: v for k, v in selection.items() if v is not None},
               **distribution_change(model, change, args.top)}
+    if args.plot:
+        chosen = "".join(f", {k} {','.join(map(str, v))}" for k, v in selection.items() if v is not None)
+        plot_change(model, ids, result, f"{args.method} ablation of {site} (layers "
+                    f"{','.join(map(str, result['layers']))}{chosen})", args.plot)
     if args.json:
         print_json(result)
         return
@@ -211,6 +187,16 @@ def distribution_change(model, change, top: int) -> dict:
         "suppressed": [{"token": int(t), "piece": piece(model, t), "log_prob_change": float(c)}
                        for t, c in zip(down, down_by)],
     }
+
+
+def plot_change(model, ids, result: dict, what: str, path: str) -> None:
+    from probes import plots
+
+    top = result["top_before"]
+    save_plot(plots.distribution_change([t["piece"] for t in top], [t["probability"] for t in top],
+                                        [t["probability_after"] for t in top], kl=result["kl_last"],
+                                        what=f"next-token probabilities before and after {what}",
+                                        model=model.source, prompt=decode(model, ids)), path)
 
 
 def print_change(result: dict) -> None:
@@ -240,6 +226,9 @@ def ablate_neuron(model, args, tokens, layers, selection) -> None:
               "direct_logits_top": [{"token": int(t), "piece": piece(model, t),
                                      "logit": float(study.direct_logits[t])} for t in direct],
               **distribution_change(model, study.change, args.top)}
+    if args.plot:
+        action = args.neuron_action + (f" {args.value:g}" if args.value is not None else "")
+        plot_change(model, tokens[0].tolist(), result, f"neuron {neuron} of layer {layer} ({action})", args.plot)
     if args.json:
         print_json(result)
         return
@@ -274,8 +263,13 @@ def ablate_sweep(model, args, tokens, layers, reference, reference_mask, per_pos
     top = [{"layer": int(result.layers[r]), unit: int(result.units[c]), "value": float(result.values[r, c]),
             "effect": float(result.effect[r, c])} for r, c in zip(rows, columns)]
     if args.plot:
-        plot_grid(args.plot, {metric: result.effect}, unit, [str(u) for u in result.units],
-                  f"{args.method} ablation effect")
+        from probes import plots
+
+        save_plot(plots.layer_unit_grid(
+            {f"{metric} change, {site}": result.effect}, result.layers, result.units, unit=unit,
+            value_label=f"change in {metric} (ablated - baseline {result.baseline:.3g})",
+            what=f"{args.method} ablation of each {unit}: change in {metric} at the last position",
+            model=model.source, prompt=decode(model, tokens[0])), args.plot)
     out = {"sweep": args.sweep, "site": site, "method": args.method, "metric": metric, "answer": answer,
            "wrong": wrong, "baseline": result.baseline, "layers": result.layers, "units": result.units,
            "values": result.values, "effect": result.effect, "top": top}
@@ -285,8 +279,6 @@ def ablate_sweep(model, args, tokens, layers, reference, reference_mask, per_pos
     print(f"{model}\n{args.method}-ablating each {unit} ({site}), metric {metric} at the last position; "
           f"baseline {result.baseline:.4g}\n")
     print(table([[t["layer"], t[unit], t["value"], t["effect"]] for t in top], ["layer", unit, metric, "effect"]))
-    if args.plot:
-        print(f"\nheatmap written to {args.plot}")
 
 
 # -------------------------------------------------------------------------------------------------- patch
@@ -377,9 +369,17 @@ def cmd_patch(args) -> None:
             results[site].corrupt if args.direction == "denoise" else results[site].clean)}
             for site, e in estimates.items()}
     if args.plot:
-        xticks = ([f"{i}:{p}" for i, p in enumerate(pieces(model, clean))] if args.by == "position"
-                  else [str(u) for u in first.units])
-        plot_grid(args.plot, {site: r.recovery for site, r in results.items()}, unit, xticks, "recovery")
+        from probes import plots
+
+        xticks = ([f"{i} {p}" for i, p in enumerate(plots.tokens(pieces(model, clean), 10))]
+                  if args.by == "position" else [str(u) for u in first.units])
+        metric = f"{args.metric} of {piece(model, answer)!r}" + (
+            f" over {piece(model, wrong)!r}" if args.metric == "logit_diff" else "")
+        save_plot(plots.layer_unit_grid(
+            {site: r.recovery for site, r in results.items()}, first.layers, first.units, unit=unit,
+            unit_labels=xticks, value_label="normalised recovery (patched - corrupt) / (clean - corrupt)",
+            what=f"activation patching ({args.direction}) by {args.by}: recovery of {metric}",
+            model=model.source, prompt=f"{decode(model, clean)}' vs '{decode(model, corrupt)}"), args.plot)
     if args.json:
         print_json(out)
         return
@@ -395,8 +395,6 @@ def cmd_patch(args) -> None:
             print(f"attribution estimate of {args.metric} change, {site}")
             print(table([[int(l)] + [float(v) for v in row] for l, row in zip(r.layers, estimates[site])], header))
         print()
-    if args.plot:
-        print(f"heatmap written to {args.plot}")
 
 
 # -------------------------------------------------------------------------------------------------- trace
@@ -470,7 +468,10 @@ def cmd_trace(args) -> None:
         raise CLIError(str(e)) from None
     labels = pieces(model, ids)
     if args.plot:
-        tracing.plot_trace(result, [repr(p)[1:-1] for p in labels], args.plot)
+        from probes import plots
+
+        save_plot(plots.causal_trace(result, labels, answer=piece(model, result.answer), model=model.source,
+                                     prompt=decode(model, ids)), args.plot)
     out = {"tokens": ids, "pieces": labels, "subject_positions": subject, "answer": result.answer,
            "answer_piece": piece(model, result.answer), "clean_prob": result.clean_prob,
            "corrupt_prob": result.corrupt_prob, "total_effect": result.total_effect, "noise_std": result.noise_std,
@@ -493,8 +494,6 @@ def cmd_trace(args) -> None:
         layer, position = np.unravel_index(np.argmax(scores), scores.shape)
         print(f"largest indirect effect {scores[layer, position] - result.corrupt_prob:.4g} at layer {layer}, "
               f"position {position} ({labels[position]!r})\n")
-    if args.plot:
-        print(f"heatmaps written to {args.plot}")
 
 
 # ------------------------------------------------------------------------------------------------ massive
@@ -532,13 +531,14 @@ def cmd_massive(args) -> None:
                                  top=args.top)
     out = massive_json(model, report)
     if args.plot:
-        massive.plot_report(report, args.plot)
+        from probes import plots
+
+        shown = decode(model, prompts[0]) + (f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else "")
+        save_plot(plots.massive(report, model=model.source, prompt=shown), args.plot)
     if args.json:
         print_json(out)
         return
     print_massive(model, report, out)
-    if args.plot:
-        print(f"\nplot written to {args.plot}")
 
 
 def massive_json(model, report) -> dict:

@@ -146,6 +146,15 @@ def add_plot_arg(parser: argparse.ArgumentParser, help: str) -> None:
                         help=f"{help} (.png, .pdf, .svg, ...; needs matplotlib)")
 
 
+def save_plot(fig, path: str) -> None:
+    """Write a figure of `probes.plots` to --plot's path and say so: the one confirmation line of every
+    command, on stderr (stdout stays the table or the JSON)."""
+    from probes import plots
+
+    plots.save(fig, path)
+    print(f"plot written to {path}", file=sys.stderr)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="ID_OR_DIR",
                         help="hub id (gpt2, gpt2-medium, openai-community/gpt2, ...) or a local directory with "

@@ -11,6 +11,7 @@ from .common import (
     CLIError,
     add_json_arg,
     add_model_args,
+    add_plot_arg,
     add_prompt_args,
     count,
     decode,
@@ -21,6 +22,7 @@ from .common import (
     print_json,
     probability,
     prompt_ids,
+    save_plot,
     seed,
     table,
 )
@@ -42,6 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-lookup", type=natural, default=0, metavar="K",
                    help="greedy only (--temperature 0): draft K tokens by prompt lookup and verify them in one "
                    "pass; the same tokens in fewer passes where text repeats, printed when complete (default off)")
+    add_plot_arg(p, "save the probability the model gave each generated token")
     add_json_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -87,7 +90,8 @@ def cmd_generate(args) -> None:
     start = time.perf_counter()
     out = tinygpt.generate(model.params, model.config, np.asarray([ids]), args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           on_token=None if args.prompt_lookup else stream, prompt_lookup=args.prompt_lookup)
+                           on_token=None if args.prompt_lookup else stream, prompt_lookup=args.prompt_lookup,
+                           return_logits=bool(args.plot))
     new = np.asarray(out.tokens)[0].tolist()
     seconds = time.perf_counter() - start
     if args.json:
@@ -95,6 +99,21 @@ def cmd_generate(args) -> None:
                     "prompt": decode(model, ids), "passes": int(out.passes), "timing": {"seconds": seconds}})
     else:
         stream.finish(new)
+    if args.plot:
+        plot_generation(model, args, ids, new, np.asarray(out.logits, np.float64)[0])
+
+
+def plot_generation(model, args, ids, new, logits) -> None:
+    """The probability the model's distribution (before temperature, top-k, top-p) gave each chosen token."""
+    from probes import plots
+
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    chosen = np.exp(log_probs[np.arange(len(new)), new])
+    sampling = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature:g}" + (
+        f", top-k {args.top_k}" if args.top_k else "") + (f", top-p {args.top_p:g}" if args.top_p else "")
+    save_plot(plots.generation(pieces(model, new), chosen, model=model.source, prompt=decode(model, ids),
+                               sampling=sampling), args.plot)
 
 
 class _Streamer:

@@ -12,8 +12,6 @@ import dataclasses
 
 import numpy as np
 
-from tinygpt.files import save_figure
-
 from .common import (
     CLIError,
     InterruptLatch,
@@ -29,6 +27,7 @@ from .common import (
     positive,
     print_json,
     probe_errors,
+    save_plot,
     seed,
     table,
 )
@@ -57,15 +56,6 @@ def add_corpus_args(parser, max_tokens: int | None) -> None:
     parser.add_argument("--seq", type=count, default=None, metavar="N",
                         help="window length in tokens (default: the model's context n_ctx)")
     parser.add_argument("--batch", type=count, default=None, metavar="N", help="windows per forward call")
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def corpus_windows(model, args) -> tuple[np.ndarray, str]:
@@ -296,7 +286,7 @@ def cmd_superposition(args) -> None:
     results = geometry.superposition(sets, eps=eps, max_pairs=args.pairs, seed=args.seed)
     capacity = geometry.capacity(model.config.d_model, args.angle, seed=args.seed)
     if args.plot:
-        plot_superposition(results, eps, args.plot)
+        plot_superposition(model, results, eps, args.plot)
     if args.json:
         print_json({"sets": [r.to_dict() for r in results], "capacity": dataclasses.asdict(capacity),
                     "angle": args.angle, "eps": eps})
@@ -312,27 +302,12 @@ def cmd_superposition(args) -> None:
           f" union bound exp(d eps^2/4) = {c.jl_bound:.3g}; random vectors before the first pair beyond: "
           f"{c.birthday_estimate:.3g} expected (birthday, p = {c.pair_beyond_probability:.2e} per pair), "
           f"{'>= ' if c.measured_capped else ''}{c.measured:.0f} measured")
-    if args.plot:
-        print(f"plot: {args.plot}")
 
 
-def plot_superposition(results, eps: float, path: str) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(len(results), 1, figsize=(7, 2.4 * len(results)), squeeze=False)
-    for ax, r in zip(axes[:, 0], results):
-        bins = np.linspace(-1, 1, int(np.clip(np.sqrt(len(r.cosines)), 20, 200)) + 1)
-        ax.hist(r.gaussian_cosines, bins=bins, density=True, alpha=0.5, label=f"Gaussian, d={r.summary.d}")
-        ax.hist(r.cosines, bins=bins, density=True, alpha=0.6, label=r.name)
-        for x in (-eps, eps):
-            ax.axvline(x, color="k", lw=0.6, ls="--")
-        ax.set_yscale("log")
-        ax.set_title(f"{r.name}: n={r.summary.n}, mean |cos| {r.summary.mean_abs:.3f} "
-                     f"(random {r.gaussian.mean_abs:.3f})", fontsize=9)
-        ax.legend(fontsize=8)
-    axes[-1, 0].set_xlabel("pairwise cosine")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+def plot_superposition(model, results, eps: float, path: str) -> None:
+    from probes import plots
+
+    save_plot(plots.superposition(results, eps, model=model.source), path)
 
 
 # ------------------------------------------------------------------------------------------- polysemantic
@@ -456,7 +431,7 @@ def cmd_manifold(args) -> None:
     except ValueError as e:  # too few tokens for the probe's held-out split or for TwoNN
         raise CLIError(str(e)) from None
     if args.plot:
-        plot_manifold(report, args.plot)
+        plot_manifold(model, report, description, args.plot)
     if args.json:
         print_json({**dataclasses.asdict(report), "corpus": description})
         return
@@ -467,32 +442,9 @@ def cmd_manifold(args) -> None:
         probe = [g.probe.test_accuracy, g.probe.majority] if g.probe else ["", ""]
         rows.append([g.name, g.two_nn, g.two_nn_mle, g.participation_ratio, *probe])
     print(table(rows, ["depth", "TwoNN (fit)", "TwoNN (MLE)", "participation ratio", "probe accuracy", "majority"]))
-    if args.plot:
-        print(f"plot: {args.plot}")
 
 
-def plot_manifold(report, path: str) -> None:
-    plt = pyplot()
-    names = [g.name for g in report.layers]
-    x = np.arange(len(names))
-    rows = 2 if report.property else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(6, 3 * rows), squeeze=False, sharex=True)
-    ax = axes[0, 0]
-    ax.plot(x, [g.two_nn for g in report.layers], "o-", label="TwoNN (fit)")
-    ax.plot(x, [g.two_nn_mle for g in report.layers], "s--", label="TwoNN (MLE)")
-    ax.plot(x, [g.participation_ratio for g in report.layers], "^-", label="PCA participation ratio")
-    ax.set_ylabel("dimension")
-    ax.set_title(f"residual stream, {report.n_points} tokens", fontsize=9)
-    ax.legend(fontsize=8)
-    if report.property:
-        ax = axes[1, 0]
-        ax.plot(x, [g.probe.test_accuracy for g in report.layers], "o-", label="linear probe (held out)")
-        ax.plot(x, [g.probe.majority for g in report.layers], "k:", label="majority class")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"property: {report.property}", fontsize=9)
-        ax.legend(fontsize=8)
-    axes[-1, 0].set_xticks(x, names)
-    axes[-1, 0].set_xlabel("depth (embed = entering block 0, Li = leaving block i)")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
+def plot_manifold(model, report, description: str, path: str) -> None:
+    from probes import plots
+
+    save_plot(plots.manifold(report, model=model.source, corpus=description), path)

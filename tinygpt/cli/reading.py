@@ -4,11 +4,7 @@ a --plot image)."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
-
-from tinygpt import files
 
 from .common import (
     CLIError,
@@ -32,6 +28,7 @@ from .common import (
     probe_errors,
     prompt_ids,
     real,
+    save_plot,
     seed,
     table,
     token_arg,
@@ -87,23 +84,6 @@ def token_pairs(model, pairs) -> list[dict]:
     return [{"token": int(t), "piece": piece(model, t), "value": float(v)} for t, v in pairs]
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (imported only when a plot is asked for)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str) -> None:
-    fig.tight_layout()
-    files.save_figure(fig, path, dpi=100)
-    pyplot().close(fig)
-    print(f"wrote {path}", file=sys.stderr)
-
-
 # -------------------------------------------------------------------------------------------------- lens
 
 
@@ -150,7 +130,7 @@ def cmd_lens(args) -> None:
                                                                           result.final_top_probs[0, pos])]}
              for pos in range(len(ids))]
     if args.plot:
-        plot_lens(model, result, ids, args.plot)
+        plot_lens(model, result, ids, args)
     if args.json:
         print_json({"lens": "tuned" if args.tuned else "logit", "tokens": ids, "pieces": pieces(model, ids),
                     "sites": list(result.sites), "target": target, "rows": rows, "final": final})
@@ -185,24 +165,15 @@ def top_cell(model, token_id, probability) -> str:
     return f"{piece(model, token_id)!r} {probability:.2f}"
 
 
-def plot_lens(model, result, ids, path: str) -> None:
-    """Rows: (layer, site), columns: positions; colour: the top token's probability, text: the token."""
-    plt = pyplot()
-    n_site, n_layer, _, seq, _ = result.top_ids.shape
-    probs = result.top_probs[:, :, 0, :, 0].transpose(1, 0, 2).reshape(n_layer * n_site, seq)
-    tops = result.top_ids[:, :, 0, :, 0].transpose(1, 0, 2).reshape(n_layer * n_site, seq)
-    labels = [f"L{layer} {site}" for layer in range(n_layer) for site in result.sites]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * seq, 0.8 + 0.35 * len(labels)))
-    image = ax.imshow(probs, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-    for row in range(probs.shape[0]):
-        for pos in range(seq):
-            ax.text(pos, row, piece(model, tops[row, pos]).replace("\n", "\\n")[:8], ha="center", va="center",
-                    fontsize=7, color="white" if probs[row, pos] < 0.6 else "black")
-    ax.set_xticks(range(seq), [p.replace("\n", "\\n") for p in pieces(model, ids)], rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("input position")
-    fig.colorbar(image, ax=ax, label="top-1 probability")
-    save_figure(fig, path)
+def plot_lens(model, result, ids, args) -> None:
+    from probes import plots
+
+    top_ids = np.asarray(result.top_ids)[:, :, 0, :, 0]  # [site, layer, seq]
+    top_pieces = np.asarray([piece(model, t) for t in top_ids.ravel()], dtype=object).reshape(top_ids.shape)
+    target = token_arg(model, args.target, args.target_id, "target")
+    save_plot(plots.logit_lens(result, pieces(model, ids), top_pieces, tuned=bool(args.tuned), model=model.source,
+                               target=None if target is None else piece(model, target),
+                               prompt=decode(model, ids)), args.plot)
 
 
 # ---------------------------------------------------------------------------------------------- tunedlens
@@ -445,6 +416,7 @@ def register_attribute(subparsers) -> None:
     p.add_argument("--position", type=integer, default=-1, help="position (default -1, the last)")
     p.add_argument("--top", type=count, default=12, help="components to list, largest |contribution| first (default 12)")
     p.add_argument("--neurons", type=natural, default=None, metavar="LAYER", help="also split MLP LAYER over its neurons")
+    add_plot_arg(p, "save bars of the --top components' contributions")
     add_json_arg(p)
     p.set_defaults(func=cmd_attribute)
 
@@ -477,16 +449,23 @@ def cmd_attribute(args) -> None:
         out["neurons"] = {"layer": args.neurons, "b_out": float(neurons.bias[0]), "total": float(neurons.total[0]),
                           "top": [{"neuron": int(i), "activation": float(neurons.activations[i, 0]),
                                    "contribution": float(neurons.neurons[i, 0])} for i in order]}
+    what = f"the logit of {piece(model, target)!r}"
+    if baseline is not None:
+        what += f" - the logit of {piece(model, baseline)!r}"
+    ranked = sorted(components, key=lambda c: -abs(c["contribution"]))[: args.top]
+    if args.plot:
+        from probes import plots
+
+        save_plot(plots.attribution([c["name"] for c in ranked], [c["contribution"] for c in ranked],
+                                    logit=out["logit"], model=model.source, prompt=decode(model, ids),
+                                    what=f"{what} at position {position} ({pieces(model, ids)[position]!r}), "
+                                         f"largest {len(ranked)} of {len(components)} components"), args.plot)
     if args.json:
         print_json(out)
         return
-    what = f"logit of {piece(model, target)!r}"
-    if baseline is not None:
-        what += f" - logit of {piece(model, baseline)!r}"
-    print(f"{model}\n{what} at position {position} ({pieces(model, ids)[position]!r}): {out['logit']:.4f}")
+    print(f"{model}\n{what[4:]} at position {position} ({pieces(model, ids)[position]!r}): {out['logit']:.4f}")
     print(f"= sum of {len(components)} components {float(result.contributions[:, 0].sum()):.4f} + final LayerNorm "
           f"bias term {out['bias_term']:.4f}   (final LayerNorm scale frozen at {out['ln_final_scale']:.4f})\n")
-    ranked = sorted(components, key=lambda c: -abs(c["contribution"]))[: args.top]
     print(table([[c["name"], c["contribution"]] for c in ranked], ["component", "contribution"]))
     if "neurons" in out:
         n = out["neurons"]
@@ -644,7 +623,7 @@ def cmd_svd(args) -> None:
                        for side in ("input", "output")}}
             for row in singular_tokens(params, svd, args.vectors, args.top)]
     if args.plot:
-        plot_spectrum(spectrum, args, per_head)
+        plot_spectrum(model, spectrum, args, per_head)
     if args.json:
         print_json(out)
         return
@@ -670,19 +649,12 @@ def cmd_svd(args) -> None:
     print(table(rows, ["i", "singular value", "input +", "input -", "output +", "output -"]))
 
 
-def plot_spectrum(spectrum, args, per_head: bool) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row, values in enumerate(spectrum):
-        if args.head is not None and row != args.head:
-            continue
-        ax.plot(np.arange(len(values)), values, marker=".", label=f"head {row}" if per_head else args.matrix)
-    ax.set_yscale("log")
-    ax.set_xlabel("index")
-    ax.set_ylabel("singular value")
-    ax.set_title(f"{args.matrix}, layer {args.layer}" + (" (LayerNorm folded)" if args.fold_ln else ""))
-    ax.legend(fontsize=7)
-    save_figure(fig, args.plot)
+def plot_spectrum(model, spectrum, args, per_head: bool) -> None:
+    from probes import plots
+
+    heads = None if not per_head else ([args.head] if args.head is not None else list(range(len(spectrum))))
+    save_plot(plots.spectrum(spectrum, matrix=args.matrix, layer=args.layer, heads=heads, fold_ln=args.fold_ln,
+                             model=model.source), args.plot)
 
 
 # -------------------------------------------------------------------------------------------------- steer
@@ -783,7 +755,7 @@ def register_attention(subparsers) -> None:
 
 
 def cmd_attention(args) -> None:
-    from probes.attention import attention_patterns, head_summary, plot_patterns
+    from probes.attention import attention_patterns, head_summary
 
     model = load_model(args)
     config = model.config
@@ -796,9 +768,10 @@ def cmd_attention(args) -> None:
     summary = head_summary(model.params, config, np.asarray([ids]), induction_n=args.induction_n)
     if args.plot:
         pattern = np.asarray(attention_patterns(model.params, config, np.asarray([ids])))[:, 0]
-        plot_patterns(pattern, [p.replace("\n", "\\n") for p in pieces(model, ids)], args.plot, layers=layers,
-                      title=repr(decode(model, ids))[:80])
-        print(f"wrote {args.plot}", file=sys.stderr)
+        from probes import plots
+
+        save_plot(plots.attention_patterns(pattern, pieces(model, ids), layers=layers, model=model.source,
+                                           prompt=decode(model, ids)), args.plot)
     rows = summary.rows()
     if args.json:
         print_json({"tokens": ids, "heads": rows})
