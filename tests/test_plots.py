@@ -29,11 +29,10 @@ MIN_SIDE, MAX_SIDE = 300, plots.MAX_PIXELS
 COMMANDS = {
     "generate": ["generate", "ROMEO:", "-n", "6", "--temperature", "0"],
     "attribute": ["attribute", PROMPT],
-    "lens": ["lens", PROMPT, "--site", "resid_post"],
+    "lens": ["lens", "crab 🦀 and 漢字", "--site", "resid_post"],  # glyphs the default font lacks
     "attention": ["attention", PROMPT, "--induction-n", "4"],
     "svd": ["svd", "OV", "--layer", "0"],
     "ablate": ["ablate", PROMPT, "--layers", "0", "--heads", "1"],
-    "ablate --sweep heads": ["ablate", PROMPT, "--sweep", "heads"],
     "ablate --sweep neurons": ["ablate", PROMPT, "--sweep", "neurons"],
     "patch --by head": ["patch", "--clean", "ROMEO: my lord", "--corrupt", "HAMLET: my lord", "--metric",
                         "log_prob", "--by", "head"],
@@ -74,16 +73,19 @@ def outside(fig) -> list[str]:
     canvas.draw()
     renderer = canvas.get_renderer()
     bounds = fig.bbox
+
+    def out(box):
+        return box is not None and (box.x0 < bounds.x0 - 1 or box.y0 < bounds.y0 - 1 or box.x1 > bounds.x1 + 1
+                                    or box.y1 > bounds.y1 + 1)
+
     cut = []
     texts = [fig._suptitle] if fig._suptitle is not None else []
     for ax in fig.axes:
-        texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.get_xticklabels(), *ax.get_yticklabels()]
-    for t in texts:
-        if not t.get_visible() or not t.get_text():
-            continue
-        box = t.get_window_extent(renderer)
-        if box.x0 < bounds.x0 - 1 or box.y0 < bounds.y0 - 1 or box.x1 > bounds.x1 + 1 or box.y1 > bounds.y1 + 1:
-            cut.append(t.get_text())
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+        for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):  # the tick labels drawn (those in view)
+            if out(axis.get_tightbbox(renderer)):
+                cut.append(f"{name} tick labels of {ax.get_title() or ax.get_ylabel()!r}")
+    cut += [t.get_text() for t in texts if t.get_visible() and t.get_text() and out(t.get_window_extent(renderer))]
     return cut
 
 
@@ -139,13 +141,23 @@ def test_the_cut_off_check_sees_a_label_outside_the_figure():
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_every_plot_is_a_sane_labelled_picture(name, tmp_path, capsys):
+def test_every_plot_is_a_sane_labelled_picture(name, tmp_path, capsys, caplog, monkeypatch):
+    """Also: no missing-glyph warning (the lens runs on a prompt with an emoji and CJK characters)."""
     path = tmp_path / "plot.png"
-    assert main([*COMMANDS[name], "--json", "--plot", str(path)]) == 0
+    figures, save = [], plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, where: (figures.append(fig), save(fig, where)))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        assert main([*COMMANDS[name], "--json", "--plot", str(path)]) == 0
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "missing from" in m or "Glyph" in m], messages  # no missing glyphs
+    assert len(figures) == 1 and outside(figures[0]) == []  # no label cut off
     captured = capsys.readouterr()
     json.loads(captured.out)  # stdout stays the JSON
     assert captured.err == f"plot written to {path}\n"  # the one confirmation line, the same everywhere
-    check_image(path)
+    info = check_image(path)
+    if name == "lens":  # the emoji prompt: the title shows it escaped
+        assert "\\U0001f980" in info["title"] and "\\u6f22" in info["title"]
 
 
 def test_every_plotting_subcommand_is_exercised():
@@ -204,15 +216,6 @@ def test_the_lens_colour_bar_label_is_not_cut(tmp_path):
 def test_text_the_font_lacks_is_escaped():
     assert plots.text("crab 🦀 \n $5") == "crab \\U0001f980 \\n \\$5"
     assert plots.token(" the") == "' the'" and plots.token(" the", quote=False) == "' the'"
-
-
-def test_an_emoji_prompt_plots_without_a_missing_glyph_warning(tmp_path, capsys, caplog):
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        assert main(["lens", "crab 🦀 and 漢字", "--site", "resid_post", "--plot", str(tmp_path / "e.png")]) == 0
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-    assert not [m for m in messages if "missing from" in m or "Glyph" in m], messages
-    assert "\\U0001f980" in check_image(tmp_path / "e.png")["title"]
 
 
 # --------------------------------------------------------------------------------- who imports matplotlib
