@@ -283,10 +283,8 @@ def causal_trace(result, pieces, *, answer: str | None = None, model: str | None
         ax.set_xlabel(f"layer restored{window}")
         ax.set_ylabel("token (* = corrupted subject)")
         ax.set_title(f"restoring {TRACE_NAMES.get(kind, kind)}", fontsize=9)
-        bar = _colorbar(fig, image, ax, "P(answer) with the state restored")
-        bar.ax.axhline(result.corrupt_prob, color="k", lw=1.5)
-        bar.ax.text(1.0, (result.corrupt_prob - low) / (high - low), " corrupted", fontsize=6,
-                    transform=bar.ax.transAxes, va="bottom", ha="left")
+        bar = _colorbar(fig, image, ax, "P(answer) restored (line: corrupted run)")
+        bar.ax.axhline(result.corrupt_prob, color="k", lw=2)
     shown = f"'{text(answer)}'" if answer is not None else "the answer"
     _title(fig, f"causal tracing: P({shown}) after restoring each state (clean {result.clean_prob:.3g}, "
                 f"corrupted {result.corrupt_prob:.3g})", model=model, prompt=prompt)
