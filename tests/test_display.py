@@ -130,15 +130,21 @@ def test_hostile_strings_are_escaped():
 
 
 def test_token_text_is_escaped(model):
-    display.use_tokenizer(model.tokenizer)
-    try:
+    with display.tokens_from(model.tokenizer):
         lt = model.tokenizer.encode("<")[0]
         markup = display.table_html(["token"], [(display.token(lt),)])
         well_formed(markup)
         assert "&lt;" in markup and "'<'" not in markup
-    finally:
-        display.use_tokenizer(None)
-    assert display.token(5) == "#5"
+    assert display.token(5) == "#5"  # the tokenizer was in use only inside the block: no global setting
+
+
+def test_a_result_shown_with_the_models_tokenizer_names_its_tokens(model):
+    from probes import attribution
+
+    tokens = model.encode("ROMEO: But soft")
+    result = attribution.direct_logit_attribution(model.params, model.config, tokens, 25)
+    assert "&#x27;:&#x27; (25)" in model.show(result)._repr_html_()
+    assert "&#x27;:&#x27; (25)" not in result._repr_html_() and "#25" in result._repr_html_()
 
 
 def test_a_figure_hook_is_embedded_as_png():
@@ -182,19 +188,15 @@ def test_probe_results_render(model):
     from probes import attribution, lens
 
     tokens = model.encode("ROMEO: But soft, what light")
-    display.use_tokenizer(model.tokenizer)
-    try:
-        dla = attribution.direct_logit_attribution(model.params, model.config, tokens, 11)
-        grid = lens.logit_lens(model.params, model.config, tokens)
-        for result, names in ((dla, ["Attribution", "component", "direct logit", "embed"]),
-                              (grid, ["LensSummary", "resid_post L1", "pos 7", "&#x27;:&#x27; (25)"])):
-            markup = result._repr_html_()
-            well_formed(markup)
-            for name in names:
-                assert name in markup, name
-            assert len(repr(result)) <= 200
-    finally:
-        display.use_tokenizer(None)
+    dla = attribution.direct_logit_attribution(model.params, model.config, tokens, 11)
+    grid = lens.logit_lens(model.params, model.config, tokens)
+    for result, names in ((dla, ["Attribution", "component", "direct logit", "embed"]),
+                          (grid, ["LensSummary", "resid_post L1", "pos 7", "&#x27;:&#x27; (25)"])):
+        markup = model.show(result)._repr_html_()
+        well_formed(markup)
+        for name in names:
+            assert name in markup, name
+        assert len(repr(result)) <= 200
 
 
 def test_treescope_view_names_the_axes(trace, monkeypatch):

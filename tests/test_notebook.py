@@ -18,13 +18,12 @@ CELLS = [
     "import tinygpt, tinygpt.display\n"
     "print(tinygpt.__file__)\n"
     "model = tinygpt.load()\n"
-    "tinygpt.display.use_tokenizer(model.tokenizer)\n"
     "model",
     'trace = model("ROMEO: But soft, what light")\ntrace',
     'model("ROMEO: But soft", compact=True)',
     "from probes import attribution, lens\n"
     'tokens = model.encode("ROMEO: But soft, what light")\n'
-    "lens.logit_lens(model.params, model.config, tokens)",
+    "model.show(lens.logit_lens(model.params, model.config, tokens))",
     "answer = int(trace.logits[0, -1].argmax())\n"
     "attribution.direct_logit_attribution(model.params, model.config, tokens, answer)",
 ]
@@ -68,7 +67,7 @@ def test_the_tour_notebook_runs_and_displays_html(kernel):
     for text in ("Trace: 23 sites", "resid_post", "[layer=2, batch=1, seq=8, d_model=128]"):
         assert text in html(1)
     assert "derived on read" in html(2)
-    for text in ("LensSummary", "resid_post L1", "pos 7"):
+    for text in ("LensSummary", "resid_post L1", "pos 7", "&#x27;:&#x27; (25)"):  # model.show: token text
         assert text in html(3)
     for text in ("Attribution", "direct logit", "embed"):
         assert text in html(4)

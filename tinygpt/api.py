@@ -35,6 +35,13 @@ class Model:
             tokens = self.encode(tokens)
         return forward(self.params, tokens, self.config, **kwargs)
 
+    def show(self, value):
+        """`value` (a probe result, a Trace) for display with this model's tokenizer: token ids show their text
+        (`tinygpt.display.show`)."""
+        from .display import show
+
+        return show(value, self.tokenizer)
+
     def __repr__(self):
         from .params import n_params
 

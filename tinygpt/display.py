@@ -8,7 +8,8 @@ never whole arrays). A class may define two hooks:
 - `_figure()`: a matplotlib Figure, embedded as a PNG; called only where matplotlib is importable.
 
 Axis names of array fields come from the decorator (`@displayable(axes={"values": "layer unit"})`); a Trace's
-come from `tinygpt.sites`. Token ids show their text once a tokenizer is set (`use_tokenizer`). Every string
+come from `tinygpt.sites`. Token ids show their text when displayed with a tokenizer: `model.show(result)`
+(`show(result, tokenizer)`), or inside `with tokens_from(tokenizer):` (no global setting). Every string
 is escaped with `html.escape`; the output is well-formed (every tag closed, `<img ... />` self-closed).
 
 This module imports neither jax nor numpy at import time; `treescope_array` renders an array with named axes
@@ -18,6 +19,8 @@ through treescope where it is installed (optional).
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import dataclasses
 import html
 import importlib.util
@@ -31,22 +34,48 @@ MAX_STAT_ELEMENTS = 1 << 24  # larger arrays show shape and dtype only (no pass 
 MAX_ROWS = 24  # rows of a list or dict shown before "… n more"
 REPR_LIMIT = 200
 
-_tokenizer = None
+# The tokenizer of the display being rendered: set only for the duration of one rendering (`tokens_from`).
+_TOKENIZER: contextvars.ContextVar = contextvars.ContextVar("tinygpt_display_tokenizer", default=None)
 
 
-def use_tokenizer(tokenizer) -> None:
-    """Show token ids with their text in displays (`tinygpt.display.use_tokenizer(model.tokenizer)`; None: ids
-    only)."""
-    global _tokenizer
-    _tokenizer = tokenizer
+@contextlib.contextmanager
+def tokens_from(tokenizer):
+    """Within the block, displays show token ids with their text (`'text' (id)`); outside it, as `#id`."""
+    previous = _TOKENIZER.set(tokenizer)
+    try:
+        yield
+    finally:
+        _TOKENIZER.reset(previous)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shown:
+    """`value` displayed with `tokenizer`, so its token ids show their text (what `show` returns)."""
+
+    value: Any
+    tokenizer: Any
+
+    def _repr_html_(self) -> str:
+        with tokens_from(self.tokenizer):
+            return self.value._repr_html_()
+
+    def __repr__(self) -> str:
+        with tokens_from(self.tokenizer):
+            return repr(self.value)
+
+
+def show(value, tokenizer) -> Shown:
+    """`value` (a result, a Trace, ...) for display with `tokenizer`: `Model.show(value)` passes the model's."""
+    return Shown(value, tokenizer)
 
 
 def token(token_id) -> str:
-    """A token id as text for displays: `'text' (id)` with a tokenizer set (`use_tokenizer`), else `#id`."""
+    """A token id as text for displays: `'text' (id)` while a tokenizer is in use (`tokens_from`), else `#id`."""
     token_id = int(token_id)
-    if _tokenizer is not None:
+    tokenizer = _TOKENIZER.get()
+    if tokenizer is not None:
         try:
-            return f"{_tokenizer.decode([token_id])!r} ({token_id})"
+            return f"{tokenizer.decode([token_id])!r} ({token_id})"
         except Exception:  # an id outside the vocabulary: show the id
             pass
     return f"#{token_id}"
