@@ -126,6 +126,44 @@ def trajectories(params, config: Config, prompts, activations: list[Activation])
     return out
 
 
+@displayable(axes={"max_abs": "layer", "dim": "layer", "position": "layer", "value": "layer",
+                    "to_median": "layer", "median": "layer", "count": "layer"})
+@dataclasses.dataclass
+class LayerSummary:
+    """Per layer of one prompt: its largest residual activation (resid_post, over positions and dims), where
+    it is, how it compares to its hidden state's median |value|, and how many activations are massive."""
+
+    threshold: float
+    ratio: float
+    max_abs: np.ndarray  # [layer] largest |resid_post[layer, position, dim]|
+    dim: np.ndarray  # [layer] its residual dimension
+    position: np.ndarray  # [layer] its position
+    value: np.ndarray  # [layer] its signed value
+    to_median: np.ndarray  # [layer] its |value| / the median |value| of its hidden state
+    median: np.ndarray  # [layer] median |resid_post| over every position and dim of the layer
+    count: np.ndarray  # [layer] activations that are massive (`massive_mask`)
+
+
+@checks_tokens("tokens")
+def layer_summary(params, config: Config, tokens, *, threshold: float = 100.0,
+                  ratio: float = 1000.0) -> LayerSummary:
+    """`LayerSummary` of one prompt, token ids [seq] (or [1, seq]): one forward pass."""
+    tokens = np.asarray(tokens).reshape(-1)
+    if tokens.size == 0:
+        raise InputError("give a non-empty prompt")
+    resid = residual_stream(params, jnp.asarray(tokens), config)  # [layer, seq, d_model]
+    mask, to_median = (np.asarray(x) for x in massive_mask(resid, threshold, ratio))
+    resid = np.asarray(resid, np.float64)
+    n_layer, seq, d_model = resid.shape
+    flat = np.abs(resid).reshape(n_layer, -1)
+    where = np.argmax(flat, axis=1)  # [layer]
+    position, dim = np.unravel_index(where, (seq, d_model))
+    layers = np.arange(n_layer)
+    return LayerSummary(threshold, ratio, flat[layers, where], dim, position, resid[layers, position, dim],
+                        to_median[layers, position, dim].astype(np.float64), np.median(flat, axis=1),
+                        mask.reshape(n_layer, -1).sum(axis=1))
+
+
 # ------------------------------------------------------------------------------------------------ exclusion
 
 

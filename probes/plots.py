@@ -330,6 +330,36 @@ def massive(report, *, model: str | None = None, prompt: str | None = None) -> F
     return fig
 
 
+def massive_layers(summary, pieces, *, model: str | None = None, prompt: str | None = None) -> Figure:
+    """A `probes.massive.LayerSummary`: per layer, the largest |resid_post| (bars, red where some activation is
+    massive; labelled with its dim and token) and the median |resid_post| (line), log scale, with the massive
+    threshold dashed."""
+    n_layer = len(summary.max_abs)
+    x = np.arange(n_layer)
+    fig = _figure(max(6.4, 2.4 + 0.55 * n_layer), 4.4)
+    ax = fig.subplots()
+    massive_there = np.asarray(summary.count) > 0
+    ax.bar(x, summary.max_abs, color=["tab:red" if m else "tab:gray" for m in massive_there],
+           label="largest |activation| (red: massive)")
+    ax.plot(x, summary.median, "o-", color="tab:blue", label="median |activation|")
+    ax.axhline(summary.threshold, color="k", ls="--", lw=0.8, label=f"threshold {summary.threshold:g}")
+    labels = tokens(pieces, 8)
+    if n_layer <= 24:
+        for i in range(n_layer):
+            ax.annotate(f"dim {int(summary.dim[i])}\n{labels[int(summary.position[i])]}", (x[i], summary.max_abs[i]),
+                        textcoords="offset points", xytext=(0, 2), ha="center", va="bottom", fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylim(top=max(float(np.max(summary.max_abs)), summary.threshold) * 4)
+    _integer_ticks(ax.xaxis, [str(l) for l in range(n_layer)], max_ticks=48)
+    ax.set_xlabel("layer (block output resid_post)")
+    ax.set_ylabel("|resid_post| (activation units, log scale)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"massive = |value| > {summary.threshold:g} and >= {summary.ratio:g} x its state's median: "
+                 f"{int(np.sum(summary.count))} found", fontsize=9)
+    _title(fig, "massive activations per layer", model=model, prompt=prompt)
+    return fig
+
+
 # --------------------------------------------------------------------------------------- attention
 
 
@@ -359,20 +389,47 @@ def attention_patterns(pattern, pieces, *, layers=None, model: str | None = None
     return fig
 
 
+def attention_head(pattern, pieces, *, layer: int, head: int, model: str | None = None,
+                   prompt: str | None = None) -> Figure:
+    """One head's attention pattern [seq, key]: queries down, keys across, colour bar (probability, 0..1)."""
+    pattern = np.asarray(pattern, np.float64)
+    seq = pattern.shape[0]
+    labels = tokens(pieces, 10)
+    side = float(np.clip(2.4 + 0.2 * seq, 3.6, MAX_INCHES - 1.5))
+    fig = _figure(side + 1.2, side + 0.6)
+    ax = fig.subplots()
+    image = ax.imshow(pattern, vmin=0.0, vmax=1.0, cmap="Blues", interpolation="nearest")
+    max_ticks = max(8, int(side * 6))
+    _integer_ticks(ax.xaxis, labels, rotation=90, fontsize=7, max_ticks=max_ticks)
+    _integer_ticks(ax.yaxis, labels, fontsize=7, max_ticks=max_ticks)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")
+    _colorbar(fig, image, ax, "attention probability")
+    _title(fig, f"attention pattern of layer {int(layer)} head {int(head)}", model=model, prompt=prompt)
+    return fig
+
+
 # -------------------------------------------------------------------------------------------- lens
 
 
 def logit_lens(result, pieces, top_pieces, *, target: str | None = None, model: str | None = None,
-               prompt: str | None = None, tuned: bool = False) -> Figure:
+               prompt: str | None = None, tuned: bool = False, ranks: bool = False) -> Figure:
     """A `probes.lens.LensResult` of one prompt: rows (layer, site), columns positions; colour the top-1
-    token's probability (0..1), text the token. `top_pieces` [site, layer, seq]: the top-1 token's piece."""
+    token's probability (0..1), text the token. `top_pieces` [site, layer, seq]: the top-1 token's piece.
+    `ranks` (a result with a target): a second panel, the target's rank at each cell (0 = the top token)."""
     top_probs = np.asarray(result.top_probs)
     n_site, n_layer, _, seq, _ = top_probs.shape
     probs = top_probs[:, :, 0, :, 0].transpose(1, 0, 2).reshape(n_layer * n_site, seq)
     tops = np.asarray(top_pieces, dtype=object).transpose(1, 0, 2).reshape(n_layer * n_site, seq)
     rows = [f"{layer} {site}" for layer in range(n_layer) for site in result.sites]
-    fig = _figure(2.6 + 0.85 * seq, 1.7 + 0.3 * len(rows))
-    ax = fig.subplots()
+    ranks = ranks and result.target_ranks is not None
+    height = 1.7 + 0.3 * len(rows)
+    fig = _figure(2.6 + 0.85 * seq, max(height, MIN_INCHES) + (0.9 + 0.3 * len(rows) if ranks else 0.0))
+    if ranks:
+        ax, below = fig.subplots(2, 1)
+        _lens_ranks(fig, below, result, rows, pieces, target)
+    else:
+        ax = fig.subplots()
     image = ax.imshow(probs, vmin=0.0, vmax=1.0, cmap=SEQUENTIAL, aspect="auto", interpolation="nearest")
     if seq * len(rows) <= 1200:
         for r in range(probs.shape[0]):
@@ -389,6 +446,27 @@ def logit_lens(result, pieces, top_pieces, *, target: str | None = None, model: 
         what += f"; target '{text(target)}'"
     _title(fig, what, model=model, prompt=prompt)
     return fig
+
+
+def _lens_ranks(fig, ax, result, rows, pieces, target) -> None:
+    """The target's rank under the lens, [(layer, site), position], coloured on a log scale (0 = top token)."""
+    ranks = np.asarray(result.target_ranks)[:, :, 0]  # [site, layer, seq]
+    n_site, n_layer, seq = ranks.shape
+    ranks = ranks.transpose(1, 0, 2).reshape(n_layer * n_site, seq).astype(np.float64)
+    norm = colors.LogNorm(vmin=1, vmax=max(10.0, float(ranks.max()) + 1))
+    image = ax.imshow(ranks + 1, cmap="magma_r", norm=norm, aspect="auto", interpolation="nearest")
+    if seq * len(rows) <= 1200:
+        for r in range(ranks.shape[0]):
+            for pos in range(seq):
+                ax.text(pos, r, f"{int(ranks[r, pos])}", ha="center", va="center", fontsize=6.5,
+                        color="white" if norm(ranks[r, pos] + 1) > 0.5 else "black")
+    _integer_ticks(ax.xaxis, [f"{i} {p}" for i, p in enumerate(tokens(pieces, 10))], rotation=90)
+    _integer_ticks(ax.yaxis, rows)
+    ax.set_xlabel("position and input token")
+    ax.set_ylabel("layer and residual site")
+    shown = f"'{text(target)}'" if target is not None else "the target"
+    ax.set_title(f"rank of {shown} (0 = top token)", fontsize=9)
+    _colorbar(fig, image, ax, "rank + 1 of the target (log scale)")
 
 
 # --------------------------------------------------------------------------------------------- svd
