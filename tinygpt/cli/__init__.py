@@ -18,7 +18,7 @@ from tinygpt.errors import TinyGPTError
 from .common import CLIError, InterruptLatch, Parser, fail  # noqa: F401  (CLIError: re-exported)
 
 # Modules of subcommands, in the order `--help` lists them. A module that is missing is skipped.
-COMMAND_MODULES = ["core", "causal", "reading", "geometry"]
+COMMAND_MODULES = ["core", "causal", "reading", "geometry", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:
