@@ -144,6 +144,7 @@ def _answer_id(model, answer) -> int | None:
 
 def report(model, prompt, *, answer=None, subject: str | None = None, occurrence: int = 0, top_k: int = 10,
            lens_sites=("resid_post",), trace_samples: int = 10, trace_window: int = 10, seed: int = 0,
+           trace_buckets: int | None = None,
            massive_threshold: float = 100.0, massive_ratio: float = 1000.0, progress=True) -> Report:
     """The HTML report of `prompt` (text, or token ids [seq]) on `model` (`tinygpt.load`).
     answer         the token to explain: text that is one token (" light") or a token id; adds its rank to the
@@ -153,6 +154,8 @@ def report(model, prompt, *, answer=None, subject: str | None = None, occurrence
     top_k          next-token predictions listed
     lens_sites     the residual sites the lens reads (`probes.lens.LENS_SITES`)
     trace_samples, trace_window, seed   the causal trace's noise samples, MLP/attention window, noise seed
+    trace_buckets  compiled position groups of the trace (`probes.tracing.causal_trace`'s buckets; the same
+                   numbers either way): default 1 for prompts up to 32 tokens (less to compile), else 2
     massive_threshold, massive_ratio    what counts as massive (`probes.massive.massive_mask`)
     progress       True: a tqdm bar on stderr; False: none; a callable: called (step, done, total)"""
     import jax
@@ -228,7 +231,8 @@ def report(model, prompt, *, answer=None, subject: str | None = None, occurrence
         if subject is not None:
             bar.step("causal tracing")
             trace = tracing.causal_trace(params, ids, config, subject_positions, answer=answer_id,
-                                         samples=trace_samples, window=trace_window, seed=seed)
+                                         samples=trace_samples, window=trace_window, seed=seed,
+                                         buckets=trace_buckets or (1 if len(ids) <= 32 else 2))
             fig = plots.causal_trace(trace, pieces, answer=_piece(model, trace.answer), **where)
             sections.append(_tracing_section(trace, subject, _piece(model, trace.answer), answer_id is None, fig))
             bar.advance()
