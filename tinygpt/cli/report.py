@@ -49,6 +49,9 @@ def register(subparsers) -> None:
 
 
 def cmd_report(args) -> None:
+    from tinygpt.errors import require
+
+    require("matplotlib", "plot", "tinygpt report")  # its figures (probes.plots): one line, before any work
     from probes import report as reports
     from probes import tracing
 
