@@ -34,6 +34,7 @@ import numpy as np
 from tinygpt.display import Html, displayable, esc, number, table_html
 from tinygpt.errors import InputError
 from tinygpt.files import atomic_write
+from tinygpt.inputs import check_tokens, checks_tokens
 
 SECTIONS = ("tokens", "predictions", "lens", "attention", "attribution", "massive", "tracing")
 
@@ -142,6 +143,7 @@ def _answer_id(model, answer) -> int | None:
     return ids[0]
 
 
+@checks_tokens("prompt")
 def report(model, prompt, *, answer=None, subject: str | None = None, occurrence: int = 0, top_k: int = 10,
            lens_sites=("resid_post",), trace_samples: int = 10, trace_window: int = 10, seed: int = 0,
            trace_buckets: int | None = None,
@@ -168,7 +170,7 @@ def report(model, prompt, *, answer=None, subject: str | None = None, occurrence
         ids = [int(i) for i in np.asarray(model.encode(prompt)).reshape(-1)]
         text = prompt
     else:
-        ids = [int(i) for i in np.asarray(prompt).reshape(-1)]
+        ids = [int(i) for i in check_tokens(np.asarray(prompt).reshape(1, -1), config, "prompt")[0]]
         text = model.tokenizer.decode(ids) if model.tokenizer is not None else " ".join(f"<{i}>" for i in ids)
     if not ids:
         raise InputError("the prompt is empty")

@@ -40,6 +40,8 @@ ENTRY_POINTS = {
     ("attribution", "residual_decomposition"): lambda m, bad: m.residual_decomposition(P, C, bad),
     ("lens", "logit_lens"): lambda m, bad: m.logit_lens(P, C, bad),
     ("massive", "detect"): lambda m, bad: m.detect(P, C, [bad[0]]),
+    ("massive", "layer_summary"): lambda m, bad: m.layer_summary(P, C, bad[0]),
+    ("report", "report"): lambda m, bad: m.report(tinygpt.Model(C, P), bad[0], progress=False),
     ("massive", "investigate"): lambda m, bad: m.investigate(P, C, [bad[0]]),
     ("massive", "exclusion"): lambda m, bad: m.exclusion(P, C, [bad[0]], []),
     ("massive", "trajectories"): lambda m, bad: m.trajectories(P, C, [bad[0]], []),
@@ -97,10 +99,15 @@ def _sae(m):
     return m.SAE(config, m.init_sae(config))
 
 
+RENDERING = ("plots",)  # draws results: its `prompt` and token `pieces` are text for titles and ticks
+
+
 def token_functions():
     """(module, function) for every public probe function with an argument named like token ids."""
     found = set()
     for info in pkgutil.iter_modules(probes.__path__):
+        if info.name in RENDERING:
+            continue
         module = importlib.import_module(f"probes.{info.name}")
         for name, fn in inspect.getmembers(module, inspect.isfunction):
             if fn.__module__ != module.__name__ or name.startswith("_"):

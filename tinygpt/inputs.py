@@ -126,8 +126,9 @@ def _id_arrays(value):
 
 def checks_tokens(*arguments: str):
     """Decorator for public functions that take token ids: before the call, every id in the named arguments
-    (arrays, or lists of prompts of any lengths) is checked against `config.vocab_size`, and an
-    `attention_mask` argument against `check_mask`, where the values are concrete. A probe that jits its own
+    (arrays, or lists of prompts of any lengths) is checked against `config.vocab_size` (the function's
+    `config` argument, or its `model`'s), and an `attention_mask` argument against `check_mask`, where the values
+    are concrete. A probe that jits its own
     computation would otherwise see only tracers, and clamp a bad id to the last token's.
 
         @checks_tokens("clean_tokens", "corrupt_tokens")
@@ -137,13 +138,13 @@ def checks_tokens(*arguments: str):
     def decorate(fn):
         signature = inspect.signature(fn)
         unknown = [a for a in arguments if a not in signature.parameters]
-        if unknown or "config" not in signature.parameters:
+        if unknown or not {"config", "model"} & set(signature.parameters):
             raise RuntimeError(f"checks_tokens: {fn.__qualname__} has no argument {(unknown or ['config'])[0]!r}")
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
             bound = signature.bind_partial(*args, **kwargs)
-            config = bound.arguments.get("config")
+            config = bound.arguments.get("config") or getattr(bound.arguments.get("model"), "config", None)
             if config is not None:
                 for name in arguments:
                     for ids in _id_arrays(bound.arguments.get(name)):
