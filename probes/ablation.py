@@ -356,6 +356,18 @@ class SweepResult:
         return Table(["layer", "unit", self.metric, "effect"], rows,
                      caption=f"largest effects on {self.metric} (baseline {self.baseline:.4g})")
 
+    def _figure(self, max_layers: int = 64):
+        """`probes.plots.layer_unit_grid` of the effects (wide sweeps, e.g. neurons: the largest cells);
+        None beyond `max_layers` layers."""
+        if len(self.layers) > max_layers:
+            return None
+        from probes import plots
+
+        return plots.layer_unit_grid(
+            {f"{self.metric} change": self.effect}, self.layers, self.units, unit="unit",
+            value_label=f"change in {self.metric} (ablated - baseline {self.baseline:.3g})",
+            what=f"ablation of each unit, one at a time: change in {self.metric}")
+
 
 def unit_sweep_scores(params, tokens, attention_mask, source, layers, units, answer, wrong, *, config: Config,
                       site: str, axis: str | None, metric: str, position: int, chunk_size: int | None):

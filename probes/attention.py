@@ -22,7 +22,7 @@ import numpy as np
 
 import tinygpt
 from tinygpt.config import Config
-from tinygpt.display import displayable
+from tinygpt.display import Table, displayable
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
 
@@ -85,13 +85,43 @@ def induction_scores(params, config: Config, *, n: int | None = None, batch: int
     return np.asarray(_induction_scores(params, repeated_random_tokens(config, n, batch, seed), config))
 
 
+SCORES = {"first": "first position", "previous": "previous position", "diagonal": "own position (self)",
+          "induction": "induction (repeated random tokens)"}
+
+
 @displayable(axes={"first": "layer head", "previous": "layer head", "diagonal": "layer head", "induction": "layer head"})
 @dataclasses.dataclass
 class HeadSummary:
+    """Per-head attention scores [layer, head], each a mean attention probability (0..1): to the first, the
+    previous and the own position on the prompt, and the induction score on repeated random tokens."""
+
     first: np.ndarray  # [layer, head] mean attention to the first position
     previous: np.ndarray  # [layer, head] mean attention to the previous position
     diagonal: np.ndarray  # [layer, head] mean attention to the query's own position
     induction: np.ndarray  # [layer, head] induction score on repeated random tokens
+
+    def _headline(self, top: int = 3):
+        """The `top` heads by each score."""
+        rows = []
+        for name, label in SCORES.items():
+            scores = np.asarray(getattr(self, name))
+            order = np.argsort(-scores, axis=None, kind="stable")[:top]
+            heads = np.unravel_index(order, scores.shape)
+            rows.append((label, ", ".join(f"L{l}H{h} {float(scores[l, h]):.2f}" for l, h in zip(*heads))))
+        return Table(["attention to", f"top {top} heads (score)"], rows,
+                     caption=f"{self.first.shape[0]} layers x {self.first.shape[1]} heads; scores are mean "
+                             "attention probabilities (0..1)")
+
+    def _figure(self, max_heads: int = 4096):
+        """`probes.plots.head_scores`: each score as a layer x head heatmap (None beyond `max_heads` heads)."""
+        if self.first.size > max_heads:
+            return None
+        from probes import plots
+
+        return plots.head_scores({label: getattr(self, name) for name, label in SCORES.items()},
+                                 value_label="mean attention probability",
+                                 what="attention head summaries: where each head looks (induction on repeated "
+                                      "random tokens)")
 
     def rows(self) -> list[dict]:
         n_layer, n_head = self.first.shape

@@ -128,6 +128,23 @@ class Attribution:
                      caption=f"logit of {token(self.target)}{against} at position {self.position}: "
                              f"{float(np.mean(self.logit)):.4g} (batch mean); largest components")
 
+    def _figure(self, top: int = 16):
+        """`probes.plots.attribution`: the `top` largest components by |contribution| (batch mean)."""
+        from probes import plots
+        from tinygpt import display
+
+        values = np.asarray(self.contributions, np.float64).mean(axis=1)  # [component]
+        order = np.argsort(-np.abs(values), kind="stable")[:top]
+        what = f"the logit of '{plots.text(display.pieces([self.target])[0])}'"
+        if self.baseline is not None:
+            what += f" - the logit of '{plots.text(display.pieces([self.baseline])[0])}'"
+        batch = len(self.logit)
+        what += (f" at position {self.position}" + (f" (mean over {batch} sequences)" if batch > 1 else "")
+                 + (f", largest {len(order)} of {len(values)} components" if len(order) < len(values)
+                    else f", all {len(values)} components by size"))
+        return plots.attribution([self.labels[i] for i in order], values[order], logit=float(np.mean(self.logit)),
+                                 what=what)
+
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _attribute(params, tokens, attention_mask, target, baseline, position, config: Config):

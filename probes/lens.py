@@ -71,6 +71,8 @@ class LensSummary:
     target: np.ndarray | None = None  # [batch, seq] target token ids (None when no target was given)
     target_probs: np.ndarray | None = None  # [site, layer, batch, seq]
     target_ranks: np.ndarray | None = None  # [site, layer, batch, seq] 0 = most probable
+    tokens: np.ndarray | None = None  # [batch, seq] the prompts' ids (labels the figure; None: no figure)
+    tuned: bool = False  # read through the tuned lens's translators (`probes.tuned_lens`)
 
     def _headline(self, batch: int = 0, max_positions: int = 12):
         """The lens grid of sequence `batch`: top token and probability at each (site, layer) and position."""
@@ -83,6 +85,33 @@ class LensSummary:
                                  for p in positions])
         return Table(["site, layer"] + [f"pos {p}" for p in positions], rows,
                      caption=f"top token and its probability (sequence {batch})")
+
+    def _figure(self, batch: int = 0, max_cells: int = 4096, max_labels: int = 240):
+        """`probes.plots.logit_lens` of sequence `batch` (with the target's ranks when there is a target), kept
+        cheap to draw: beyond `max_labels` labelled cells only the last site's rows (resid_post), with text only
+        within `max_labels`; None without the prompt's ids or beyond `max_cells` cells."""
+        n_site, n_layer, _, seq, _ = self.top_ids.shape
+        panels = 2 if self.target is not None else 1
+        sites = range(n_site) if n_site * n_layer * seq * panels <= max_labels else [n_site - 1]
+        if self.tokens is None or len(sites) * n_layer * seq > max_cells:
+            return None
+        from probes import plots
+        from tinygpt import display
+
+        def part(x):  # [site, layer, batch, ...] -> the sites shown, sequence `batch`
+            return None if x is None else x[list(sites)][:, :, batch:batch + 1]
+
+        shown = dataclasses.replace(self, sites=tuple(self.sites[s] for s in sites), top_ids=part(self.top_ids),
+                                    top_probs=part(self.top_probs), target_ranks=part(self.target_ranks))
+        top = shown.top_ids[:, :, 0, :, 0]  # [site, layer, seq]
+        top_pieces = np.asarray(display.pieces(top.ravel()), dtype=object).reshape(top.shape)
+        target = None
+        if self.target is not None and np.all(self.target[batch] == self.target[batch, 0]):
+            target = display.pieces([self.target[batch, 0]])[0]
+        ids = self.tokens[batch]
+        return plots.logit_lens(shown, display.pieces(ids), top_pieces, target=target, tuned=self.tuned,
+                                ranks=self.target is not None, prompt=display.decode(ids),
+                                max_labels=max_labels // panels)
 
     def rows(self, batch: int = 0) -> list[dict]:
         """One dict per (layer, site, position) of sequence `batch`, in layer, then site, then position order:
@@ -181,4 +210,5 @@ def logit_lens(params, config: Config, tokens, *, sites=LENS_SITES, target=None,
     target = broadcast_target(target, tokens)
     out = _logit_lens(params, tokens, attention_mask, target, config, sites, min(k, config.vocab_size))
     out = jax.tree.map(np.asarray, out)
-    return LensSummary(sites=sites, target=None if target is None else np.asarray(target), **out)
+    return LensSummary(sites=sites, target=None if target is None else np.asarray(target), tokens=np.asarray(tokens),
+                       **out)

@@ -32,7 +32,7 @@ import numpy as np
 from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
-from tinygpt.display import displayable
+from tinygpt.display import Table, displayable, token
 from tinygpt.inputs import checks_tokens
 from tinygpt.errors import InputError
 
@@ -142,6 +142,16 @@ class LayerSummary:
     to_median: np.ndarray  # [layer] its |value| / the median |value| of its hidden state
     median: np.ndarray  # [layer] median |resid_post| over every position and dim of the layer
     count: np.ndarray  # [layer] activations that are massive (`massive_mask`)
+    tokens: np.ndarray | None = None  # [seq] the prompt's ids (labels the figure; None: no figure)
+
+    def _figure(self):
+        """`probes.plots.massive_layers`: per layer, the largest and the median |resid_post|."""
+        if self.tokens is None:
+            return None
+        from probes import plots
+        from tinygpt import display
+
+        return plots.massive_layers(self, display.pieces(self.tokens), prompt=display.decode(self.tokens))
 
 
 @checks_tokens("tokens")
@@ -161,7 +171,7 @@ def layer_summary(params, config: Config, tokens, *, threshold: float = 100.0,
     layers = np.arange(n_layer)
     return LayerSummary(threshold, ratio, flat[layers, where], dim, position, resid[layers, position, dim],
                         to_median[layers, position, dim].astype(np.float64), np.median(flat, axis=1),
-                        mask.reshape(n_layer, -1).sum(axis=1))
+                        mask.reshape(n_layer, -1).sum(axis=1), tokens)
 
 
 # ------------------------------------------------------------------------------------------------ exclusion
@@ -366,6 +376,10 @@ def intervention(params, config: Config, prompts, activations: list[Activation],
 @displayable
 @dataclasses.dataclass
 class MassiveReport:
+    """Massive activations on some prompts (`investigate`): every one found, each massive dim across layers,
+    and, at the first layer holding one, the exclusion test, the MLP's stages, the W_out geometry and the loss
+    with them set to zero or to their mean."""
+
     threshold: float
     ratio: float
     prompts: list  # token id lists
@@ -376,6 +390,39 @@ class MassiveReport:
     mlp: MLPStages | None
     geometry: Geometry | None
     intervention: Intervention | None
+
+    def _headline(self):
+        """How many activations are massive, and the largest of each layer."""
+        criterion = f"|value| > {self.threshold:g} and >= {self.ratio:g} x its state's median |value|"
+        prompts = f"{len(self.prompts)} prompt{'s' if len(self.prompts) != 1 else ''}"
+        if not self.activations:
+            return [("massive activations", f"none on {prompts} ({criterion})")]
+        by_layer = {}
+        for a in self.activations:
+            by_layer.setdefault(a.layer, []).append(a)
+        rows = []
+        for layer, found in sorted(by_layer.items()):
+            a = max(found, key=lambda a: abs(a.value))
+            rows.append((layer, len(found), len({f.dim for f in found}), a.value, a.dim, a.prompt, a.position,
+                         token(a.token), a.ratio))
+        caption = (f"{len(self.activations)} massive activations on {prompts} ({criterion}), first at layer "
+                   f"{self.first_layer}")
+        if self.intervention is not None:
+            i = self.intervention
+            caption += (f"; next-token loss {i.loss:.4g}, {i.change_zero:+.4g} with layer {i.layer}'s set to zero, "
+                        f"{i.change_mean:+.4g} with them set to their mean")
+        return Table(["layer", "massive", "dims", "largest value", "dim", "prompt", "position", "token",
+                      "x median"], rows, caption=caption)
+
+    def _figure(self, max_lines: int = 8):
+        """`probes.plots.massive`: the `max_lines` largest massive dims across layers and the W_out regression."""
+        from probes import plots
+        from tinygpt import display
+
+        shown = display.decode(self.prompts[0]) if self.prompts else None
+        if shown is not None and len(self.prompts) > 1:
+            shown += f" (+{len(self.prompts) - 1} more)"
+        return plots.massive(dataclasses.replace(self, trajectories=self.trajectories[:max_lines]), prompt=shown)
 
 
 @checks_tokens("prompts")

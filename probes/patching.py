@@ -120,6 +120,19 @@ class PatchingResult:
                      caption=f"{self.site} by {self.by} ({self.direction}): clean {self.clean:.4g}, corrupt "
                              f"{self.corrupt:.4g}; largest recoveries")
 
+    def _figure(self, max_layers: int = 64):
+        """`probes.plots.layer_unit_grid` of the normalised recovery (wide sweeps: the largest cells); None
+        beyond `max_layers` layers."""
+        if len(self.layers) > max_layers:
+            return None
+        from probes import plots
+
+        return plots.layer_unit_grid(
+            {self.site: self.recovery}, self.layers, self.units, unit=self.by,
+            value_label="normalised recovery (patched - corrupt) / (clean - corrupt)",
+            what=f"activation patching ({self.direction}) by {self.by}: recovery of {self.metric} (clean "
+                 f"{self.clean:.3g}, corrupt {self.corrupt:.3g})")
+
 
 def patching_scores(params, base, source_tokens, layers, answer, wrong, *, config: Config, site: str, by: str,
                     units: tuple, metric: str, position: int, direction: str, unchanged_before: int, buckets: int,

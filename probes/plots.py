@@ -389,6 +389,33 @@ def attention_patterns(pattern, pieces, *, layers=None, model: str | None = None
     return fig
 
 
+def head_scores(scores: dict, *, what: str, value_label: str, model: str | None = None,
+                prompt: str | None = None) -> Figure:
+    """Per-head scores in 0..1 {panel name: [layer, head]} (`probes.attention.HeadSummary`): a heatmap per
+    score, layers down, heads across, one sequential colour bar; each cell's value written where there is
+    room."""
+    n = len(scores)
+    n_layer, n_head = np.asarray(next(iter(scores.values()))).shape
+    panel = float(np.clip(0.3 * n_head + 0.9, 1.8, 6.0))
+    fig = _figure(1.4 + n * panel, 2.0 + 0.3 * n_layer)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (name, grid) in zip(axes, scores.items()):
+        grid = np.asarray(grid, np.float64)
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap=SEQUENTIAL, aspect="auto", interpolation="nearest")
+        if grid.size <= 400:
+            for (layer, head), value in np.ndenumerate(grid):
+                ax.text(head, layer, f"{value:.2f}"[1:] if 0 <= value < 1 else f"{value:.1f}", ha="center",
+                        va="center", fontsize=7, color="white" if value < 0.6 else "black")
+        ax.set_title(text(name), fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        _integer_ticks(ax.xaxis, [str(h) for h in range(n_head)], max_ticks=32)
+        _integer_ticks(ax.yaxis, [str(l) for l in range(n_layer)], max_ticks=48)
+    _colorbar(fig, image, list(axes), value_label)
+    _title(fig, what, model=model, prompt=prompt)
+    return fig
+
+
 def attention_head(pattern, pieces, *, layer: int, head: int, model: str | None = None,
                    prompt: str | None = None) -> Figure:
     """One head's attention pattern [seq, key]: queries down, keys across, colour bar (probability, 0..1)."""
@@ -413,10 +440,12 @@ def attention_head(pattern, pieces, *, layer: int, head: int, model: str | None 
 
 
 def logit_lens(result, pieces, top_pieces, *, target: str | None = None, model: str | None = None,
-               prompt: str | None = None, tuned: bool = False, ranks: bool = False) -> Figure:
+               prompt: str | None = None, tuned: bool = False, ranks: bool = False,
+               max_labels: int = 1200) -> Figure:
     """A `probes.lens.LensResult` of one prompt: rows (layer, site), columns positions; colour the top-1
     token's probability (0..1), text the token. `top_pieces` [site, layer, seq]: the top-1 token's piece.
-    `ranks` (a result with a target): a second panel, the target's rank at each cell (0 = the top token)."""
+    `ranks` (a result with a target): a second panel, the target's rank at each cell (0 = the top token).
+    Cells carry text only where a panel has at most `max_labels` cells (text is what makes drawing slow)."""
     top_probs = np.asarray(result.top_probs)
     n_site, n_layer, _, seq, _ = top_probs.shape
     probs = top_probs[:, :, 0, :, 0].transpose(1, 0, 2).reshape(n_layer * n_site, seq)
@@ -427,11 +456,11 @@ def logit_lens(result, pieces, top_pieces, *, target: str | None = None, model: 
     fig = _figure(2.6 + 0.85 * seq, max(height, MIN_INCHES) + (0.9 + 0.3 * len(rows) if ranks else 0.0))
     if ranks:
         ax, below = fig.subplots(2, 1)
-        _lens_ranks(fig, below, result, rows, pieces, target)
+        _lens_ranks(fig, below, result, rows, pieces, target, max_labels)
     else:
         ax = fig.subplots()
     image = ax.imshow(probs, vmin=0.0, vmax=1.0, cmap=SEQUENTIAL, aspect="auto", interpolation="nearest")
-    if seq * len(rows) <= 1200:
+    if seq * len(rows) <= max_labels:
         for r in range(probs.shape[0]):
             for pos in range(seq):
                 ax.text(pos, r, token(tops[r, pos], 8, quote=False), ha="center", va="center", fontsize=6.5,
@@ -448,14 +477,14 @@ def logit_lens(result, pieces, top_pieces, *, target: str | None = None, model: 
     return fig
 
 
-def _lens_ranks(fig, ax, result, rows, pieces, target) -> None:
+def _lens_ranks(fig, ax, result, rows, pieces, target, max_labels: int = 1200) -> None:
     """The target's rank under the lens, [(layer, site), position], coloured on a log scale (0 = top token)."""
     ranks = np.asarray(result.target_ranks)[:, :, 0]  # [site, layer, seq]
     n_site, n_layer, seq = ranks.shape
     ranks = ranks.transpose(1, 0, 2).reshape(n_layer * n_site, seq).astype(np.float64)
     norm = colors.LogNorm(vmin=1, vmax=max(10.0, float(ranks.max()) + 1))
     image = ax.imshow(ranks + 1, cmap="magma_r", norm=norm, aspect="auto", interpolation="nearest")
-    if seq * len(rows) <= 1200:
+    if seq * len(rows) <= max_labels:
         for r in range(ranks.shape[0]):
             for pos in range(seq):
                 ax.text(pos, r, f"{int(ranks[r, pos])}", ha="center", va="center", fontsize=6.5,

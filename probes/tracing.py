@@ -38,7 +38,7 @@ import numpy as np
 from probes import metrics
 from tinygpt import forward
 from tinygpt.config import Config
-from tinygpt.display import displayable
+from tinygpt.display import Table, displayable, token
 from tinygpt.errors import InputError
 from tinygpt.inputs import checks_tokens
 from tinygpt.model import unembed
@@ -51,6 +51,9 @@ RESIDUAL_KINDS = ("resid_pre", "resid_post")  # restored alone (window 1), as in
 @displayable(axes={"tokens": "seq"})
 @dataclasses.dataclass
 class CausalTrace:
+    """ROME's causal trace of one prompt: P(answer) on the clean prompt, with the subject's embeddings
+    noised, and with each clean state restored into the noised run."""
+
     tokens: np.ndarray  # [seq] the prompt
     subject: np.ndarray  # positions of the subject's tokens
     answer: int  # the token whose probability is traced
@@ -71,6 +74,33 @@ class CausalTrace:
     def indirect_effect(self, kind: str) -> np.ndarray:
         """P(answer) restored - corrupted, [layer, seq]."""
         return self.scores[kind] - self.corrupt_prob
+
+    def _headline(self, top: int = 3):
+        """P(answer) clean and corrupted (the caption), and the `top` largest indirect effects of each kind."""
+        subject = {int(p) for p in np.asarray(self.subject)}
+        rows = []
+        for kind, scores in self.scores.items():
+            effect = np.asarray(scores, np.float64) - self.corrupt_prob  # [layer, seq]
+            order = np.argsort(-np.abs(effect), axis=None, kind="stable")[:top]
+            rows += [(kind, l, p, token(self.tokens[p]) + (" (subject)" if p in subject else ""),
+                      float(scores[l, p]), float(effect[l, p]))
+                     for l, p in zip(*(a.tolist() for a in np.unravel_index(order, effect.shape)))]
+        return Table(["restored", "layer", "position", "token", "P(answer)", "indirect effect"], rows,
+                     caption=f"P({token(self.answer)}): clean {self.clean_prob:.4g}, corrupted {self.corrupt_prob:.4g}"
+                             f" (total effect {self.total_effect:.4g}, {self.samples} noise samples); largest "
+                             "indirect effects (restored - corrupted)")
+
+    def _figure(self, max_cells: int = 4096):
+        """`probes.plots.causal_trace` (ROME's heatmaps); None beyond `max_cells` layer x position cells per
+        kind."""
+        n_layer = np.asarray(next(iter(self.scores.values()))).shape[0]
+        if n_layer * len(self.tokens) > max_cells:
+            return None
+        from probes import plots
+        from tinygpt import display
+
+        return plots.causal_trace(self, display.pieces(self.tokens), answer=display.pieces([self.answer])[0],
+                                  prompt=display.decode(self.tokens))
 
 
 def check_subject(subject_positions, seq: int) -> tuple[int, ...]:

@@ -277,7 +277,8 @@ def tuned_lens(params, config: Config, translators, tokens, *, target=None, k: i
     target = broadcast_target(target, tokens)
     out = _tuned_lens(translators, params, tokens, attention_mask, target, config, min(k, config.vocab_size))
     out = jax.tree.map(np.asarray, out)
-    return LensSummary(sites=(SITE,), target=None if target is None else np.asarray(target), **out)
+    return LensSummary(sites=(SITE,), target=None if target is None else np.asarray(target),
+                       tokens=np.asarray(tokens), tuned=True, **out)
 
 
 # ------------------------------------------------------------------------------------------------ save/load

@@ -5,7 +5,10 @@ inline figure, then every field) and a short `__repr__` (headline scalars, array
 never whole arrays). A class may define two hooks:
 
 - `_headline()`: the rows that matter most, as a list of (label, value) pairs or a `Table`;
-- `_figure()`: a matplotlib Figure, embedded as a PNG; called only where matplotlib is importable.
+- `_figure()`: a matplotlib Figure, embedded as a PNG; called only where matplotlib is importable. Hooks
+  draw through `probes.plots` (imported inside the method), label tokens with `pieces(ids)` (their text while
+  a tokenizer is in use, else `#id`), and return None where the result lacks what the figure needs or is too
+  large to draw quickly. A hook that raises costs the figure (a one-line note), not the display.
 
 Axis names of array fields come from the decorator (`@displayable(axes={"values": "layer unit"})`); a Trace's
 come from `tinygpt.sites`. Token ids show their text when displayed with a tokenizer: `model.show(result)`
@@ -79,6 +82,36 @@ def token(token_id) -> str:
         except Exception:  # an id outside the vocabulary: show the id
             pass
     return f"#{token_id}"
+
+
+def pieces(ids) -> list[str]:
+    """Each token id's own text (`tokenizer.pieces`) while a tokenizer is in use (`tokens_from`), else `#id`
+    (also for an id outside the vocabulary): labels for figures drawn by `_figure` hooks."""
+    tokenizer = _TOKENIZER.get()
+    out = []
+    for token_id in ids:
+        token_id = int(token_id)
+        if tokenizer is not None:
+            try:
+                out.append(tokenizer.pieces([token_id])[0] if hasattr(tokenizer, "pieces")
+                           else tokenizer.decode([token_id]))
+                continue
+            except Exception:  # an id outside the vocabulary: show the id
+                pass
+        out.append(f"#{token_id}")
+    return out
+
+
+def decode(ids) -> str | None:
+    """The text of token ids while a tokenizer is in use (`tokens_from`), else None (a figure's title then
+    names no prompt)."""
+    tokenizer = _TOKENIZER.get()
+    if tokenizer is None:
+        return None
+    try:
+        return tokenizer.decode([int(i) for i in ids])
+    except Exception:
+        return None
 
 
 # --------------------------------------------------------------------------------------------- markup
@@ -317,7 +350,9 @@ def has_matplotlib() -> bool:
 def figure_html(fig, dpi: int = 100) -> str:
     """A matplotlib Figure as an inline PNG `<img ... />` (base64); closes the figure."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    # a figure with a layout engine (probes.plots: constrained) already fits its labels: no second pass to crop
+    tight = {} if getattr(fig, "get_layout_engine", lambda: None)() is not None else {"bbox_inches": "tight"}
+    fig.savefig(buffer, format="png", dpi=dpi, **tight)
     if "matplotlib.pyplot" in sys.modules:
         sys.modules["matplotlib.pyplot"].close(fig)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -338,17 +373,22 @@ def _headline_html(rows) -> str:
 def result_html(obj) -> str:
     """The card of a `displayable` object: headline (`_headline`), figure (`_figure`), then every field."""
     cls = type(obj)
-    doc = (cls.__doc__ or "").strip().split("\n")[0] if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") \
-        else ""
+    doc = ""
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):  # not the dataclass's generated signature
+        doc = " ".join(cls.__doc__.strip().split("\n\n")[0].split())  # the first paragraph, on one line
+        doc = doc if len(doc) <= 240 else doc[:239] + "…"
     body = []
     headline = getattr(obj, "_headline", None)
     if headline is not None:
         body.append(_headline_html(headline()))
     figure = getattr(obj, "_figure", None)
     if figure is not None and has_matplotlib():
-        fig = figure()
-        if fig is not None:
-            body.append(figure_html(fig))
+        try:
+            fig = figure()
+            if fig is not None:
+                body.append(figure_html(fig))
+        except Exception as e:  # a figure that fails costs the figure, not the rest of the display
+            body.append(f'<div class="tg-bad">figure failed: {esc(type(e).__name__)}: {esc(e)}</div>')
     axes = getattr(cls, "_display_axes", {})
     rows = [(Html(f"<code>{esc(name)}</code>"), Html(value_html(getattr(obj, name), axes.get(name))))
             for name in obj._display_fields()]
