@@ -208,3 +208,130 @@ def test_treescope_view_names_the_axes(trace, monkeypatch):
     trace.treescope("attn_pattern")
     assert seen["axis_labels"] == dict(enumerate(("layer", "batch", "head", "seq", "key")))
     assert seen["shape"] == (2, 1, 4, 8, 8)
+
+
+# ------------------------------------------------------------------------------ inline figures and headlines
+
+
+FIGURE_PROMPT = "ROMEO: But soft, what light"  # the prompt of test_probe_results_render: its programs are reused
+
+
+@pytest.fixture(scope="module")
+def figure_results(model):
+    """Each probe result that draws a figure, computed once with small settings on the embedded model."""
+    from probes import ablation, attention, attribution, lens, massive, patching, tracing
+
+    tokens = np.asarray(model.encode(FIGURE_PROMPT))
+    ids = tokens[0]
+    params, config = model.params, model.config
+    clean, corrupt = (np.asarray(model.encode(p))[0] for p in ("ROMEO: my lord", "HAMLET: my lord"))
+    return {
+        "lens": lens.logit_lens(params, config, tokens),
+        "attribution": attribution.direct_logit_attribution(params, config, tokens, 11),
+        "heads": attention.head_summary(params, config, tokens, induction_n=4),
+        "trace": tracing.causal_trace(params, ids, config, tracing.find_subject(model.tokenizer, ids, "ROMEO"),
+                                      samples=1, window=1, kinds=("resid_post",), buckets=1),
+        "massive": massive.investigate(params, config, [ids], threshold=5, ratio=5, top=1),
+        "layers": massive.layer_summary(params, config, ids, threshold=5, ratio=5),
+        "sweep": ablation.ablation_sweep(params, tokens, config, metric="kl"),
+        "patch": patching.patching_sweep(params, [clean], [corrupt], config, metric="log_prob", answer=11,
+                                         by="head", site="z"),
+    }
+
+
+def headline_texts(name, result) -> list[str]:
+    """Texts each result's display must show: its headline (and, where it names tokens, their text)."""
+    if name == "lens":
+        return ["resid_post L1", "pos 7", "&#x27;:&#x27; (25)"]
+    if name == "attribution":
+        return ["direct logit", "L0.mlp"]
+    if name == "heads":
+        first = result.first
+        layer, head = np.unravel_index(np.argmax(first), first.shape)
+        return ["top 3 heads", "previous position", "induction", f"L{layer}H{head} {first[layer, head]:.2f}"]
+    if name == "trace":
+        effect = np.abs(result.indirect_effect("resid_post"))
+        layer, position = np.unravel_index(np.argmax(effect), effect.shape)
+        return ["indirect effect", f"clean {result.clean_prob:.4g}", f"corrupted {result.corrupt_prob:.4g}",
+                "resid_post", display.number(float(result.indirect_effect("resid_post")[layer, position]))]
+    if name == "massive":
+        assert result.activations, "the settings should find massive activations"
+        largest = max(result.activations, key=lambda a: abs(a.value))
+        return [f"{len(result.activations)} massive activations on 1 prompt", "largest value",
+                display.number(largest.value)]
+    if name == "layers":
+        return ["LayerSummary", "max_abs"]
+    if name == "sweep":
+        return ["largest effects on kl"]
+    if name == "patch":
+        return ["largest recoveries", "clean"]
+    raise AssertionError(name)
+
+
+def png_images(markup: str) -> int:
+    return markup.count('<img alt="figure" style="max-width:100%" src="data:image/png;base64,iVBORw0KGgo')
+
+
+@pytest.mark.parametrize("name", ["lens", "attribution", "heads", "trace", "massive", "layers", "sweep", "patch"])
+def test_results_show_their_headline_and_figure_inline(model, figure_results, name):
+    pytest.importorskip("matplotlib")
+    result = figure_results[name]
+    markup = model.show(result)._repr_html_()
+    well_formed(markup)
+    assert png_images(markup) == 1 and "figure failed" not in markup
+    for text in headline_texts(name, result):
+        assert text in markup, text
+
+
+@pytest.mark.parametrize("name", ["lens", "trace", "massive"])
+def test_figures_label_tokens_by_id_without_a_tokenizer(figure_results, name):
+    """The figure needs no tokenizer: token labels are `#id` (display.pieces) and the title names no prompt."""
+    pytest.importorskip("matplotlib")
+    assert display.pieces([25, 10**9]) == ["#25", "#1000000000"] and display.decode([25]) is None
+    markup = figure_results[name]._repr_html_()
+    well_formed(markup)
+    assert png_images(markup) == 1 and "figure failed" not in markup
+
+
+def test_pieces_use_the_tokenizer_only_while_rendering(model):
+    with display.tokens_from(model.tokenizer):
+        assert display.pieces([25, 10**9]) == [":", "#1000000000"]  # an id outside the vocabulary: its id
+        assert display.decode(model.encode("ROMEO: But")[0]) == "ROMEO: But"
+    assert display.pieces([25]) == ["#25"]
+
+
+def test_without_matplotlib_there_is_no_figure_and_no_error(model, figure_results, monkeypatch):
+    monkeypatch.setattr(display, "has_matplotlib", lambda: False)
+    for name, result in figure_results.items():
+        markup = model.show(result)._repr_html_()
+        well_formed(markup)
+        assert "<img" not in markup and "figure failed" not in markup
+        for text in headline_texts(name, result):
+            assert text in markup, (name, text)
+
+
+def test_results_without_what_their_figure_needs_have_none(figure_results):
+    import dataclasses as dc
+
+    assert dc.replace(figure_results["lens"], tokens=None)._figure() is None  # no prompt ids: no figure
+    assert dc.replace(figure_results["layers"], tokens=None)._figure() is None
+    assert figure_results["lens"]._figure(max_cells=10) is None  # too large to draw quickly: no figure
+
+
+def test_a_failing_figure_costs_the_figure_not_the_display():
+    pytest.importorskip("matplotlib")
+
+    @display.displayable
+    @dataclasses.dataclass
+    class Broken:
+        x: float
+
+        def _headline(self):
+            return [("x", self.x)]
+
+        def _figure(self):
+            raise ValueError("<no picture>")
+
+    markup = Broken(2.5)._repr_html_()
+    well_formed(markup)
+    assert "figure failed: ValueError: &lt;no picture&gt;" in markup and "2.5" in markup
