@@ -204,6 +204,9 @@ def test_cli_errors_are_one_line(argv, flag, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------ a browser
 
 
+INSTALL_TIMEOUT = 300
+
+
 def find_chromium():
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         path = shutil.which(name)
@@ -214,18 +217,18 @@ def find_chromium():
 
 @pytest.fixture(scope="module")
 def chromium():
-    path = find_chromium()
+    path, why = find_chromium(), "apt-get install chromium needs root and apt-get"
     if path is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        try:
-            subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, env=env,
-                           capture_output=True, timeout=900, check=False)
+        try:  # a bounded wait: CI has a 20-minute budget (a local mirror installs it in well under a minute)
+            done = subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, env=env,
+                                  capture_output=True, text=True, timeout=INSTALL_TIMEOUT, check=False)
+            why = f"apt-get install chromium exited {done.returncode}: {(done.stderr or done.stdout).strip()[-200:]}"
         except subprocess.TimeoutExpired:
-            pass
+            why = f"apt-get install chromium took over {INSTALL_TIMEOUT} s"
         path = find_chromium()
     if path is None:
-        pytest.skip("headless Chromium is not installed and cannot be installed here (apt-get install chromium "
-                    "needs root and apt-get)")
+        pytest.skip(f"headless Chromium is not installed and could not be installed here ({why})")
     return path
 
 
