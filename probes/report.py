@@ -40,18 +40,10 @@ SECTIONS = ("tokens", "predictions", "lens", "attention", "attribution", "massiv
 
 
 def version() -> str:
-    """tinygpt's installed version, else the one in pyproject.toml beside the package, else "unknown"."""
-    try:
-        return importlib.metadata.version("tinygpt")
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        import tomllib
+    """tinygpt's version (`tinygpt.version`)."""
+    import tinygpt
 
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
-    except Exception:  # no pyproject (an unusual install): say so rather than fail the report
-        return "unknown"
+    return tinygpt.version()
 
 
 @displayable

@@ -22,7 +22,25 @@ _EXPORTS = {
     "Trace": "trace",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = list(_EXPORTS) + ["version"]
+
+
+def version() -> str:
+    """tinygpt's installed version, else the one in pyproject.toml beside the package, else "unknown"."""
+    import importlib.metadata
+    from pathlib import Path
+
+    try:
+        return importlib.metadata.version("tinygpt")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+    except Exception:  # no pyproject (an unusual install): say so rather than fail
+        return "unknown"
 
 
 def __getattr__(name):

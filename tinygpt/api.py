@@ -23,11 +23,33 @@ class Model:
     tokenizer: Any = None  # tinygpt.Tokenizer, or None for checkpoints without vocab.json/merges.txt
     source: str = ""
 
-    def encode(self, text: str) -> np.ndarray:
-        """Token ids [1, seq] of `text` (needs a tokenizer)."""
+    def encode(self, text):
+        """Token ids [1, seq] of a string; of a list of strings, (tokens, attention_mask), each [batch, seq], the
+        shorter rows padded on the left (mask 0) as `forward` and `generate` take them. Needs a tokenizer."""
+        tokenizer = self._tokenizer()
+        if isinstance(text, str):
+            return np.asarray([tokenizer.encode(text)], np.int32)
+        return tokenizer.encode_batch(list(text))
+
+    def decode(self, tokens) -> str | list[str]:
+        """The text of token ids: [seq] or [1, seq] -> a string; [batch, seq] -> one string per row (padding
+        included: drop it with the mask first)."""
+        ids = np.asarray(tokens)
+        if ids.ndim == 2 and ids.shape[0] != 1:
+            return [self._tokenizer().decode(row.tolist()) for row in ids]
+        return self._tokenizer().decode(ids.reshape(-1).tolist())
+
+    def to_str_tokens(self, text_or_tokens) -> list[str]:
+        """Each token's own text, e.g. ['RO', 'MEO', ':']: of a string (encoded first) or of ids [seq] / [1, seq]
+        (TransformerLens' `to_str_tokens`)."""
+        if isinstance(text_or_tokens, str):
+            text_or_tokens = self.encode(text_or_tokens)
+        return self._tokenizer().pieces(np.asarray(text_or_tokens).reshape(-1).tolist())
+
+    def _tokenizer(self):
         if self.tokenizer is None:
             raise InputError(f"the model {self.source!r} has no tokenizer (no vocab.json/merges.txt); pass token ids")
-        return np.asarray([self.tokenizer.encode(text)], np.int32)
+        return self.tokenizer
 
     def __call__(self, tokens, **kwargs):
         """`tinygpt.forward(self.params, tokens, self.config, **kwargs)`; `tokens` may be a string."""

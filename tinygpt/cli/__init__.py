@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+import tinygpt
 from tinygpt import interrupts
 from tinygpt.errors import TinyGPTError
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         "probe. --model takes a hub id (gpt2, gpt2-medium, ...) or a local directory; by default it is the "
         "embedded Shakespeare model, which needs no network.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {tinygpt.version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

@@ -239,11 +239,23 @@ def token_arg(model, text: str | None, token_id: int | None, flag: str) -> int |
         return None
     if model.tokenizer is None:
         raise CLIError(f"model {model.source!r} has no tokenizer: use --{flag}-id ID")
+    text = unescape(text, f"--{flag}")
     ids = model.tokenizer.encode(text)
     if len(ids) != 1:
         raise CLIError(f"--{flag} {text!r} is {len(ids)} tokens {model.tokenizer.pieces(ids)}; give one token "
                        f"(mind the leading space) or --{flag}-id")
     return ids[0]
+
+
+def unescape(text: str, flag: str) -> str:
+    """`text` with Python's backslash escapes read (`--target "\\n"` is a newline; `\\\\` a backslash), so a
+    token that a shell cannot type is written as it prints."""
+    if "\\" not in text:
+        return text
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{flag} {text!r}: {e.reason} (write a backslash as \\\\)") from None
 
 
 def pieces(model, ids) -> list[str]:
