@@ -11,6 +11,7 @@ generation step, whose value holds only the new tokens.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 
@@ -18,38 +19,70 @@ import jax
 import jax.numpy as jnp
 
 from .errors import InputError, InputTypeError
-from .sites import SITE_NAMES, check_site_names
+from .sites import SITE_NAMES, SITES, check_site_names, site_of_tl
 
 Edit = Callable[[jax.Array, Any], jax.Array]
 Edits = Mapping[str, Union[Edit, Sequence[Edit]]]
 
 
 def normalize_keep(keep: Iterable[str] | str | None) -> frozenset[str]:
-    """`None` or "all" keeps every site; otherwise a collection of site names."""
+    """`None` or "all" keeps every site; otherwise a collection of site names or TransformerLens hook names
+    (`tinygpt.sites.TL_NAMES`). A per-layer TL name (`blocks.3.hook_resid_post`) keeps the whole site, every
+    layer: a trace stacks a site's blocks."""
     if keep is None or keep == "all":
         return frozenset(SITE_NAMES)
     if isinstance(keep, str):
         keep = (keep,)
     keep = tuple(keep)
-    check_site_names(keep, "keep")
-    return frozenset(keep)
+    check_site_names(keep, "keep", tl=True)
+    return frozenset(name if name in SITES else site_of_tl(name)[0] for name in keep)
+
+
+def _at_layer(fn, only: int):
+    """`_wrap_at_layer`, the same wrapper for the same (fn, layer), so compile caches keyed by edits hit."""
+    try:
+        return _cached_at_layer(fn, only)
+    except TypeError:  # an unhashable callable
+        return _wrap_at_layer(fn, only)
+
+
+def _wrap_at_layer(fn, only: int):
+    """The edit fn, applied only at block `only` (the recorder's layer is a traced int inside the scan)."""
+    if takes_positions(fn):
+        def edit(value, layer, positions):
+            if layer is None:
+                return value
+            return jnp.where(layer == only, jnp.asarray(fn(value, layer, positions=positions), value.dtype), value)
+    else:
+        def edit(value, layer):
+            if layer is None:
+                return value
+            return jnp.where(layer == only, jnp.asarray(fn(value, layer), value.dtype), value)
+    return edit
+
+
+_cached_at_layer = functools.lru_cache(maxsize=256)(_wrap_at_layer)
 
 
 def normalize_edits(edits: Edits | None) -> dict[str, tuple[Edit, ...]]:
-    """Check site names and make every entry a tuple of callables."""
+    """Check site names and make every entry a tuple of callables. A TransformerLens hook name edits its
+    site; a per-layer one (`blocks.3.hook_resid_post`) only at that block."""
     if edits is None:
         return {}
     if not isinstance(edits, Mapping):
         raise InputTypeError(f"edits must be a mapping from site name to function, got {type(edits).__name__}")
-    check_site_names(edits.keys(), "edits")
-    out = {}
+    check_site_names(edits.keys(), "edits", tl=True)
+    out: dict[str, tuple[Edit, ...]] = {}
     for name, fns in edits.items():
         fns = (fns,) if callable(fns) else tuple(fns)
         for fn in fns:
             if not callable(fn):
                 raise InputTypeError(f"edits[{name!r}] must be a function (value, layer) -> value, got {fn!r}")
-        out[name] = fns
-    return out
+        site, layer = (name, None) if name in SITES else site_of_tl(name)
+        if layer is not None:
+            fns = tuple(_at_layer(fn, layer) for fn in fns)
+        out[site] = out.get(site, ()) + fns
+    return {n: out[n] for n in SITE_NAMES if n in out}
 
 
 def takes_positions(fn) -> bool:

@@ -95,22 +95,25 @@ GLOBAL_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if not s.per_l
 
 
 
-def check_site_names(names: Iterable[str], argument: str) -> None:
-    """Raise SiteError naming the first unknown site (and listing the known ones)."""
+def check_site_names(names: Iterable[str], argument: str, tl: bool = False) -> None:
+    """Raise SiteError naming the first unknown site (and listing the known ones). tl: also accept
+    TransformerLens hook names (`TL_NAMES`)."""
     for name in names:
-        if name not in SITES:
+        if name not in SITES and not (tl and is_tl_name(name)):
             hint = _closest(name)
             raise SiteError(
                 f"unknown site {name!r} in {argument}"
                 + (f" (did you mean {hint!r}?)" if hint else "")
-                + f"; known sites: {', '.join(SITE_NAMES)}"
+                + f"; known sites: {', '.join(SITE_NAMES)} (or their TransformerLens hook names, tinygpt.sites.TL_NAMES)"
             )
 
 
 def _closest(name: str) -> str | None:
     import difflib
 
-    match = difflib.get_close_matches(str(name), SITE_NAMES, n=1)
+    vocabulary = SITE_NAMES + tuple(_TL_GLOBAL) + tuple(
+        TL_NAMES[s].replace("{l}", "0") for s in TL_NAMES if SITES[s].per_layer)
+    match = difflib.get_close_matches(str(name), vocabulary, n=1)
     return match[0] if match else None
 
 
@@ -121,3 +124,89 @@ def describe() -> str:
         shape = ("[layer, " if s.per_layer else "[") + ", ".join(s.shape) + "]"
         rows.append(f"{s.name:<15} {shape:<38} {s.meaning}")
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------ TransformerLens names
+
+# Each site's TransformerLens hook name ("{l}" is the block index); logits have no hook (TL returns them).
+TL_NAMES: dict[str, str] = {
+    "embed": "hook_embed",
+    "pos_embed": "hook_pos_embed",
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "ln1_scale": "blocks.{l}.ln1.hook_scale",
+    "ln1": "blocks.{l}.ln1.hook_normalized",
+    "q": "blocks.{l}.attn.hook_q",
+    "k": "blocks.{l}.attn.hook_k",
+    "v": "blocks.{l}.attn.hook_v",
+    "attn_scores": "blocks.{l}.attn.hook_attn_scores",
+    "attn_pattern": "blocks.{l}.attn.hook_pattern",
+    "z": "blocks.{l}.attn.hook_z",
+    "head_out": "blocks.{l}.attn.hook_result",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "ln2_scale": "blocks.{l}.ln2.hook_scale",
+    "ln2": "blocks.{l}.ln2.hook_normalized",
+    "mlp_pre": "blocks.{l}.mlp.hook_pre",
+    "mlp_post": "blocks.{l}.mlp.hook_post",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "ln_final_scale": "ln_final.hook_scale",
+    "ln_final": "ln_final.hook_normalized",
+}
+
+# Where a TL hook's value differs from the site's (layouts are otherwise the same, per layer: TL has one hook
+# per block where a trace stacks blocks on a leading `layer` axis). `Trace.to_transformer_lens` converts.
+_LN_NOTE = ("TL's hook_normalized is (x - mean) / scale, before the LayerNorm weight and bias (as in TL's "
+            "LayerNormPre, the weight-processed model); the site is after them")
+TL_DIFFERENCES: dict[str, str] = {
+    "ln1": _LN_NOTE,
+    "ln2": _LN_NOTE,
+    "ln_final": _LN_NOTE,
+    "attn_scores": "masked entries: the site holds -inf, TL 4.x's TransformerBridge holds the float32 minimum "
+                   "(-3.4e38, Hugging Face's mask value; TL 2-3's HookedTransformer used -inf, its IGNORE buffer); "
+                   "to_transformer_lens writes the float32 minimum. Both [batch, head, query, key]",
+    "head_out": "TL computes hook_result only with use_attn_result; same layout [batch, pos, head, d_model]",
+}
+
+
+def tl_name(site: str, layer: int | None = None) -> str:
+    """The TransformerLens hook name of `site` (at block `layer` for per-layer sites)."""
+    check_site_names([site], "tl_name")
+    if site not in TL_NAMES:
+        raise SiteError(f"site {site!r} has no TransformerLens hook (TL returns the logits)")
+    if SITES[site].per_layer:
+        if layer is None:
+            raise SiteError(f"site {site!r} is per layer: give tl_name a layer")
+        return TL_NAMES[site].format(l=int(layer))
+    if layer is not None:
+        raise SiteError(f"site {site!r} is not per layer: tl_name takes no layer for it")
+    return TL_NAMES[site]
+
+
+_TL_GLOBAL = {TL_NAMES[s]: s for s in TL_NAMES if not SITES[s].per_layer}
+_TL_LAYER = {TL_NAMES[s].split("{l}.", 1)[1]: s for s in TL_NAMES if SITES[s].per_layer}
+
+
+def site_of_tl(name: str) -> tuple[str, int | None]:
+    """(site, layer) of a TransformerLens hook name: `blocks.3.hook_resid_post` -> ("resid_post", 3),
+    `hook_embed` -> ("embed", None). Raises SiteError for a name that is not in the table."""
+    found = _parse_tl(name)
+    if found is None:
+        hint = _closest(name)
+        raise SiteError(f"unknown TransformerLens hook name {name!r}"
+                        + (f" (did you mean {hint!r}?)" if hint else ""))
+    return found
+
+
+def _parse_tl(name) -> tuple[str, int | None] | None:
+    name = str(name)
+    if name in _TL_GLOBAL:
+        return _TL_GLOBAL[name], None
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in _TL_LAYER:
+        return _TL_LAYER[parts[2]], int(parts[1])
+    return None
+
+
+def is_tl_name(name) -> bool:
+    return _parse_tl(name) is not None

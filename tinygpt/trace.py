@@ -112,6 +112,44 @@ class Trace:
         jitted call does not copy them into its outputs)."""
         return Trace(derived=self._derived, weights=weights, **self._stored)
 
+    def to_transformer_lens(self) -> dict[str, Any]:
+        """The kept sites keyed by TransformerLens hook names (`tinygpt.sites.TL_NAMES`), in TL's layouts: one
+        key per block for per-layer sites (`blocks.3.hook_resid_post` is `trace.resid_post[3]`). ln1, ln2 and
+        ln_final become TL's `hook_normalized`, (x - mean) / scale before the LayerNorm weight and bias,
+        computed from the LayerNorm's kept input (resid_pre, resid_mid, the last resid_post) and kept divisor
+        (ln*_scale); without both the key is left out. Masked attention scores hold the float32 minimum
+        (-3.4e38), as TL 4.x's TransformerBridge does, where the trace holds -inf. logits (TL returns them)
+        are left out.
+        See `tinygpt.sites.TL_DIFFERENCES`."""
+        from .sites import TL_NAMES, tl_name
+
+        kept = set(self.kept())
+        ln_inputs = {"ln1": ("resid_pre", "ln1_scale"), "ln2": ("resid_mid", "ln2_scale"),
+                     "ln_final": ("resid_post", "ln_final_scale")}
+        out: dict[str, Any] = {}
+        for name in self.kept():
+            if name not in TL_NAMES:
+                continue
+            if name in ln_inputs:
+                source, scale = ln_inputs[name]
+                if not {source, scale} <= kept:
+                    continue
+                x = getattr(self, source)
+                if name == "ln_final":
+                    x = x[-1]
+                value = (x - x.mean(-1, keepdims=True)) / getattr(self, scale)
+            elif name == "attn_scores":  # TL 4.x fills masked scores with the dtype's min (HF's mask), not -inf
+                value = getattr(self, name)
+                value = jnp.where(jnp.isneginf(value), jnp.finfo(value.dtype).min, value)
+            else:
+                value = getattr(self, name)
+            if SITES[name].per_layer:
+                for layer in range(value.shape[0]):
+                    out[tl_name(name, layer)] = value[layer]
+            else:
+                out[tl_name(name)] = value
+        return out
+
     # ---------------------------------------------------------------------------------- displays
 
     def axes(self, name: str) -> tuple[str, ...]:
