@@ -90,7 +90,8 @@ def test_against_transformer_lens(tmp_path):
     torch = pytest.importorskip("torch", reason="TransformerLens comparison needs torch")
     transformers = pytest.importorskip("transformers", reason="the checkpoint is written by transformers")
     bridge = pytest.importorskip("transformer_lens.model_bridge",
-                                 reason="transformer-lens (4.x, the test extra) is not installed")
+                                 reason="transformer-lens 4.x is not installed (pip install -e '.[bench]', "
+                                 "torch pinned at 2.13.0)")
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=100,
                                                               n_positions=32))
