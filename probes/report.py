@@ -24,26 +24,19 @@ opens without a network. It states the model (source and sizes), the prompt and 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from tinygpt import version  # tinygpt's version, stated on the page
 from tinygpt.display import Html, displayable, esc, number, table_html
 from tinygpt.errors import InputError
 from tinygpt.files import atomic_write
 from tinygpt.inputs import check_tokens, checks_tokens
 
 SECTIONS = ("tokens", "predictions", "lens", "attention", "attribution", "massive", "tracing")
-
-
-def version() -> str:
-    """tinygpt's version (`tinygpt.version`)."""
-    import tinygpt
-
-    return tinygpt.version()
 
 
 @displayable
@@ -109,15 +102,6 @@ class _Progress:
             self.callback("done", self.done, self.total)
 
 
-def _piece_list(model, ids) -> list[str]:
-    ids = [int(i) for i in ids]
-    return model.tokenizer.pieces(ids) if model.tokenizer is not None else [f"<{i}>" for i in ids]
-
-
-def _piece(model, token_id: int) -> str:
-    return _piece_list(model, [token_id])[0]
-
-
 def _answer_id(model, answer) -> int | None:
     """`answer` as one token id: an int (checked against the vocabulary) or text that is exactly one token."""
     if answer is None:
@@ -163,7 +147,7 @@ def report(model, prompt, *, answer=None, subject: str | None = None, occurrence
         text = prompt
     else:
         ids = [int(i) for i in check_tokens(np.asarray(prompt).reshape(1, -1), config, "prompt")[0]]
-        text = model.tokenizer.decode(ids) if model.tokenizer is not None else " ".join(f"<{i}>" for i in ids)
+        text = model.text(ids)
     if not ids:
         raise InputError("the prompt is empty")
     if len(ids) > config.n_ctx:
@@ -176,7 +160,7 @@ def report(model, prompt, *, answer=None, subject: str | None = None, occurrence
         subject_positions = tracing.find_subject(model.tokenizer, ids, subject, occurrence=occurrence)
 
     tokens = np.asarray([ids], np.int32)
-    pieces = _piece_list(model, ids)
+    pieces = model.token_texts(ids)
     source = model.source or "unnamed"
     where = dict(model=source, prompt=text)
     n_layer, n_head = config.n_layer, config.n_head
@@ -186,8 +170,8 @@ def report(model, prompt, *, answer=None, subject: str | None = None, occurrence
     try:
         bar.step("logit lens")
         result = lens.logit_lens(params, config, tokens, sites=lens_sites, target=answer_id, k=max(top_k, 1))
-        top_pieces = np.vectorize(lambda t: _piece(model, int(t)), otypes=[object])(result.top_ids[:, :, 0, :, 0])
-        answer_piece = None if answer_id is None else _piece(model, answer_id)
+        top_pieces = np.vectorize(lambda t: model.token_texts([t])[0], otypes=[object])(result.top_ids[:, :, 0, :, 0])
+        answer_piece = None if answer_id is None else model.token_texts([answer_id])[0]
         sections.append(_tokens_section(ids, pieces, subject_positions))
         sections.append(_predictions_section(model, result, top_k, answer_id))
         lens_fig = plots.logit_lens(result, pieces, top_pieces, target=answer_piece, ranks=answer_id is not None,
@@ -227,8 +211,8 @@ def report(model, prompt, *, answer=None, subject: str | None = None, occurrence
             trace = tracing.causal_trace(params, ids, config, subject_positions, answer=answer_id,
                                          samples=trace_samples, window=trace_window, seed=seed,
                                          buckets=trace_buckets or (1 if len(ids) <= 32 else 2))
-            fig = plots.causal_trace(trace, pieces, answer=_piece(model, trace.answer), **where)
-            sections.append(_tracing_section(trace, subject, _piece(model, trace.answer), answer_id is None, fig))
+            fig = plots.causal_trace(trace, pieces, answer=model.token_texts([trace.answer])[0], **where)
+            sections.append(_tracing_section(trace, subject, model.token_texts([trace.answer])[0], answer_id is None, fig))
             bar.advance()
         else:
             sections.append(_section("tracing", "Causal tracing",
@@ -348,7 +332,7 @@ def _header(model, text, ids, answer_id, subject, tinygpt_version, seconds) -> s
     rows = [("model", f"<code>{esc(model.source or 'unnamed')}</code>: {esc(sizes)}"),
             ("prompt", f'<span class="tg-prompt">{esc(text)}</span> ({len(ids)} tokens)')]
     if answer_id is not None:
-        rows.append(("answer", f"<code class='tg-tok'>{_shown(_piece(model, answer_id))}</code> (id {answer_id})"))
+        rows.append(("answer", f"<code class='tg-tok'>{_shown(model.token_texts([answer_id])[0])}</code> (id {answer_id})"))
     if subject is not None:
         rows.append(("subject", f'<span class="tg-prompt">{esc(subject)}</span>'))
     rows.append(("tinygpt", f"version <code>{esc(tinygpt_version)}</code>; computed in {seconds:.1f} s"))
@@ -381,13 +365,13 @@ def _predictions_section(model, result, top_k, answer_id) -> str:
     for rank, (t, p) in enumerate(zip(ids, probs)):
         mark = " ← answer" if answer_id is not None and int(t) == answer_id else ""
         bar = f'<span class="tg-bar" style="width:{max(1, int(round(200 * float(p))))}px"></span>'
-        rows.append((rank, Html(f"<code class='tg-tok'>{_shown(_piece(model, int(t)))}</code>{esc(mark)}"), int(t),
+        rows.append((rank, Html(f"<code class='tg-tok'>{_shown(model.token_texts([t])[0])}</code>{esc(mark)}"), int(t),
                      Html(f'{bar} {esc(number(float(p), 3))}')))
     extra = ""
     if answer_id is not None:
         rank = int(result.target_ranks[-1, -1, 0, -1])
         prob = float(result.target_probs[-1, -1, 0, -1])
-        extra = (f"<p>The answer <code class='tg-tok'>{_shown(_piece(model, answer_id))}</code> has rank {rank} (0 = top) and "
+        extra = (f"<p>The answer <code class='tg-tok'>{_shown(model.token_texts([answer_id])[0])}</code> has rank {rank} (0 = top) and "
                  f"probability {esc(number(prob, 3))} at the last layer of the lens"
                  f"{' (the model’s output)' if result.sites[-1] == 'resid_post' else ''}.</p>")
     return _section("predictions", "Top next-token predictions",

@@ -46,6 +46,16 @@ class Model:
             text_or_tokens = self.encode(text_or_tokens)
         return self._tokenizer().pieces(np.asarray(text_or_tokens).reshape(-1).tolist())
 
+    def token_texts(self, tokens) -> list[str]:
+        """Each id's own text for tables and plots: `to_str_tokens`, or `<id>` for a model without a tokenizer."""
+        ids = np.asarray(tokens).reshape(-1).tolist()
+        return self.to_str_tokens(ids) if self.tokenizer is not None else [f"<{i}>" for i in ids]
+
+    def text(self, tokens) -> str:
+        """The text of ids [seq] for display: `decode`, or the `<id>`s joined for a model without a tokenizer."""
+        ids = np.asarray(tokens).reshape(-1).tolist()
+        return self.decode(ids) if self.tokenizer is not None else " ".join(f"<{i}>" for i in ids)
+
     def _tokenizer(self):
         if self.tokenizer is None:
             raise InputError(f"the model {self.source!r} has no tokenizer (no vocab.json/merges.txt); pass token ids")

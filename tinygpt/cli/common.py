@@ -259,17 +259,11 @@ def unescape(text: str, flag: str) -> str:
 
 
 def pieces(model, ids) -> list[str]:
-    ids = [int(i) for i in ids]
-    if model.tokenizer is None:
-        return [f"<{i}>" for i in ids]
-    return model.tokenizer.pieces(ids)
+    return model.token_texts(ids)
 
 
 def decode(model, ids) -> str:
-    ids = [int(i) for i in ids]
-    if model.tokenizer is None:
-        return " ".join(f"<{i}>" for i in ids)
-    return model.tokenizer.decode(ids)
+    return model.text(ids)
 
 
 def to_jsonable(value):
