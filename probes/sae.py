@@ -10,6 +10,16 @@ each row removed before the step, so the L1 penalty cannot be dodged by shrinkin
 `s` (config.input_scale) is a constant fixed from the training data so that E ||x s||^2 = d_in, which makes
 l1_coeff mean the same thing at every site and model.
 
+SAEs loaded from SAELens (`probes.saelens`) may also be
+    "jumprelu": f = relu(pre) where pre > threshold, else 0        (params + threshold [d_sae])
+    "gated":    f = relu(x' @ (W_enc * exp(r_mag)) + b_mag) where x' @ W_enc + b_gate > 0, else 0
+                                                                   (params b_gate, r_mag, b_mag instead of b_enc)
+with x' the SAE's input minus b_dec, or the input itself when config.apply_b_dec_to_input is False; and their
+input may be normalised per token (config.input_norm): "constant_norm_rescale" scales x to norm sqrt(d_in)
+and the reconstruction back by the same factor, "layer_norm" standardises x ((x - mean) / (std + 1e-5), std
+with Bessel's correction) and maps the reconstruction back by x_hat * std + mean. Both need the input to
+decode: `decode(params, f, config, x)`. tinygpt trains "relu" and "topk" SAEs only.
+
 Loss per input: ||x s - x_hat s||^2 (summed over d_in) + l1_coeff * sum_i f_i   (the L1 term only for "relu").
 
 Training (`train_sae`): Adam (optax) with linear warmup and cosine decay; batches drawn without replacement
@@ -53,7 +63,10 @@ from tinygpt.sites import SITES
 from .harvest import argument_error, check_model, check_tensors, is_integer, metadata_json, read_safetensors, \
     site_chunks
 
-KINDS = ("relu", "topk")
+KINDS = ("relu", "topk", "jumprelu", "gated")
+TRAINED_KINDS = ("relu", "topk")  # the kinds train_sae trains; the others come from SAELens
+INPUT_NORMS = ("none", "constant_norm_rescale", "layer_norm")  # per-token input normalisation (SAELens')
+LAYER_NORM_EPS = 1e-5  # SAELens' "layer_norm": (x - mean) / (std + eps)
 POSITIVE = ("d_in", "d_sae", "k", "batch_size", "steps", "dead_steps")  # the other integer fields may be 0
 
 
@@ -66,7 +79,7 @@ class SAEError(ArtifactError):
 class SAEConfig:
     d_in: int
     d_sae: int
-    kind: str = "relu"  # "relu" (ReLU + L1) or "topk"
+    kind: str = "relu"  # "relu" (ReLU + L1) or "topk"; "jumprelu" or "gated" (loaded from SAELens)
     l1_coeff: float = 2.0  # weight of sum_i f_i in the loss ("relu")
     k: int = 32  # active latents per input ("topk")
     lr: float = 1e-3
@@ -79,6 +92,8 @@ class SAEConfig:
     seed: int = 0
     site: str | None = None  # where the activations came from (provenance; None for other data)
     layer: int | None = None
+    apply_b_dec_to_input: bool = True  # subtract b_dec from the input before encoding
+    input_norm: str = "none"  # "none" (x * input_scale), "constant_norm_rescale" or "layer_norm" (per token)
 
     def __post_init__(self):
         """Every field checked; an error names the field (`argument_error`, so the CLI names its flag)."""
@@ -97,6 +112,15 @@ class SAEConfig:
                     or value < least or (open_ and value == least)):
                 raise argument_error(SAEError, name, "{argument} must be a finite number {op} {least:g}, got {value!r}",
                                      op=">" if open_ else ">=", least=least, value=value)
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise argument_error(SAEError, "apply_b_dec_to_input", "{argument} must be true or false, got {value!r}",
+                                 value=self.apply_b_dec_to_input)
+        if self.input_norm not in INPUT_NORMS:
+            raise argument_error(SAEError, "input_norm", "{argument} must be one of {norms}, got {value!r}",
+                                 norms=INPUT_NORMS, value=self.input_norm)
+        if self.input_norm != "none" and self.input_scale != 1.0:
+            raise argument_error(SAEError, "input_scale", "{argument} must be 1 with input_norm {norm!r}, got "
+                                 "{value!r}", norm=self.input_norm, value=self.input_scale)
         if self.kind == "topk" and self.k > self.d_sae:
             raise argument_error(SAEError, "k", "{argument}={k} exceeds the number of latents d_sae={d_sae}",
                                  k=self.k, d_sae=self.d_sae)
@@ -120,11 +144,21 @@ class SAEConfig:
 @dataclasses.dataclass
 class SAE:
     config: SAEConfig
-    params: dict  # W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]
+    params: dict  # W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (see `param_shapes`)
     info: dict = dataclasses.field(default_factory=dict)  # the file's `extra`: model, model_fingerprint, harvest
 
 
 # --------------------------------------------------------------------------------------------- the model
+
+
+def param_shapes(config: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """The SAE's tensors and their shapes: the encoder and decoder, with b_enc for "relu" and "topk",
+    b_enc and threshold for "jumprelu", b_gate, r_mag and b_mag for "gated"."""
+    d_in, d_sae = config.d_in, config.d_sae
+    encoder_biases = {"relu": ("b_enc",), "topk": ("b_enc",), "jumprelu": ("b_enc", "threshold"),
+                      "gated": ("b_gate", "r_mag", "b_mag")}[config.kind]
+    return {"W_enc": (d_in, d_sae), **{name: (d_sae,) for name in encoder_biases}, "W_dec": (d_sae, d_in),
+            "b_dec": (d_in,)}
 
 
 def init_sae(config: SAEConfig, seed: int = 0, data_mean=None) -> dict:
@@ -142,18 +176,57 @@ def unit_rows(W):
     return W / jnp.maximum(jnp.linalg.norm(W, axis=-1, keepdims=True), 1e-8)
 
 
+def input_normalization(x, config: SAEConfig):
+    """(shift, scale_in, scale_out): the SAE reads (x - shift) * scale_in and its reconstruction x_hat leaves as
+    x_hat * scale_out + shift. Constants for input_norm "none"; per token otherwise.  x [..., d_in] ->
+    three arrays broadcasting against x ([..., 1] per token)"""
+    if config.input_norm == "constant_norm_rescale":
+        scale = math.sqrt(config.d_in) / jnp.linalg.norm(x, axis=-1, keepdims=True)  # [..., 1]
+        return 0.0, scale, 1.0 / scale
+    if config.input_norm == "layer_norm":
+        mean = x.mean(-1, keepdims=True)  # [..., 1]
+        std = jnp.std(x, axis=-1, keepdims=True, ddof=1)  # [..., 1], Bessel-corrected as torch.std
+        return mean, 1.0 / (std + LAYER_NORM_EPS), std
+    return 0.0, config.input_scale, 1.0 / config.input_scale
+
+
+def encoder_input(params, x, config: SAEConfig):
+    """The vector the encoder multiplies: the normalised input, minus b_dec when apply_b_dec_to_input.
+    x [..., d_in] -> [..., d_in]"""
+    if config.input_norm == "none":
+        scaled = x * config.input_scale  # [..., d_in]
+    else:
+        shift, scale_in, _ = input_normalization(x, config)
+        scaled = (x - shift) * scale_in  # [..., d_in]
+    return scaled - params["b_dec"] if config.apply_b_dec_to_input else scaled
+
+
 def pre_activations(params, x, config: SAEConfig):
-    """(x s - b_dec) @ W_enc + b_enc.  x [..., d_in] -> [..., d_sae]"""
-    return (x * config.input_scale - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    """(x s - b_dec) @ W_enc + b_enc (the gate's, with b_gate, for "gated").  x [..., d_in] -> [..., d_sae]"""
+    bias = params["b_gate"] if config.kind == "gated" else params["b_enc"]
+    return encoder_input(params, x, config) @ params["W_enc"] + bias
 
 
 def encode(params, x, config: SAEConfig):
     """Feature activations f >= 0.  x [..., d_in] -> [..., d_sae]"""
+    if config.kind == "gated":
+        return gated_encode(params, encoder_input(params, x, config))
     pre = pre_activations(params, x, config)  # [..., d_sae]
     if config.kind == "topk":
         threshold = jax.lax.stop_gradient(kth_largest(pre, config.k))  # [..., 1]
         return jnp.where(pre >= threshold, jax.nn.relu(pre), 0.0)
+    if config.kind == "jumprelu":
+        return jnp.where(pre > params["threshold"], jax.nn.relu(pre), 0.0)
     return jax.nn.relu(pre)
+
+
+def gated_encode(params, x_in):
+    """A gated SAE's codes: the gate (x_in @ W_enc + b_gate > 0) decides which latents fire, the magnitude
+    path (the same encoder scaled by exp(r_mag), its own bias b_mag, a ReLU) how strongly.
+    x_in [..., d_in] (the encoder input) -> [..., d_sae]"""
+    gate = x_in @ params["W_enc"] + params["b_gate"] > 0  # [..., d_sae]
+    magnitude = jax.nn.relu(x_in @ (params["W_enc"] * jnp.exp(params["r_mag"])) + params["b_mag"])  # [..., d_sae]
+    return jnp.where(gate, magnitude, 0.0)
 
 
 def kth_largest(x, k: int, iterations: int = 32):
@@ -174,21 +247,30 @@ def kth_largest(x, k: int, iterations: int = 32):
     return low
 
 
-def decode(params, f, config: SAEConfig):
-    """Reconstruction in the input's units.  f [..., d_sae] -> [..., d_in]"""
-    return (f @ params["W_dec"] + params["b_dec"]) / config.input_scale
+def decode(params, f, config: SAEConfig, x=None):
+    """Reconstruction in the input's units.  f [..., d_sae] -> [..., d_in]
+
+    With a per-token input_norm the reconstruction is mapped back with the statistics of the input x
+    [..., d_in] that f encodes, so x is then required."""
+    if config.input_norm == "none":
+        return (f @ params["W_dec"] + params["b_dec"]) / config.input_scale
+    if x is None:
+        raise SAEError(f"decode of an SAE with input_norm {config.input_norm!r} needs the input x that the codes "
+                       f"encode (its per-token normalisation is undone): call decode(params, f, config, x)")
+    shift, _, scale_out = input_normalization(x, config)
+    return (f @ params["W_dec"] + params["b_dec"]) * scale_out + shift
 
 
 def reconstruct(params, x, config: SAEConfig):
     """decode(encode(x)).  [..., d_in] -> [..., d_in]"""
-    return decode(params, encode(params, x, config), config)
+    return decode(params, encode(params, x, config), config, x)
 
 
 def sae_loss(params, x, config: SAEConfig):
     """Mean over the batch of ||x s - x_hat s||^2 + l1_coeff * sum_i f_i (L1 only for "relu").
     x [batch, d_in] -> (loss, (f [batch, d_sae], squared error [batch]))"""
     f = encode(params, x, config)  # [batch, d_sae]
-    error = (decode(params, f, config) - x) * config.input_scale  # [batch, d_in]
+    error = (decode(params, f, config, x) - x) * config.input_scale  # [batch, d_in]
     squared_error = (error**2).sum(-1)  # [batch]
     sparsity = f.sum(-1) if config.kind == "relu" else jnp.zeros_like(squared_error)  # [batch]
     loss = squared_error.mean() + config.l1_coeff * sparsity.mean()
@@ -325,6 +407,11 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
     Returns (SAE, history: a list of {step, loss, mse, l0, dead_fraction}, averaged over each round)."""
     if acts.ndim != 2 or acts.shape[1] != config.d_in:
         raise SAEError(f"activations have shape {tuple(acts.shape)}, expected [n, d_in={config.d_in}]")
+    if config.kind not in TRAINED_KINDS or (config.apply_b_dec_to_input, config.input_norm) != (True, "none"):
+        raise argument_error(SAEError, "kind", "train_sae trains kinds {kinds} with apply_b_dec_to_input and "
+                             "input_norm 'none'; got {argument} {kind!r}, apply_b_dec_to_input {apply}, input_norm "
+                             "{norm!r} (such SAEs are loaded from SAELens)", kinds=TRAINED_KINDS, kind=config.kind,
+                             apply=config.apply_b_dec_to_input, norm=config.input_norm)
     if not is_integer(log_every) or log_every < 1:
         raise argument_error(SAEError, "log_every", "{argument} must be at least 1, got {value!r}", value=log_every)
     if len(acts) < config.batch_size:
@@ -391,7 +478,7 @@ def _batch_statistics(params, x, valid, config: SAEConfig):
     which latents fired [d_sae]."""
     f = encode(params, x, config)  # [batch, d_sae]
     active = (f > 0) & valid[:, None]  # [batch, d_sae]
-    error = (decode(params, f, config) - x) * valid[:, None]  # [batch, d_in]
+    error = (decode(params, f, config, x) - x) * valid[:, None]  # [batch, d_in]
     return active.sum(), (error**2).sum(), active.any(axis=0)
 
 
@@ -502,14 +589,23 @@ def loss_recovered(params, config: Config, sae: SAE, windows, *, mean_activation
 
 METADATA_KEY = "tinygpt_sae_config"
 EXTRA_KEY = "tinygpt_sae_extra"
+# Fields added for SAELens' SAEs, saved only when they differ from these defaults: a file of a relu or topk
+# SAE is byte for byte what it was before they existed.
+LATER_FIELDS = {"apply_b_dec_to_input": True, "input_norm": "none"}
+
+
+def config_fields(config: SAEConfig) -> dict:
+    """The SAEConfig as saved: every field, less the later ones at their defaults (LATER_FIELDS)."""
+    return {name: value for name, value in dataclasses.asdict(config).items()
+            if name not in LATER_FIELDS or value != LATER_FIELDS[name]}
 
 
 def save_sae(sae: SAE, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """safetensors file of the four tensors, the SAEConfig (and `extra`, e.g. the model and its
+    """safetensors file of the SAE's tensors (`param_shapes`), the SAEConfig (and `extra`, e.g. the model and its
     `model_fingerprint`, checked by `load_sae(path, params)`) as JSON metadata. Written atomically (a
     temporary file beside `path`, fsynced, renamed) and deterministically (sorted keys)."""
     tensors = {name: np.asarray(value, np.float32) for name, value in sae.params.items()}
-    metadata = {METADATA_KEY: json.dumps(dataclasses.asdict(sae.config), sort_keys=True)}
+    metadata = {METADATA_KEY: json.dumps(config_fields(sae.config), sort_keys=True)}
     if extra:
         metadata[EXTRA_KEY] = json.dumps(extra, sort_keys=True)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -518,9 +614,14 @@ def save_sae(sae: SAE, path: str | os.PathLike, extra: dict | None = None) -> No
 
 def load_sae(path: str | os.PathLike, params=None) -> SAE:
     """An SAE written by `save_sae`, checked: its config (known keys, each field valid, a known site), its
-    four tensors (float32, the config's shapes, finite) and, given the model's `params`, that it was trained on
-    this model's activations (the model fingerprint in its metadata). Any problem is one SAEError."""
+    tensors (float32, the config's shapes, finite) and, given the model's `params`, that it was trained on
+    this model's activations (the model fingerprint in its metadata). Any problem is one SAEError.
+    A directory holding a cfg.json is read as an SAE saved by SAELens (`probes.saelens.load_saelens`)."""
     path = Path(path)
+    if path.is_dir() and (path / "cfg.json").exists():
+        from .saelens import load_saelens
+
+        return load_saelens(path, params)
     where = f"SAE file {str(path)!r}"
     tensors, metadata = read_safetensors(path, "SAE file", error=SAEError)
     if METADATA_KEY not in metadata:
@@ -540,8 +641,7 @@ def load_sae(path: str | os.PathLike, params=None) -> SAE:
         config = SAEConfig(**fields)
     except SAEError as e:
         raise SAEError(f"{where}: {e}") from None
-    check_tensors(tensors, {"W_enc": (config.d_in, config.d_sae), "b_enc": (config.d_sae,),
-                            "W_dec": (config.d_sae, config.d_in), "b_dec": (config.d_in,)}, where, error=SAEError)
+    check_tensors(tensors, param_shapes(config), where, error=SAEError)
     info = metadata_json(metadata, EXTRA_KEY, where, error=SAEError, default={})
     if not isinstance(info, dict):
         raise SAEError(f"{where}: metadata {EXTRA_KEY!r} is not a JSON object")
