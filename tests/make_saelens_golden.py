@@ -6,7 +6,7 @@ ranges); install it beside the project, never over it, and run this script with 
     pip install --no-deps --target /work/.saelens-target sae-lens "transformer-lens>=2.16.1,<3" \\
         better-abc simple-parsing docstring-parser
     PYTHONPATH=/work/.saelens-target python tests/make_saelens_golden.py [OUT_DIR]
-    PYTHONPATH=/work/.saelens-target python tests/make_saelens_golden.py --read DIR [DIR ...]
+    PYTHONPATH=/work/.saelens-target python tests/make_saelens_golden.py [OUT_DIR] --read DIR [DIR ...]
 
 Without --read it writes the golden cases (default OUT_DIR tests/golden/saelens): for each case in CASES,
 OUT_DIR/<case>/ holds an SAE with random weights as sae-lens' `save_model` wrote it (cfg.json,
@@ -140,10 +140,13 @@ def read_dirs(directories: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--read"]:
-        read_dirs(argv[1:])
+    """[OUT_DIR] writes the golden cases; --read DIR ... runs sae-lens on tinygpt's directories; both may be
+    given (OUT_DIR first), which the live test does to import sae-lens once."""
+    reading = argv.index("--read") if "--read" in argv else len(argv)
+    read_dirs(argv[reading + 1:])
+    if reading == 0 and argv:
         return
-    out = Path(argv[0]) if argv else Path(__file__).resolve().parent / "golden" / "saelens"
+    out = Path(argv[0]) if reading else Path(__file__).resolve().parent / "golden" / "saelens"
     out.mkdir(parents=True, exist_ok=True)
     for seed, (name, case) in enumerate(CASES.items()):
         write_case(out, name, case, seed)

@@ -158,7 +158,8 @@ def register_sae(subparsers) -> None:
         description="Harvest the SAE's site over a corpus and report L0, the fraction of variance explained, the "
         "dead fraction, and the loss recovered when the SAE's reconstruction replaces the site in the forward "
         "pass: (CE_ablated - CE_sae) / (CE_ablated - CE_clean), against zero and mean ablation.")
-    e.add_argument("sae", metavar="SAE.safetensors")
+    e.add_argument("sae", metavar="SAE", help="an SAE file (tinygpt sae train) or a SAELens directory (cfg.json + "
+                   "sae_weights.safetensors)")
     add_corpus_args(e, 32768)
     add_model_args(e)
     add_json_arg(e)
@@ -254,7 +255,8 @@ def register_superposition(subparsers) -> None:
         "Gaussian random vectors of the same dimension; and the Johnson-Lindenstrauss view: how many directions "
         "fit in d_model dims pairwise within --angle degrees of orthogonal.")
     p.add_argument("--layer", type=natural, default=0, help="block whose neurons to measure (default 0)")
-    p.add_argument("--sae", default=None, metavar="SAE.safetensors", help="also measure this SAE's decoder rows")
+    p.add_argument("--sae", default=None, metavar="SAE", help="also measure this SAE's decoder rows (a tinygpt SAE "
+                   "file or a SAELens directory)")
     p.add_argument("--angle", type=Number(float, 0.0, 90.0, low_open=True, high_open=True, name="angle"), default=15.0,
                    help="degrees from orthogonal counted as 'nearly orthogonal' (default 15: |cos| <= sin 15)")
     p.add_argument("--pairs", type=count, default=200_000, help="pairs sampled per set (default 200000)")
@@ -327,7 +329,8 @@ def register_polysemantic(subparsers) -> None:
     p.add_argument("neuron", metavar="LAYER.INDEX", help="the neuron, e.g. 2.317")
     p.add_argument("--top", type=count, default=20, help="top activating contexts (default 20)")
     p.add_argument("--context", type=natural, default=8, help="tokens of context shown (default 8)")
-    p.add_argument("--sae", default=None, metavar="SAE.safetensors", help="explain the neuron with this SAE's features")
+    p.add_argument("--sae", default=None, metavar="SAE", help="explain the neuron with this SAE's features (a tinygpt "
+                   "SAE file or a SAELens directory)")
     p.add_argument("--features", type=count, default=5, help="SAE features shown (default 5)")
     add_corpus_args(p, 50_000)
     add_model_args(p)
