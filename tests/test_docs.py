@@ -1,21 +1,46 @@
-"""The documentation runs as written: every ```python block of README.md and docs/*.md is executed, on the
-embedded model, and every relative link in them points to a file (and heading) that exists.
+"""The documentation runs as written: every ```python block and every `$ tinygpt ...` command of README.md
+and docs/**/*.md (subdirectories included, e.g. docs/studies/) is executed, on the embedded model, the output
+a document shows is the output produced, and every relative link in them points to a file (and heading) that
+exists.
 
-The blocks of one document run in order in one namespace, as a reader goes through it top to bottom: a
-block may use what an earlier block of the same document defined. The working directory is a temporary
-one, so nothing a block writes lands in the repository. A block that needs the Hugging Face hub (and so a
-network) opts out with the line
+Python blocks. The blocks of one document run in order in one namespace, as a reader goes through it top
+to bottom: a block may use what an earlier block of the same document defined. A ```python block followed by
+a ```text block (only blank lines between the two fences) shows its output: the text block must be what the
+python block printed (stdout). A python block with no text block after it may print anything.
+
+Commands. In a ```console (or ```bash, ```sh, ```shell) block, each line that starts with `$ ` is a command
+and the lines after it, up to the next `$ ` line or the end of the block, are its output: what it printed on
+stdout, exactly. A command is `tinygpt ARGS...` (split as a POSIX shell would, `\\` at the end of a line
+continues it), run in-process through `tinygpt.cli.main(ARGS)`; it must exit with status 0 (a failure shows
+its stderr, where progress bars and errors go). Another program after `$ ` is an error: show such commands
+without the `$ ` prompt, and they are not run. Lines of a shell block without `$ ` (e.g. README's
+`pip install ...`) are not run either.
+
+Comparing output. Trailing whitespace and leading and trailing blank lines are ignored. `...` stands for
+what differs from run to run (timings, temporary paths) or is not worth showing, as doctest's ELLIPSIS: a
+line that is only `...` matches any number of lines (none included), and `...` inside a line matches any
+text within that line. A mismatch names the document and the line of the block (or command) and shows a
+diff, expected against produced.
+
+The blocks and commands of a document share one temporary working directory, so a command may write a file
+that a later block or command reads, and nothing lands in the repository. A block or console block that
+needs the Hugging Face hub (and so a network) opts out with the line
 
     <!-- docs-test: skip (needs the Hugging Face hub) -->
 
-right before its fence; it is still compiled (a syntax error fails). No other reason to skip is accepted.
-A failure names the document and the line where the failing block starts; tracebacks point at the
-document's own lines."""
+right before its fence; a skipped python block is still compiled (a syntax error fails) and a skipped
+command is still parsed by tinygpt's argument parser (an unknown option fails), and the output shown under
+either is not checked. No other reason to skip is accepted. A failure names the document and the line where
+the failing block (or command) starts; tracebacks point at the document's own lines."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import io
 import re
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -30,12 +55,15 @@ EXPECTED_DOCS = ("engine.md", "weights.md", "generation.md", "probes.md")
 
 FENCE_OPEN = re.compile(r"^(`{3,}|~{3,})\s*([\w+-]*)")
 PYTHON_INFO = {"python", "py", "python3"}
+SHELL_INFO = {"console", "bash", "sh", "shell"}
+OUTPUT_INFO = "text"
+PROMPT = "$ "
 MARKER = re.compile(r"<!--\s*docs-test:(.*?)-->")
 SKIP = re.compile(r"^\s*skip\s*\((.+)\)\s*$")
 
 
 def documents() -> list[Path]:
-    return [README, *sorted(DOCS_DIR.glob("*.md"))]
+    return [README, *sorted(DOCS_DIR.rglob("*.md"))]
 
 
 def doc_id(path: Path) -> str:
@@ -43,7 +71,8 @@ def doc_id(path: Path) -> str:
 
 
 class DocBlockError(AssertionError):
-    """A documentation block failed to run (or a docs-test marker is malformed)."""
+    """A documentation block failed to run, its output differs from the document's, or a docs-test marker
+    is malformed."""
 
 
 @dataclasses.dataclass
@@ -51,10 +80,32 @@ class Block:
     line: int  # 1-based line of the opening fence
     code: str
     skip: str | None  # the skip marker's reason, or None
+    expected: str | None = None  # the output shown in the ```text block right after, or None
+    expected_line: int | None = None  # the text block's opening fence
+
+
+@dataclasses.dataclass
+class Command:
+    line: int  # 1-based line of the `$ ` line
+    text: str  # the command after `$ `, continuation lines joined
+    expected: str  # the lines after it, up to the next command or the end of the block
+
+
+@dataclasses.dataclass
+class Shell:
+    line: int  # 1-based line of the opening fence
+    commands: list[Command]
+    skip: str | None
 
 
 def fenced_blocks(text: str):
     """Every fenced block: (opening line number, info string, code lines, the line before the fence)."""
+    for line, info, body, before, _ in _fences(text):
+        yield line, info, body, before
+
+
+def _fences(text: str):
+    """As fenced_blocks, plus the 1-based line of the closing fence."""
     lines = text.splitlines()
     i = 0
     while i < len(lines):
@@ -70,21 +121,52 @@ def fenced_blocks(text: str):
             body.append(lines[i])
             i += 1
         i += 1  # the closing fence (or the end of the file)
-        yield start + 1, info, body, lines[start - 1] if start else ""
+        yield start + 1, info, body, lines[start - 1] if start else "", i
 
 
-def python_blocks(text: str, name: str) -> list[Block]:
-    """The ```python blocks of a markdown text, with their skip markers. Raises DocBlockError for a
-    docs-test marker that is not a skip for the hub right before a python fence."""
-    blocks, marker_lines = [], set()
-    for line, info, body, before in fenced_blocks(text):
+def shell_commands(body: list[str], first_line: int, name: str) -> list[Command]:
+    """The `$ ` commands of a shell block's lines (the first at document line `first_line`), each with the
+    output lines shown under it. Raises DocBlockError for a `$ ` command that is not `tinygpt ...`."""
+    commands: list[Command] = []
+    i = 0
+    while i < len(body):
+        stripped = body[i].strip()
+        if not stripped.startswith(PROMPT):
+            if commands:
+                commands[-1].expected += body[i] + "\n"
+            i += 1
+            continue
+        line, parts = first_line + i, [stripped[2:]]
+        while parts[-1].endswith("\\") and i + 1 < len(body):
+            parts[-1] = parts[-1][:-1]
+            i += 1
+            parts.append(body[i].strip().removeprefix("> "))
+        command = " ".join(p.strip() for p in parts)
+        words = shlex.split(command)
+        if not words or words[0] != "tinygpt":
+            raise DocBlockError(f"{name}:{line}: only `$ tinygpt ...` commands run in the docs test; show "
+                                f"{command!r} without the `$ ` prompt")
+        commands.append(Command(line, command, ""))
+        i += 1
+    return commands
+
+
+def doc_blocks(text: str, name: str) -> list[Block | Shell]:
+    """The ```python blocks (each with the ```text block shown after it) and the shell blocks with `$ `
+    commands of a markdown text, in document order, with their skip markers. Raises DocBlockError for a
+    docs-test marker that is not a skip for the hub right before a python or shell fence."""
+    blocks: list[Block | Shell] = []
+    marker_lines = set()
+    previous_python, previous_end = None, None
+    lines = text.splitlines()
+    for line, info, body, before, end in _fences(text):
         marker = MARKER.search(before)
         skip = None
         if marker:
             marker_lines.add(line - 1)
-            if info not in PYTHON_INFO:
+            if info not in PYTHON_INFO | SHELL_INFO:
                 raise DocBlockError(f"{name}:{line - 1}: a docs-test marker must stand right before a ```python "
-                                    f"fence, not a ```{info} one")
+                                    f"or ```console fence, not a ```{info} one")
             reason = SKIP.match(marker.group(1))
             if not reason:
                 raise DocBlockError(f"{name}:{line - 1}: unknown docs-test marker {marker.group(0)!r}; the only "
@@ -94,37 +176,151 @@ def python_blocks(text: str, name: str) -> list[Block]:
                 raise DocBlockError(f"{name}:{line - 1}: a block may skip the docs test only when it needs the "
                                     f"Hugging Face hub; this marker's reason is {skip!r}")
         if info in PYTHON_INFO:
-            blocks.append(Block(line, "\n".join(body), skip))
-    for number, text_line in enumerate(text.splitlines(), 1):
+            previous_python = Block(line, "\n".join(body), skip)
+            blocks.append(previous_python)
+        elif info == OUTPUT_INFO and previous_python is not None and not marker and \
+                all(not l.strip() for l in lines[previous_end:line - 1]):
+            previous_python.expected, previous_python.expected_line = "\n".join(body), line
+            previous_python = None
+        elif info in SHELL_INFO:
+            commands = shell_commands(body, line + 1, name)
+            if commands:
+                blocks.append(Shell(line, commands, skip))
+            elif skip:
+                raise DocBlockError(f"{name}:{line - 1}: a docs-test marker stands before a ```{info} block "
+                                    "with no `$ tinygpt` command")
+        if info != OUTPUT_INFO and info not in PYTHON_INFO:
+            previous_python = None
+        previous_end = end
+    for number, text_line in enumerate(lines, 1):
         if MARKER.search(text_line) and number not in marker_lines:
             raise DocBlockError(f"{name}:{number}: a docs-test marker must be the line right before a ```python "
-                                "fence")
+                                "or ```console fence")
     return blocks
 
 
-def run_blocks(text: str, name: str, filename: str | None = None) -> int:
-    """Run a document's python blocks in order in one namespace; returns how many ran. Each block is compiled
-    with the document's line numbers, so a traceback names the line in the document."""
-    namespace = {"__name__": "__docs__"}
-    ran = 0
-    for block in python_blocks(text, name):
-        source = "\n" * block.line + block.code  # line numbers as in the document
+def python_blocks(text: str, name: str) -> list[Block]:
+    """The ```python blocks of a markdown text, with their skip markers and shown output (see doc_blocks)."""
+    return [b for b in doc_blocks(text, name) if isinstance(b, Block)]
+
+
+# ------------------------------------------------------------------------------------------ output matching
+
+ELLIPSIS = "..."
+
+
+def _clean(text: str) -> list[str]:
+    lines = [l.rstrip() for l in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def output_pattern(expected: str) -> re.Pattern:
+    """The regular expression of an expected output: each line literal, `...` alone on a line any number of
+    lines, `...` within a line any text within the line."""
+    parts = []
+    for line in _clean(expected):
+        if line.strip() == ELLIPSIS:
+            parts.append(r"(?:[^\n]*\n)*?")
+        else:
+            parts.append("[^\n]*?".join(re.escape(piece) for piece in line.split(ELLIPSIS)) + r"\n")
+    return re.compile("".join(parts))
+
+
+def output_matches(expected: str, produced: str) -> bool:
+    produced_lines = _clean(produced)
+    text = "".join(l + "\n" for l in produced_lines)
+    return output_pattern(expected).fullmatch(text) is not None
+
+
+def check_output(expected: str, produced: str, where: str) -> None:
+    """Raise DocBlockError (naming `where`) with a diff when `produced` does not match `expected`."""
+    if output_matches(expected, produced):
+        return
+    diff = "\n".join(difflib.unified_diff(_clean(expected), _clean(produced), "shown in the document",
+                                          "produced", lineterm="", n=2))
+    raise DocBlockError(f"{where}: the output differs from the document (`...` matches anything):\n{diff}")
+
+
+# -------------------------------------------------------------------------------------------------- running
+
+def run_command(command: Command, name: str, *, skip: bool = False) -> str:
+    """Run one `$ tinygpt ...` command in-process and return its stdout; with `skip`, only parse it."""
+    from tinygpt.cli import build_parser, main
+
+    argv = shlex.split(command.text)[1:]
+    if skip:
+        stderr = io.StringIO()
         try:
-            code = compile(source, filename or name, "exec")
-        except SyntaxError as e:
-            raise DocBlockError(f"{name}: the python block at line {block.line} does not compile:\n"
-                                + "".join(traceback.format_exception_only(type(e), e))) from None
-        if block.skip:
-            continue
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+                build_parser().parse_args(argv)
+        except SystemExit as e:
+            if e.code:
+                raise DocBlockError(f"{name}:{command.line}: `{command.text}` does not parse:\n"
+                                    f"{stderr.getvalue().strip()}") from None
+        return ""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            exec(code, namespace)
-        except BaseException as e:  # noqa: BLE001 - any failure of a block is the test's failure
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException as e:  # noqa: BLE001 - a crash of the command is the test's failure
             if isinstance(e, KeyboardInterrupt):
                 raise
-            shown = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
-            raise DocBlockError(f"{name}: the python block at line {block.line} raised "
-                                f"{type(e).__name__}:\n{shown}") from None
-        ran += 1
+            code = f"{type(e).__name__}:\n{traceback.format_exc()}"
+    if code != 0:
+        raise DocBlockError(f"{name}:{command.line}: `{command.text}` exited with {code}; stderr:\n"
+                            f"{err.getvalue().strip()[-3000:]}")
+    return out.getvalue()
+
+
+def run_python(block: Block, namespace: dict, name: str, filename: str | None) -> bool:
+    """Compile a python block with the document's line numbers (so a traceback names the document's line),
+    run it unless skipped and check what it printed against the text block after it. Returns whether it
+    ran."""
+    source = "\n" * block.line + block.code  # line numbers as in the document
+    try:
+        code = compile(source, filename or name, "exec")
+    except SyntaxError as e:
+        raise DocBlockError(f"{name}: the python block at line {block.line} does not compile:\n"
+                            + "".join(traceback.format_exception_only(type(e), e))) from None
+    if block.skip:
+        return False
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(code, namespace)
+    except BaseException as e:  # noqa: BLE001 - any failure of a block is the test's failure
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        shown = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+        raise DocBlockError(f"{name}: the python block at line {block.line} raised "
+                            f"{type(e).__name__}:\n{shown}") from None
+    if block.expected is not None:
+        check_output(block.expected, out.getvalue(),
+                     f"{name}:{block.expected_line}: the python block at line {block.line}")
+    return True
+
+
+def run_blocks(text: str, name: str, filename: str | None = None) -> int:
+    """Run a document's python blocks and `$ tinygpt` commands in order (python blocks in one namespace)
+    and check the output each shows; returns how many blocks and commands ran."""
+    namespace = {"__name__": "__docs__"}
+    ran = 0
+    for block in doc_blocks(text, name):
+        if isinstance(block, Block):
+            ran += run_python(block, namespace, name, filename)
+            continue
+        for command in block.commands:
+            produced = run_command(command, name, skip=bool(block.skip))
+            if block.skip:
+                continue
+            check_output(command.expected, produced, f"{name}:{command.line}: `{command.text}`")
+            ran += 1
     return ran
 
 
@@ -145,7 +341,7 @@ def test_readme_and_docs_have_python_blocks():
     for name in EXPECTED_DOCS:
         assert (DOCS_DIR / name).is_file(), f"docs/{name} is missing"
     assert python_blocks(README.read_text(), "README.md"), "README.md has no ```python block"
-    in_docs = [b for p in sorted(DOCS_DIR.glob("*.md")) for b in python_blocks(p.read_text(), doc_id(p))]
+    in_docs = [b for p in sorted(DOCS_DIR.rglob("*.md")) for b in python_blocks(p.read_text(), doc_id(p))]
     assert in_docs, "docs/ has no ```python block"
 
 
@@ -281,3 +477,58 @@ def test_engine_doc_site_table_is_the_site_table():
     rows = re.findall(r"^\| `(\w+)` \| `\[([^\]]*)\]` \| (.*?) \|$", (DOCS_DIR / "engine.md").read_text(), re.M)
     expected = [(s.name, ", ".join(("layer",) * s.per_layer + s.shape), s.meaning) for s in SITES.values()]
     assert rows == expected
+
+
+# ------------------------------------------------------------------------------------ shown output, commands
+
+def test_a_text_block_after_a_python_block_is_its_output():
+    text = "```python\nprint('a')\nprint('b', 1.5)\n```\n\n```text\na\nb 1.5\n```\n"
+    assert run_blocks(text, "x.md") == 1
+    with pytest.raises(DocBlockError) as failure:
+        run_blocks(text.replace("b 1.5", "b 2.5"), "docs/x.md")
+    message = str(failure.value)
+    assert message.startswith("docs/x.md:6: the python block at line 1: the output differs")
+    assert "-b 2.5\n+b 1.5" in message
+
+
+def test_a_text_block_after_prose_is_not_output():
+    assert run_blocks("```python\nprint('a')\n```\nProse.\n```text\nz\n```\n", "x.md") == 1
+
+
+@pytest.mark.parametrize("expected, produced, matches", [
+    ("took ... s", "took 1.25 s", True),
+    ("took ... s", "took 1.25 ms\n", False),
+    ("first\n...\nlast", "first\nlast", True),
+    ("first\n...\nlast", "first\n2\n3\nlast\n", True),
+    ("first\n...\nlast", "first\n2\nlast but one", False),
+    ("\n  a  \nb\n\n", "a\nb   \n", False),  # leading spaces count
+    ("\na\nb\n\n", "a\nb   \n", True),  # trailing spaces and outer blank lines do not
+    ("a.b(c)", "a.b(c)", True),  # regex characters are literal
+    ("a.b(c)", "axb(c)", False),
+])
+def test_output_comparison(expected, produced, matches):
+    assert output_matches(expected, produced) is matches
+
+
+def test_console_commands_run_in_process_and_their_output_is_checked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    doc = ("Text.\n\n```console\n$ tinygpt tokens 'ROMEO:' \\\n    --json\n...\n"
+           '  "ROMEO",\n...\n```\n')
+    assert run_blocks(doc, "x.md") == 1
+    with pytest.raises(DocBlockError, match=r"^x\.md:4: `tinygpt tokens 'ROMEO:' --json`: the output differs"):
+        run_blocks(doc.replace('"ROMEO"', '"JULIET"'), "x.md")
+    with pytest.raises(DocBlockError, match=r"^x\.md:4: `tinygpt tokens --nope` exited with 2; stderr:\n.*required: TEXT"):
+        run_blocks("```console\n\n\n$ tinygpt tokens --nope\n```\n", "x.md")
+
+
+def test_only_tinygpt_commands_take_the_prompt():
+    with pytest.raises(DocBlockError, match=r"x\.md:3: only `\$ tinygpt \.\.\.` commands run"):
+        doc_blocks("```bash\n$ tinygpt tokens a\n$ pip install tinygpt\n```\n", "x.md")
+    assert doc_blocks("```bash\npip install tinygpt\n```\n", "x.md") == []  # shown, not run
+
+
+def test_a_hub_command_is_parsed_not_run():
+    marker = "<!-- docs-test: skip (needs the Hugging Face hub) -->"
+    assert run_blocks(f"{marker}\n```console\n$ tinygpt lens 'a' --model gpt2\nanything\n```\n", "x.md") == 0
+    with pytest.raises(DocBlockError, match="x.md:3: `tinygpt lens a --nope` does not parse"):
+        run_blocks(f"{marker}\n```console\n$ tinygpt lens a --nope\n```\n", "x.md")
