@@ -29,7 +29,7 @@ from .inputs import check_inputs
 from .kernels import project_heads_batched
 from .model import attention, block_after_attention, block_qkv, embedding, final_sites, positions_from_mask, unembed
 from .params import layer_views
-from .recorder import Edits, SiteRecorder, normalize_edits, normalize_keep
+from .recorder import Edits, SiteRecorder, check_edits, normalize_edits, normalize_keep, values_only
 from .trace import Trace
 
 
@@ -159,7 +159,9 @@ def generate(
     `max_new_tokens` tokens, with a KV cache, as one compiled program.
 
     temperature 0 is greedy; top_k / top_p filter before sampling; `seed` fixes the random draws.
-    edits  {site: fn(value, layer)} applied to the prompt and to every generated step. The prompt's value is
+    edits  edit values (`tinygpt.edits`) or {site: fn(value, layer)}, applied to the prompt and to every
+           generated step (edit values run in a program compiled once per their structure; function edits
+           compile once per function object, so a new closure per call compiles again). The prompt's value is
            [batch, seq, ...], a step's [batch, 1, ...] and a prompt-lookup pass's [batch, prompt_lookup + 1,
            ...], so an index into the seq axis means a different token in each: an edit aimed at particular
            tokens takes `positions`, fn(value, layer, positions), their absolute positions [batch, seq]
@@ -187,21 +189,38 @@ def generate(
         )
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
-    if prompt_lookup:
-        args = (config, max_new_tokens, prompt_lookup, normalize_edits(edits), return_logits)
-        if not at_top_level():
-            return _generate_lookup(params, layer_views(params["blocks"]), tokens, attention_mask, *args)
-        run = _cached_jit(("lookup", config, max_new_tokens, prompt_lookup, _Static(args[3]), return_logits),
-                          lambda p, layers, t, m: _generate_lookup(p, layers, t, m, *args))
-        return run(params, layer_views(params["blocks"]), tokens, attention_mask)
+    edits = normalize_edits(edits)
+    check_edits(edits, config)
+    keep = normalize_keep(keep) if keep else frozenset()
+    layers = layer_views(params["blocks"])
     if not at_top_level():  # inside an outer jit/vmap: trace inline (a cache keyed on closures over tracers
         # would only grow)
-        return _generate(params, layer_views(params["blocks"]), tokens, attention_mask, jax.random.PRNGKey(seed),
-                         config, max_new_tokens, sampling, normalize_edits(edits),
-                         normalize_keep(keep) if keep else frozenset(), return_logits, on_token)
-    run = _compiled(config, max_new_tokens, sampling, _Static(normalize_edits(edits)),
-                    normalize_keep(keep) if keep else frozenset(), return_logits, _Static(on_token))
-    return run(params, layer_views(params["blocks"]), tokens, attention_mask, jax.random.PRNGKey(seed))
+        if prompt_lookup:
+            return _generate_lookup(params, layers, tokens, attention_mask, config, max_new_tokens, prompt_lookup,
+                                    edits, return_logits)
+        return _generate(params, layers, tokens, attention_mask, jax.random.PRNGKey(seed), config, max_new_tokens,
+                         sampling, edits, keep, return_logits, on_token)
+    edits_key, given, baked = _edit_arguments(edits)
+    if prompt_lookup:
+        run = _cached_jit(("lookup", config, max_new_tokens, prompt_lookup, edits_key, return_logits),
+                          lambda p, layers, t, m, given: _generate_lookup(
+                              p, layers, t, m, config, max_new_tokens, prompt_lookup,
+                              given if baked is None else baked, return_logits))
+        return run(params, layers, tokens, attention_mask, given)
+    run = _cached_jit((config, max_new_tokens, sampling, edits_key, keep, return_logits, _Static(on_token)),
+                      lambda p, layers, t, m, key, given: _generate(
+                          p, layers, t, m, key, config, max_new_tokens, sampling, given if baked is None else baked,
+                          keep, return_logits, on_token))
+    return run(params, layers, tokens, attention_mask, jax.random.PRNGKey(seed), given)
+
+
+def _edit_arguments(edits):
+    """How normalized edits enter the cached compiled program: (cache key, argument, baked-in edits).
+    Edit values are an argument: one program per their structure, run with the arrays they hold now.
+    Function edits are baked in: one program per the functions (by identity), their closures as traced."""
+    if values_only(edits):
+        return ("values", jax.tree_util.tree_structure(edits)), edits, None
+    return _Static(edits), {}, edits
 
 
 def _check_lookup(n_draft, sampling: Sampling, keep, on_token):
@@ -231,12 +250,6 @@ class _Static:
 
 
 _CACHE: dict = {}
-
-
-def _compiled(config, max_new_tokens, sampling, edits, keep, return_logits, on_token):
-    return _cached_jit((config, max_new_tokens, sampling, edits, keep, return_logits, on_token),
-                       lambda *args: _generate(*args, config, max_new_tokens, sampling, edits.value, keep,
-                                               return_logits, on_token.value))
 
 
 def _cached_jit(key, fn):
