@@ -617,11 +617,11 @@ def load_sae(path: str | os.PathLike, params=None) -> SAE:
     tensors (float32, the config's shapes, finite) and, given the model's `params`, that it was trained on
     this model's activations (the model fingerprint in its metadata). Any problem is one SAEError.
     A directory holding a cfg.json is read as an SAE saved by SAELens (`probes.saelens.load_saelens`)."""
-    path = Path(path)
-    if path.is_dir() and (path / "cfg.json").exists():
-        from .saelens import load_saelens
+    from .saelens import is_saelens_dir, load_saelens
 
+    if is_saelens_dir(path):
         return load_saelens(path, params)
+    path = Path(path)
     where = f"SAE file {str(path)!r}"
     tensors, metadata = read_safetensors(path, "SAE file", error=SAEError)
     if METADATA_KEY not in metadata:

@@ -48,13 +48,14 @@ import os
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.errors import SiteError
 from tinygpt.files import TEMP_MARK, parse_json, read_bytes, read_json, save_safetensors, write_json
 from tinygpt.sites import SITES, site_of_tl, tl_name
 
-from .harvest import is_integer
+from .harvest import check_tensors, is_integer
 from .sae import SAE, SAEConfig, SAEError, check_sae_model, param_shapes
 
 CFG_FILE = "cfg.json"
@@ -94,8 +95,10 @@ def saelens_fields(cfg: dict) -> dict:
 
 
 def field_error(where: str, name: str, problem: str) -> SAEError:
-    """One line naming the file and the field: "SAELens cfg.json '...': field 'x' ..."."""
-    return SAEError(f"{where}: field {name!r} {problem}")
+    """One line naming the file and the field (and its 3.x-5.x name, if it had another):
+    "SAELens cfg.json '...': field 'hook_name' ('hook_point' in 3.x-5.x files) ..."."""
+    old = [old for old, new in OLD_NAMES.items() if new == name]
+    return SAEError(f"{where}: field {name!r}" + (f" ({old[0]!r} in 3.x-5.x files)" if old else "") + f" {problem}")
 
 
 def read_kind(fields: dict, where: str) -> tuple[str, int | None]:
@@ -147,13 +150,12 @@ def read_input_norm(fields: dict, where: str) -> str:
     return NORMALIZATIONS[mode]
 
 
-def read_dtype(fields: dict, where: str) -> str:
-    """The cfg's dtype without a "torch." prefix, checked to be a float type tinygpt reads."""
+def check_dtype(fields: dict, where: str) -> None:
+    """The cfg's dtype (with or without a "torch." prefix) must be a float type tinygpt reads; whatever it is,
+    tinygpt computes in float32."""
     dtype = fields.get("dtype") or "float32"
-    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype
-    if name not in DTYPES:
+    if (dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype) not in DTYPES:
         raise field_error(where, "dtype", f"is {dtype!r}; tinygpt reads {', '.join(DTYPES)}")
-    return name
 
 
 def read_config(fields: dict, where: str) -> SAEConfig:
@@ -167,7 +169,7 @@ def read_config(fields: dict, where: str) -> SAEConfig:
     apply_b_dec = fields.get("apply_b_dec_to_input", True)
     if not isinstance(apply_b_dec, bool):
         raise field_error(where, "apply_b_dec_to_input", f"is {apply_b_dec!r}; expected true or false")
-    read_dtype(fields, where)
+    check_dtype(fields, where)
     training = fields.get("tinygpt_training") or {}
     if not isinstance(training, dict) or set(training) - set(TRAINING_FIELDS):
         raise field_error(where, "tinygpt_training", f"is {training!r}; expected an object of {TRAINING_FIELDS}")
@@ -197,7 +199,8 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = types.get(entry["dtype"]), tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape = types.get(entry["dtype"]), tuple(int(size) for size in entry["shape"])
+            start, end = (int(offset) for offset in entry["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise SAEError(f"{where}: tensor {name!r} has a malformed header entry {entry!r}") from None
         if dtype is None:
@@ -226,20 +229,6 @@ def fold_legacy_tensors(tensors: dict, fields: dict) -> dict:
         tensors["W_enc"], tensors["b_enc"] = tensors["W_enc"] * norms, tensors["b_enc"] * norms
         tensors["W_dec"] = tensors["W_dec"] / norms[:, None]  # [d_sae, d_in]
     return tensors
-
-
-def check_weights(tensors: dict, config: SAEConfig, where: str) -> None:
-    """Exactly the tensors the architecture needs (`param_shapes`), each of its shape and finite."""
-    shapes = param_shapes(config)
-    missing, extra = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        raise SAEError(f"{where} holds tensors {sorted(tensors)}; a {config.kind} SAE has {sorted(shapes)}")
-    for name, shape in shapes.items():
-        if tensors[name].shape != shape:
-            raise SAEError(f"{where}: tensor {name} is {list(tensors[name].shape)}, expected {list(shape)} (d_in "
-                           f"{config.d_in}, d_sae {config.d_sae} in cfg.json)")
-        if not np.isfinite(tensors[name]).all():
-            raise SAEError(f"{where}: tensor {name} has non-finite values (NaN or inf)")
 
 
 def model_site_width(params, site: str) -> int:
@@ -275,13 +264,11 @@ def load_saelens(path: str | os.PathLike, params=None) -> SAE:
     fields = saelens_fields(cfg)
     config = read_config(fields, where)
     tensors = fold_legacy_tensors(read_weights(path / WEIGHTS_FILE), fields)
-    check_weights(tensors, config, f"SAELens weights {str(path / WEIGHTS_FILE)!r}")
+    check_tensors(tensors, param_shapes(config), f"SAELens weights {str(path / WEIGHTS_FILE)!r}", error=SAEError)
     extra = fields.get("tinygpt_extra") or {}
     if not isinstance(extra, dict):
         raise field_error(where, "tinygpt_extra", f"is {extra!r}; expected an object")
     kept = {name: value for name, value in fields.items() if name not in ("tinygpt_extra", "tinygpt_training")}
-    import jax.numpy as jnp
-
     sae = SAE(config, {name: jnp.asarray(tensors[name]) for name in param_shapes(config)}, {**extra, "saelens": kept})
     if params is not None:
         check_against_model(config, params, where)

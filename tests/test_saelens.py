@@ -279,9 +279,9 @@ def damage(tensors: dict, how: str) -> dict:
     return tensors
 
 
-@pytest.mark.parametrize("how, says", [("missing", "has ['W_dec', 'W_enc', 'b_dec', 'b_enc']"),
-                                       ("extra", "has ['W_dec', 'W_enc', 'b_dec', 'b_enc']"),
-                                       ("shape", "expected [32, 16]"), ("nan", "non-finite"),
+@pytest.mark.parametrize("how, says", [("missing", "expected ['W_dec', 'W_enc', 'b_dec', 'b_enc']"),
+                                       ("extra", "expected ['W_dec', 'W_enc', 'b_dec', 'b_enc']"),
+                                       ("shape", "expected float32 [32, 16]"), ("nan", "non-finite"),
                                        ("integer", "I32; tinygpt reads F32"), ("truncated", "truncated"),
                                        ("empty", "not a safetensors file"), ("absent", "does not exist")])
 def test_bad_weights_are_one_line_naming_the_file(how, says, tmp_path):
