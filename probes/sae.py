@@ -202,7 +202,8 @@ def encoder_input(params, x, config: SAEConfig):
 
 
 def pre_activations(params, x, config: SAEConfig):
-    """(x s - b_dec) @ W_enc + b_enc (the gate's, with b_gate, for "gated").  x [..., d_in] -> [..., d_sae]"""
+    """encoder_input(x) @ W_enc + b_enc, e.g. (x s - b_dec) @ W_enc + b_enc; for "gated" the gate's, with b_gate.
+    x [..., d_in] -> [..., d_sae]"""
     bias = params["b_gate"] if config.kind == "gated" else params["b_enc"]
     return encoder_input(params, x, config) @ params["W_enc"] + bias
 
@@ -616,11 +617,7 @@ def load_sae(path: str | os.PathLike, params=None) -> SAE:
     """An SAE written by `save_sae`, checked: its config (known keys, each field valid, a known site), its
     tensors (float32, the config's shapes, finite) and, given the model's `params`, that it was trained on
     this model's activations (the model fingerprint in its metadata). Any problem is one SAEError.
-    A directory holding a cfg.json is read as an SAE saved by SAELens (`probes.saelens.load_saelens`)."""
-    from .saelens import is_saelens_dir, load_saelens
-
-    if is_saelens_dir(path):
-        return load_saelens(path, params)
+    (`probes.saelens.load_any` reads these files and SAELens' directories.)"""
     path = Path(path)
     where = f"SAE file {str(path)!r}"
     tensors, metadata = read_safetensors(path, "SAE file", error=SAEError)

@@ -35,6 +35,9 @@ Weights are computed in float32 whatever the file's dtype. A 3.x-5.x `scaling_fa
 scale of the codes before decoding) is folded into W_dec's rows; a `log_threshold` (older JumpReLU files)
 becomes threshold = exp(log_threshold).
 
+`load_any(path, params)` reads either a SAELens directory or a tinygpt SAE file; the CLI's SAE arguments
+(`sae eval`, `polysemantic --sae`, `superposition --sae`) go through it.
+
 `save_saelens` writes the 6.x format (readable by SAELens' `SAE.load_from_disk`), with tinygpt's own input
 scale folded into the weights (W_enc * s, W_dec / s, b_dec / s: the same codes and reconstruction) and the
 tinygpt training settings and provenance under metadata "tinygpt_training" / "tinygpt_extra", so that
@@ -56,7 +59,7 @@ from tinygpt.files import TEMP_MARK, parse_json, read_bytes, read_json, save_saf
 from tinygpt.sites import SITES, site_of_tl, tl_name
 
 from .harvest import check_tensors, is_integer
-from .sae import SAE, SAEConfig, SAEError, check_sae_model, param_shapes
+from .sae import SAE, SAEConfig, SAEError, check_sae_model, load_sae, param_shapes
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -75,6 +78,12 @@ def is_saelens_dir(path) -> bool:
     """Whether `path` is a directory holding a cfg.json (SAELens' layout)."""
     path = Path(path)
     return path.is_dir() and (path / CFG_FILE).exists()
+
+
+def load_any(path: str | os.PathLike, params=None) -> SAE:
+    """An SAE from a SAELens directory (`load_saelens`) or a tinygpt SAE file (`probes.sae.load_sae`): what
+    the CLI's SAE arguments read."""
+    return load_saelens(path, params) if is_saelens_dir(path) else load_sae(path, params)
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 import tinygpt
 from probes import sae as saes
 from probes.sae import SAE, SAEConfig, SAEError
-from probes.saelens import CFG_FILE, WEIGHTS_FILE, load_saelens, read_site, save_saelens
+from probes.saelens import CFG_FILE, WEIGHTS_FILE, load_any, load_saelens, read_site, save_saelens
 from tinygpt.cli import main
 from tinygpt.sites import SITES, TL_NAMES, tl_name
 
@@ -73,14 +73,14 @@ def copy_case(case: str, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", CASES)
 def test_golden_saelens_directories_compute_what_saelens_computes(case):
     expected = load_file(str(GOLDEN / case / "expected.safetensors"))
-    sae = saes.load_sae(GOLDEN / case)  # load_sae recognises the directory by its cfg.json
+    sae = load_any(GOLDEN / case)  # load_any recognises the directory by its cfg.json
     assert_outputs_close(outputs(sae, expected["x"], expected["g"]), expected, case)
     assert (np.asarray(outputs(sae, expected["x"], expected["g"])["encode"]) > 0).any()
 
 
 def test_golden_cases_cover_every_architecture_and_format():
-    kinds = {saes.load_sae(GOLDEN / case).config.kind for case in CASES}
-    norms = {saes.load_sae(GOLDEN / case).config.input_norm for case in CASES}
+    kinds = {load_any(GOLDEN / case).config.kind for case in CASES}
+    norms = {load_any(GOLDEN / case).config.input_norm for case in CASES}
     assert kinds == set(saes.KINDS) and norms == set(saes.INPUT_NORMS)
     legacy = json.loads((GOLDEN / "shakespeare_resid" / CFG_FILE).read_text())
     assert "hook_point" in legacy and "metadata" not in legacy  # the 3.x form
@@ -88,18 +88,18 @@ def test_golden_cases_cover_every_architecture_and_format():
 
 
 def test_golden_reads_hook_z_flattened_and_the_legacy_fields():
-    z = saes.load_sae(GOLDEN / "hook_z")
+    z = load_any(GOLDEN / "hook_z")
     assert (z.config.site, z.config.layer, z.config.d_in) == ("z", 1, 32)
-    legacy = saes.load_sae(GOLDEN / "shakespeare_resid")
+    legacy = load_any(GOLDEN / "shakespeare_resid")
     assert (legacy.config.kind, legacy.config.site, legacy.config.layer) == ("relu", "resid_pre", 1)
     assert legacy.info["saelens"]["model_name"] == "tinygpt-shakespeare"
-    topk = saes.load_sae(GOLDEN / "legacy_topk_5x")
+    topk = load_any(GOLDEN / "legacy_topk_5x")
     assert (topk.config.kind, topk.config.k, topk.config.site, topk.config.layer) == ("topk", 3, "mlp_out", 2)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_round_trip_through_a_saelens_directory(case, tmp_path):
-    sae = saes.load_sae(GOLDEN / case)
+    sae = load_any(GOLDEN / case)
     save_saelens(sae, tmp_path / "sae")
     again = load_saelens(tmp_path / "sae")
     assert again.config == sae.config
@@ -127,7 +127,7 @@ def test_tinygpt_format_round_trip_of_every_kind(kind, tmp_path):
     sae = random_sae(kind, 8, 12, "mlp_out", 0, apply_b_dec_to_input=kind != "gated",
                      input_norm="layer_norm" if kind == "jumprelu" else "none", **extra)
     saes.save_sae(sae, tmp_path / "sae.safetensors")
-    again = saes.load_sae(tmp_path / "sae.safetensors")
+    again = load_any(tmp_path / "sae.safetensors")  # a file: tinygpt's format
     assert again.config == sae.config and sorted(again.params) == sorted(sae.params)
 
 
@@ -146,7 +146,7 @@ def test_a_trained_kind_saves_the_same_bytes_as_before_the_saelens_fields():
 
 
 def test_decode_with_a_per_token_norm_needs_the_input():
-    sae = saes.load_sae(GOLDEN / "layer_norm")
+    sae = load_any(GOLDEN / "layer_norm")
     with pytest.raises(SAEError, match="needs the input x"):
         saes.decode(sae.params, np.zeros((1, sae.config.d_sae), np.float32), sae.config)
 
@@ -255,12 +255,12 @@ def test_a_missing_field_is_named(field, tmp_path):
 def test_an_sae_of_another_model_is_refused_with_the_model():
     params = tinygpt.load().params  # the embedded model: 2 layers, d_model 128
     with pytest.raises(SAEError) as error:
-        saes.load_sae(GOLDEN / "standard", params)  # d_in 16 on resid_pre
+        load_any(GOLDEN / "standard", params)  # d_in 16 on resid_pre
     assert_one_line(error, "'d_in'", "is 16", "128 wide")
     with pytest.raises(SAEError) as error:
-        saes.load_sae(GOLDEN / "legacy_topk_5x", params)  # blocks.2
+        load_any(GOLDEN / "legacy_topk_5x", params)  # blocks.2
     assert_one_line(error, "'hook_name'", "2 layers")
-    assert saes.load_sae(GOLDEN / "shakespeare_resid", params).config.d_in == 128
+    assert load_any(GOLDEN / "shakespeare_resid", params).config.d_in == 128
 
 
 def damage(tensors: dict, how: str) -> dict:

@@ -214,8 +214,9 @@ def cmd_sae_train(args) -> None:
 def cmd_sae_eval(args) -> None:
     from probes import sae as saes
     from probes.harvest import harvest
+    from probes.saelens import load_any
 
-    sae = saes.load_sae(args.sae)
+    sae = load_any(args.sae)
     if sae.config.site is None:
         raise CLIError(f"{args.sae} records no site: it was not trained on model activations")
     model = load_model(args)
@@ -279,9 +280,9 @@ def cmd_superposition(args) -> None:
     check_layer_arg(model, args.layer)
     sets = geometry.model_vector_sets(model.params, args.layer)
     if args.sae:
-        from probes.sae import load_sae
+        from probes.saelens import load_any
 
-        sae = load_sae(args.sae, model.params)
+        sae = load_any(args.sae, model.params)
         name = "sae_decoder" + (f" {sae.config.site} L{sae.config.layer}" if sae.config.site else "")
         sets[name] = sae.params["W_dec"]
     eps = geometry.epsilon_for_angle(args.angle)
@@ -359,9 +360,9 @@ def cmd_polysemantic(args) -> None:
         raise CLIError(f"neuron {neuron} is outside [0, d_mlp={model.config.d_mlp})")
     sae = None
     if args.sae:
-        from probes.sae import load_sae
+        from probes.saelens import load_any
 
-        sae = load_sae(args.sae, model.params)
+        sae = load_any(args.sae, model.params)
     windows, description = corpus_windows(model, args)
     try:
         report = neuron_report(model.params, model.config, windows, layer, neuron, k=args.top, context=args.context,
