@@ -18,6 +18,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import tinygpt
@@ -120,6 +122,22 @@ def test_tinygpt_round_trip_keeps_config_provenance_and_function(tmp_path):
     x = np.random.default_rng(1).standard_normal((9, 16)).astype(np.float32)
     g = np.abs(np.random.default_rng(2).standard_normal((9, 32))).astype(np.float32)
     assert_outputs_close(outputs(again, x, g), outputs(sae, x, g), "folded input scale")
+
+
+@settings(max_examples=8)  # each example runs every kind's encode eagerly: about 0.3 s
+@given(kind=st.sampled_from(saes.KINDS), norm=st.sampled_from(saes.INPUT_NORMS), apply_b_dec=st.booleans(),
+       scale=st.sampled_from([1.0, 0.25, 3.0]), site=st.sampled_from(["resid_pre", "z", "mlp_post", "embed"]),
+       seed=st.integers(0, 1000))
+def test_any_sae_survives_tinygpt_saelens_tinygpt(kind, norm, apply_b_dec, scale, site, seed, tmp_path_factory):
+    sae = random_sae(kind, 16, 24, site, None if site == "embed" else 0, seed=seed, input_norm=norm,
+                     apply_b_dec_to_input=apply_b_dec, input_scale=scale if norm == "none" else 1.0,
+                     **({"k": 6} if kind == "topk" else {}))
+    directory = tmp_path_factory.mktemp("sae") / "sae"
+    save_saelens(sae, directory)
+    again = load_saelens(directory)
+    assert again.config == dataclasses.replace(sae.config, input_scale=1.0)
+    x, g = live_inputs(16, 24, site, seed)
+    assert_outputs_close(outputs(again, x, g), outputs(sae, x, g), f"{kind} {norm} {apply_b_dec} {scale}")
 
 
 @pytest.mark.parametrize("kind", saes.KINDS)
