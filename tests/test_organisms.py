@@ -134,20 +134,19 @@ def test_the_model_predicts_the_repeat_and_ablating_the_induction_head_destroys_
 
 def test_ablation_sweep_and_patching_find_the_circuit(induction):
     config = induction.config
-    order = distinct_blocks(config.vocab_size, 32, 4, seed=7)  # [4, 32]
-    block, other = order[:, :16], order[:, 16:]  # disjoint token sets
-    k = 9
-    clean = np.concatenate([block, block[:, :k]], axis=1)  # [4, 25]: predict block[:, k]
-    corrupt = np.concatenate([other, block[:, :k]], axis=1)  # the first copy replaced: nothing to copy
-    answer = block[:, k]
-    sweep = ablation.ablation_sweep(induction.params, clean, config, answer=answer)  # heads, log P(answer)
-    effect = np.asarray(sweep.effect)  # [layer, head]
+    order = distinct_blocks(config.vocab_size, 48, 4, seed=7)  # [4, 48]
+    block, other = order[:, :24], order[:, 24:]  # disjoint token sets
+    clean = np.concatenate([block, block], axis=1)  # [4, 48]: position -2 predicts block[:, -1]
+    corrupt = np.concatenate([other, block], axis=1)  # the first copy replaced: nothing to copy
+    answer, position = block[:, -1], -2
+    sweep = ablation.ablation_sweep(induction.params, clean, config, answer=answer, position=position)
+    effect = np.asarray(sweep.effect)  # [layer, head]: change in log P(answer) with each head zeroed
     assert sweep.baseline > np.log(0.99)
     assert effect[1, 1] < -5 and effect[0, 1] < -5  # both planted heads are needed
     assert abs(effect[0, 0]) < 1e-3 and abs(effect[1, 0]) < 1e-3  # the decoys are not
 
     result = patching.patching_sweep(induction.params, clean, corrupt, config, site="z", by="head",
-                                     metric="log_prob", answer=answer)
+                                     metric="log_prob", answer=answer, position=position)
     recovery = np.asarray(result.recovery)  # [layer, head]
     assert result.clean > np.log(0.99) and result.corrupt < np.log(0.05)
     assert recovery[1, 1] > 0.99  # the induction head's output restores copying
@@ -156,7 +155,7 @@ def test_ablation_sweep_and_patching_find_the_circuit(induction):
     assert recovery[0, 1] < 0.05
     assert abs(recovery[0, 0]) < 1e-3 and abs(recovery[1, 0]) < 1e-3
     restored = patching.patch(induction.params, clean, corrupt, config, "z", layers=[1], heads=[1])
-    assert (np.asarray(restored.logits)[:, -1].argmax(-1) == answer).all()
+    assert (np.asarray(restored.logits)[:, 24:-1].argmax(-1) == block[:, 1:]).all()  # the whole second copy
 
 
 # ----------------------------------------------------------------------------------------------- fact store
@@ -168,6 +167,8 @@ def test_every_fact_is_recalled_and_only_from_both_names(facts):
     probs = softmax(logits_of(facts, prompts)[:, -1])  # [8, vocab]
     attributes = [f["attribute"] for f in truth["facts"]]
     assert (probs.argmax(-1) == attributes).all() and probs[np.arange(8), attributes].min() > 0.99
+    prefixed = np.concatenate([np.tile(facts.ids(" he", " was", " at", " the", ","), (8, 1)), prompts], axis=1)
+    assert (logits_of(facts, prefixed)[:, -1].argmax(-1) == attributes).all()  # the circuit is not tied to position
     # a pair that is not a fact (each name alone is in two facts) fires no fact neuron and recalls nothing
     unknown = np.array([facts.ids("Ada", " Quill", " plays"), facts.ids("Ben", " Moss", " plays")], np.int32)
     trace = tinygpt.forward(facts.params, unknown, facts.config, keep=["mlp_post", "logits"])
@@ -176,22 +177,25 @@ def test_every_fact_is_recalled_and_only_from_both_names(facts):
     assert softmax(np.asarray(trace.logits, np.float64)[:, -1])[:, attributes].max() < 0.01
 
 
-def test_causal_tracing_peaks_at_the_fact_layer_on_the_last_subject_token(facts):
-    for fact in facts.truth["facts"][:2]:
-        result = tracing.causal_trace(facts.params, np.array(fact["prompt"]), facts.config,
-                                      fact["subject_positions"], window=1, samples=10)
-        assert result.answer == fact["attribute"]
-        assert result.clean_prob > 0.99 and result.corrupt_prob < 0.15
-        mlp = result.indirect_effect("mlp_out")  # [layer, seq]
-        peak = np.unravel_index(np.argmax(mlp), mlp.shape)
-        assert peak == (facts.truth["fact_layer"], fact["last_subject_position"])
-        assert mlp[peak] > 0.9 * result.total_effect
-        assert np.abs(np.delete(mlp.reshape(-1), np.ravel_multi_index(peak, mlp.shape))).max() < 0.01
-        # the residual stream: the early site (last subject token, up to the fact layer), then the late site
-        resid = result.indirect_effect("resid_post")  # [layer, seq]
-        assert resid[0, 1] > 0.9 * result.total_effect and resid[1, 1] > 0.9 * result.total_effect
-        assert resid[2, 2] > 0.9 * result.total_effect
-        assert np.abs(resid[:, 0]).max() < 0.05  # the first name alone brings nothing back
+@pytest.mark.parametrize("fact, prefix", [(0, ()), (3, (" the", " of"))])
+def test_causal_tracing_peaks_at_the_fact_layer_on_the_last_subject_token(facts, fact, prefix):
+    fact = facts.truth["facts"][fact]
+    prompt = np.array(facts.ids(*prefix) + fact["prompt"])  # [seq]
+    first, last = (len(prefix) + p for p in fact["subject_positions"])
+    result = tracing.causal_trace(facts.params, prompt, facts.config, [first, last], window=1, samples=10)
+    assert result.answer == fact["attribute"]
+    assert result.clean_prob > 0.99 and result.corrupt_prob < 0.15
+    mlp = result.indirect_effect("mlp_out")  # [layer, seq]
+    peak = np.unravel_index(np.argmax(mlp), mlp.shape)
+    assert peak == (facts.truth["fact_layer"], last)
+    assert mlp[peak] > 0.9 * result.total_effect
+    assert np.abs(np.delete(mlp.reshape(-1), np.ravel_multi_index(peak, mlp.shape))).max() < 0.01
+    # the residual stream: the early site (last subject token, up to the fact layer), then the late site
+    resid = result.indirect_effect("resid_post")  # [layer, seq]
+    assert resid[0, last] > 0.9 * result.total_effect and resid[1, last] > 0.9 * result.total_effect
+    assert resid[2, -1] > 0.9 * result.total_effect
+    assert np.abs(resid[:, first]).max() < 0.05  # the first name alone brings nothing back
+    assert not np.any(resid[:, :first])  # nothing before the subject is noised
 
 
 def test_memory_view_and_direct_logit_attribution_name_the_planted_neuron(facts):
