@@ -177,7 +177,8 @@ def test_every_fact_is_recalled_and_only_from_both_names(facts):
     assert softmax(np.asarray(trace.logits, np.float64)[:, -1])[:, attributes].max() < 0.01
 
 
-@pytest.mark.parametrize("fact, prefix", [(0, ()), (3, (" the", " of"))])
+# two facts behind different prefixes of one length (one compiled trace; docs/organisms.md traces a bare prompt)
+@pytest.mark.parametrize("fact, prefix", [(0, (" the", " of")), (3, (" he", ","))])
 def test_causal_tracing_peaks_at_the_fact_layer_on_the_last_subject_token(facts, fact, prefix):
     fact = facts.truth["facts"][fact]
     prompt = np.array(facts.ids(*prefix) + fact["prompt"])  # [seq]
