@@ -110,7 +110,7 @@ def test_resampling_points_dead_latents_at_badly_reconstructed_inputs():
 
 def test_config_errors():
     with pytest.raises(SAEError, match="kind"):
-        SAEConfig(d_in=4, d_sae=8, kind="gated")
+        SAEConfig(d_in=4, d_sae=8, kind="batchtopk")
     with pytest.raises(SAEError, match="exceeds"):
         SAEConfig(d_in=4, d_sae=8, kind="topk", k=9)
     with pytest.raises(SAEError, match="expected"):

@@ -169,9 +169,14 @@ class Edit:
     def per_layer(self, array, layer):
         """`array` for this block: its entry `layer` when it carries a leading layer axis (layer None on a
         per-layer site), else itself."""
+        array = jnp.asarray(array)
         if self.layer is None and layer is not None:
-            return jnp.asarray(array)[layer]
-        return jnp.asarray(array)
+            if array.ndim != len(SITES[self.site].shape) + 1:
+                raise InputError(f"{type(self).__name__} at site {self.site!r} with no layer: its array needs a "
+                                 f"leading layer axis (a trace's stacked value), got shape {array.shape}; or "
+                                 "give the layer")
+            return array[layer]
+        return array
 
     def _broadcast(self, array, value):
         try:
