@@ -66,16 +66,17 @@ RAMP_SPAN = 2 * math.pi / 3  # phi_t covers [-pi/3, pi/3]: sin phi is increasing
 # ------------------------------------------------------------------------------------------ the organism
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Organism:
     """A planted-mechanism GPT-2: tinygpt's config and params (float32 jax arrays, as `weights.load` gives),
-    the planted truth (plain JSON data, documented by each builder), and a display name per token id."""
+    the planted truth (plain JSON data, documented by each builder), and a display name per token id.
+    Compared by identity (params are arrays); two builds are equal in their saved bytes."""
 
     name: str
     config: Config
-    params: dict
-    truth: dict
-    token_names: tuple[str, ...]
+    params: dict = dataclasses.field(repr=False)
+    truth: dict = dataclasses.field(repr=False)
+    token_names: tuple[str, ...] = dataclasses.field(repr=False)
 
     def checkpoint(self) -> Checkpoint:
         """As `weights.load` returns a checkpoint: (config, params, tokenizer=None); `tinygpt.Model(*it)` runs it."""
