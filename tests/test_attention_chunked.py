@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import tinygpt
 from tinygpt.kernels import ATTENTION_CHUNK, causal_attention, chunked_attention
 from tinygpt.model import apply_mask, attention_scores, causal_mask, mix_values, softmax
-from random_weights import random_params
+from tinygpt.testing import random_params
 
 BATCH, HEAD, D_HEAD = 2, 3, 8
 CHUNK = 4  # a small chunk keeps the shapes small; the module's own chunk is tested through the forward

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import tinygpt
 from tinygpt.sites import GLOBAL_SITES, LAYER_SITES, SITE_NAMES
 from tinygpt.recorder import SiteRecorder
-from random_weights import random_params as _random_params  # noqa: E402
+from tinygpt.testing import random_params as _random_params
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=10, vocab_size=53)
 BATCH, SEQ = 2, 7

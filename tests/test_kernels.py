@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import tinygpt
 from tinygpt import kernels, model
 from tinygpt.recorder import SiteRecorder
-from random_weights import random_params
+from tinygpt.testing import random_params
 
 MODEL_PY = Path(model.__file__)
 

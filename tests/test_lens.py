@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import tinygpt
 from probes.lens import LENS_SITES, lens_logits, logit_lens
-from random_weights import random_params as _random_params  # noqa: E402
+from tinygpt.testing import random_params as _random_params
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=16, vocab_size=61)
 BATCH, SEQ = 2, 7
@@ -26,7 +26,7 @@ KEEP = None
 
 
 def random_params(seed, config=CFG):
-    """Random weights with non-trivial LayerNorm weights and biases (see tests/random_weights.py)."""
+    """Random weights with non-trivial LayerNorm weights and biases (`tinygpt.testing.random_params`)."""
     return _random_params(config, seed, spread=0.3)
 
 

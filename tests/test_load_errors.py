@@ -30,7 +30,7 @@ import safetensors.numpy
 
 import tinygpt
 import weights
-from random_weights import random_params
+from tinygpt.testing import random_params
 from tinygpt.config import Config
 from tinygpt.errors import ConfigError, WeightsError
 from tinygpt.tokenizer import Tokenizer, bytes_to_unicode

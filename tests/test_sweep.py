@@ -1,15 +1,14 @@
 """tinygpt.sweep: every vectorised sweep equals the naive loop of single patched forwards (1e-5).
 
 One config (3 layers so a run can start before, at and after a middle layer) and one token shape; random
-weights with O(1) activations drawn by hypothesis through a seed. Each sweep is jitted once with the weights
-and tokens as arguments; the naive single run (`patched_forward`) is jitted once with the layer, unit and
-position as traced arguments. The core invariant (`test_sweep_entries_equal_single_runs`, 200 examples under
-the ci profile) reuses those compiled programs and checks drawn entries of drawn sweeps.
+weights with O(1) activations drawn by hypothesis through a seed. The comparisons are the public checks of
+`tinygpt.testing` (`check_sweep_equals_single_runs`, `check_position_sweep_equals_single_runs`): each sweep is
+jitted once with the weights and tokens as arguments, and the naive single run (`patched_forward`) once with the
+layer, unit and position as traced arguments. The core invariant (`test_sweep_entries_equal_single_runs`, 200
+examples under the ci profile) reuses those compiled programs and checks drawn entries of drawn sweeps.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,51 +19,24 @@ from hypothesis import strategies as st
 
 import tinygpt
 from tinygpt import sweep
-from tinygpt.params import param_shapes
 from tinygpt.sites import SITES
+from tinygpt.testing import (check_position_sweep_equals_single_runs, check_sweep_equals_single_runs, random_params,
+                             random_tokens)
+from tinygpt.testing.strategies import SEEDS as seeds
+from tinygpt.testing.strategies import token_batches
 from conftest import core_invariant
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=16, vocab_size=61)
 BATCH, SEQ = 2, 9
 TOL = 1e-5
-seeds = st.integers(0, 2**32 - 1)
+ANSWER = 5  # the sweeps score log P(token 5) at the last read position
+# O(1) logits (a small tied unembedding), so that 1e-5 is an absolute tolerance a few float32 ulps above rounding
+WTE_STD = 0.3
 
 
-def random_params(seed):
-    """Random weights with O(1) activations, non-uniform attention, non-zero biases and O(1) logits (the
-    tied unembedding is small), so that 1e-5 is an absolute tolerance a few float32 ulps above rounding."""
-    rng = np.random.default_rng(seed)
-    D, M = CFG.d_model, CFG.d_mlp
-    std = {"wte": 0.3, "wpe": 1.0, "W_Q": 2 / np.sqrt(D), "W_K": 2 / np.sqrt(D), "W_V": 1 / np.sqrt(D),
-           "W_O": 1 / np.sqrt(D), "W_in": 1 / np.sqrt(D), "W_out": 1 / np.sqrt(M)}
-
-    def draw(name, shape):
-        if name in std:
-            return jnp.asarray(std[name] * rng.standard_normal(shape), jnp.float32)
-        if name.endswith("_w"):
-            return jnp.asarray(1 + 0.2 * rng.standard_normal(shape), jnp.float32)
-        return jnp.asarray(0.2 * rng.standard_normal(shape), jnp.float32)
-
-    return {n: {m: draw(m, s) for m, s in shape.items()} if isinstance(shape, dict) else draw(n, shape)
-            for n, shape in param_shapes(CFG).items()}
-
-
-def random_tokens(seed):
-    return np.random.default_rng(seed).integers(0, CFG.vocab_size, (BATCH, SEQ)).astype(np.int32)
-
-
-def answer_log_prob(logits):  # [batch, n_read, vocab] -> [batch]: log P(token 5) at the last read position
-    return jax.nn.log_softmax(logits[:, -1])[:, 5]
-
-
-# ------------------------------------------------------------------------------------- the naive single run
-
-
-@functools.partial(jax.jit, static_argnames=("site", "axis"))
-def naive_unit(params, tokens, mask, source, layer, unit, *, site, axis):
-    """One full forward replacing one unit of `site` at one layer by `source`; the score."""
-    patch = sweep.Patch(layer, layer + 1, sweep.unit_where(site, axis, unit, CFG, SEQ), source)
-    return answer_log_prob(sweep.patched_forward(params, tokens, CFG, {site: patch}, attention_mask=mask))
+def inputs(seed):
+    """(params, tokens) of CFG's shape, drawn from `seed`."""
+    return random_params(CFG, seed, wte_std=WTE_STD), random_tokens(CFG, seed, (BATCH, SEQ))
 
 
 # ------------------------------------------------------------------------------------------- unit sweeps
@@ -83,27 +55,13 @@ def test_unit_sweep_equals_naive_loop(site, axis, chunk_size, z, seed):
     with z in the cache, each run's first block starts from the base run's z (the last layer's at the read
     position only). The last block computes queries at the read position only and keys everywhere, so a
     q or k patch there is applied to different positions."""
-    params, tokens = random_params(seed), random_tokens(seed)
+    params, tokens = inputs(seed)
     mask = np.ones((BATCH, SEQ), np.int32)
     mask[1, :3] = 0  # row 1 is left-padded
-    reference = tinygpt.forward(params, random_tokens(seed + 1), CFG, keep=(site,))[site]
-    source = jnp.zeros((CFG.n_layer, 1, 1, 1, 1)) if site == "z" else reference[:, ::-1]
-    size = sweep.axis_size(site, axis, CFG, SEQ)
-    values = sweep_units_jit(params, tokens, mask, source, site=site, axis=axis, chunk_size=chunk_size, z=z)
-    assert values.shape == (CFG.n_layer, size, BATCH)
-    expected = np.stack([np.stack([naive_unit(params, tokens, mask, source, layer, unit, site=site, axis=axis)
-                                   for unit in range(size)])
-                         for layer in range(CFG.n_layer)])
-    np.testing.assert_allclose(values, expected, atol=TOL, rtol=0)
-
-
-@functools.partial(jax.jit, static_argnames=("site", "axis", "chunk_size", "z"))
-def sweep_units_jit(params, tokens, mask, source, *, site, axis, chunk_size, z):
-    cache = sweep.cache_run(params, tokens, CFG, attention_mask=mask, z=z)
-    assert (cache.z is not None) == z
-    size = sweep.axis_size(site, axis, CFG, SEQ)
-    return sweep.sweep_units(params, CFG, cache, site, axis, source, answer_log_prob, layers=jnp.arange(CFG.n_layer),
-                             units=jnp.arange(size), chunk_size=chunk_size)
+    reference = tinygpt.forward(params, random_tokens(CFG, seed + 1, (BATCH, SEQ)), CFG, keep=(site,))[site]
+    source = None if site == "z" else reference[:, ::-1]  # None: zeros
+    check_sweep_equals_single_runs(params, CFG, tokens, mask, site=site, axis=axis, source=source, answer=ANSWER,
+                                   chunk_size=chunk_size, z=z, tolerance=TOL)
 
 
 # --------------------------------------------------------------------------------------- position sweeps
@@ -113,67 +71,32 @@ WINDOWS = {"resid_pre": 1, "resid_post": 2, "mlp_out": 2, "attn_out": 3}  # resi
 FIRST_CHANGED = 3  # the corrupted tokens differ from the clean ones from this position on
 
 
-@jax.jit
-def position_sweep_jit(params, clean, corrupt, noise):
-    """Restore each kind of the clean run at every (layer, position) of the corrupted run (tokens changed
-    from FIRST_CHANGED on, plus noise on their embeddings), windows of 1, 2 and 3 layers, two buckets,
-    reading two positions. resid_post runs start a layer later (as the next block's resid_pre)."""
-    sources = tinygpt.forward(params, clean, CFG, keep=KINDS)
-    cache = sweep.cache_run(params, corrupt, CFG, edits={"embed": lambda e, layer: e + noise})
-    values = sweep.sweep_positions(params, CFG, cache, {k: sources[k] for k in KINDS}, answer_log_prob,
-                                   layers=jnp.arange(CFG.n_layer), positions=np.arange(SEQ), windows=WINDOWS,
-                                   unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1))
-    # the sites after the attention alone, from a cache with z: each run's first block starts from it
-    late = ("mlp_out", "attn_out")
-    z_cache = sweep.cache_run(params, corrupt, CFG, edits={"embed": lambda e, layer: e + noise}, z=True)
-    late_values = sweep.sweep_positions(params, CFG, z_cache, {k: sources[k] for k in late}, answer_log_prob,
-                                        layers=jnp.arange(CFG.n_layer), positions=np.arange(SEQ), windows=WINDOWS,
-                                        unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1))
-    # every kind from that cache: a patch before the attention (resid_pre) takes the full first block
-    all_from_z = sweep.sweep_positions(params, CFG, z_cache, {k: sources[k] for k in KINDS}, answer_log_prob,
-                                       layers=jnp.arange(CFG.n_layer), positions=np.arange(SEQ), windows=WINDOWS,
-                                       unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1))
-    return values, late_values, all_from_z, answer_log_prob(sweep.base_logits(params, cache, read=(-2, -1)))
-
-
-@jax.jit
-def naive_position(params, clean, corrupt, noise, kind, layer, position):
-    sources = tinygpt.forward(params, clean, CFG, keep=KINDS)
-    patches = {}
-    for i, site in enumerate(KINDS):
-        lo, hi = sweep.window_layers(layer, WINDOWS[site], CFG.n_layer)
-        off = CFG.n_layer  # an empty layer range: this kind is not the one restored
-        patches[site] = sweep.Patch(jnp.where(kind == i, lo, off), jnp.where(kind == i, hi, off),
-                                    sweep.unit_where(site, "seq", position, CFG, SEQ), sources[site])
-    logits = sweep.patched_forward(params, corrupt, CFG, patches, edits={"embed": lambda e, layer: e + noise},
-                                   read=(-2, -1))
-    return answer_log_prob(logits)
-
-
 def position_inputs(seed):
     """(params, clean, corrupt, noise): corrupted tokens and noise on their embeddings from FIRST_CHANGED on."""
-    params, clean = random_params(seed), random_tokens(seed)
+    params, clean = inputs(seed)
     corrupt = clean.copy()
-    corrupt[:, FIRST_CHANGED:] = random_tokens(seed + 1)[:, FIRST_CHANGED:]
+    corrupt[:, FIRST_CHANGED:] = random_tokens(CFG, seed + 1, (BATCH, SEQ))[:, FIRST_CHANGED:]
     noise = np.zeros((BATCH, SEQ, CFG.d_model), np.float32)
     noise[:, FIRST_CHANGED:] = np.random.default_rng(seed).standard_normal((BATCH, SEQ - FIRST_CHANGED, CFG.d_model))
     return params, clean, corrupt, noise
 
 
+def check_position_sweep(seed, entries=None):
+    """Restore each kind of the clean run at every (layer, position) of the corrupted run (tokens changed from
+    FIRST_CHANGED on, plus noise on their embeddings), windows of 1, 2 and 3 layers, two buckets, reading two
+    positions; also from a cache with z, of every kind and of the kinds after the attention alone (each run's
+    first block starts from z). resid_post runs start a layer later (as the next block's resid_pre)."""
+    params, clean, corrupt, noise = position_inputs(seed)
+    check_position_sweep_equals_single_runs(params, CFG, clean, corrupt, sites=KINDS, windows=WINDOWS, noise=noise,
+                                            answer=ANSWER, unchanged_before=FIRST_CHANGED, buckets=2, read=(-2, -1),
+                                            z=True, entries=entries, tolerance=TOL)
+
+
 @settings(max_examples=5)
 @given(seed=seeds)
 def test_position_sweep_equals_naive_loop(seed):
-    params, clean, corrupt, noise = position_inputs(seed)
-    values, late_values, all_from_z, base = position_sweep_jit(params, clean, corrupt, noise)
-    assert values.shape == (len(KINDS), CFG.n_layer, SEQ, BATCH)
-    expected = np.asarray([[[naive_position(params, clean, corrupt, noise, k, layer, p) for p in range(SEQ)]
-                            for layer in range(CFG.n_layer)] for k in range(len(KINDS))])
-    np.testing.assert_allclose(values, expected, atol=TOL, rtol=0)
-    np.testing.assert_allclose(late_values, expected[2:], atol=TOL, rtol=0)
-    np.testing.assert_allclose(all_from_z, expected, atol=TOL, rtol=0)
-    # before the first change, restoring is a no-op: the base run's score
-    np.testing.assert_allclose(values[:, :, :FIRST_CHANGED], np.broadcast_to(base, values[:, :, :FIRST_CHANGED].shape),
-                               atol=TOL, rtol=0)
+    """Every entry; before the first change, restoring is a no-op: the base run's score."""
+    check_position_sweep(seed)
 
 
 # ------------------------------------------------------------------------------------- the core invariant
@@ -183,38 +106,29 @@ SIZES = {"seq": SEQ, "head": CFG.n_head, "d_head": CFG.d_head, "d_mlp": CFG.d_ml
 
 @core_invariant
 @given(seed=seeds, kind=st.sampled_from(UNIT_SWEEPS + ["positions"]),
-       pads=st.lists(st.integers(0, SEQ - 1), min_size=BATCH, max_size=BATCH),
+       batch=token_batches(CFG, batch=BATCH, seq=SEQ),
        entries=st.lists(st.tuples(st.integers(0, len(KINDS) - 1), st.integers(0, CFG.n_layer - 1),
                                   st.integers(0, CFG.d_mlp - 1)), min_size=1, max_size=3))
-def test_sweep_entries_equal_single_runs(seed, kind, pads, entries):
+def test_sweep_entries_equal_single_runs(seed, kind, batch, entries):
     """Drawn entries (kind, layer, unit or position) of a drawn sweep equal the single patched run. Unit sweeps:
-    any left padding of the rows (`pads` per row), any replacement values; position sweeps: the restorations of
+    any tokens and left padding (`batch`), any replacement values; position sweeps: the restorations of
     `test_position_sweep_equals_naive_loop`. Only that test's and the unit test's compiled programs are used
     (same static arguments and shapes), so the examples cost milliseconds."""
     if kind == "positions":
-        params, clean, corrupt, noise = position_inputs(seed)
-        values = position_sweep_jit(params, clean, corrupt, noise)[0]  # [kind, layer, position, batch]
-        for k, layer, position in entries:
-            position %= SEQ
-            np.testing.assert_allclose(values[k, layer, position],
-                                       naive_position(params, clean, corrupt, noise, k, layer, position),
-                                       atol=TOL, rtol=0, err_msg=f"{KINDS[k]} restored at layer {layer}, {position}")
+        check_position_sweep(seed, entries=[(k, layer, position % SEQ) for k, layer, position in entries])
         return
     site, axis, chunk_size, z = kind
-    params, tokens = random_params(seed), random_tokens(seed)
-    mask = (np.arange(SEQ)[None, :] >= np.asarray(pads)[:, None]).astype(np.int32)
+    tokens, mask = batch
+    params = random_params(CFG, seed, wte_std=WTE_STD)
     if site == "z":  # zero ablation, as in the unit test
-        source = jnp.zeros((CFG.n_layer, 1, 1, 1, 1))
+        source = None
     else:
         shape = (CFG.n_layer, *(BATCH if d == "batch" else SIZES[d] for d in SITES[site].shape))
         source = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(shape), jnp.float32)
-    values = sweep_units_jit(params, tokens, mask, source, site=site, axis=axis, chunk_size=chunk_size, z=z)
     size = sweep.axis_size(site, axis, CFG, SEQ)
-    for _, layer, unit in entries:
-        unit %= size
-        np.testing.assert_allclose(values[layer, unit],
-                                   naive_unit(params, tokens, mask, source, layer, unit, site=site, axis=axis),
-                                   atol=TOL, rtol=0, err_msg=f"{site} {axis} unit {unit} at layer {layer}")
+    check_sweep_equals_single_runs(params, CFG, tokens, mask, site=site, axis=axis, source=source, answer=ANSWER,
+                                   chunk_size=chunk_size, z=z, entries=[(layer, unit % size) for _, layer, unit in entries],
+                                   tolerance=TOL)
 
 
 # ------------------------------------------------------------------------------------------------- parts
@@ -256,7 +170,7 @@ def test_chunk_size_within_budget():
 
 
 def test_errors_name_the_problem():
-    params, tokens = random_params(0), random_tokens(0)
+    params, tokens = inputs(0)
     with pytest.raises(ValueError, match="embed / pos_embed only"):
         sweep.cache_run(params, tokens, CFG, edits={"mlp_out": lambda v, layer: v})
     with pytest.raises(ValueError, match="global"):
@@ -277,8 +191,8 @@ def test_resid_post_and_resid_pre_patched_together(seed, layer, position):
     """resid_post runs start at the next block (its resid_pre): with a resid_pre patch active at that same
     next layer (and one reaching past the last block, which has no resid_pre to patch there), the run equals
     the full patched forward, the resid_post patch applied first."""
-    params, tokens = random_params(seed), random_tokens(seed)
-    other = tinygpt.forward(params, random_tokens(seed + 1), CFG, keep=("resid_pre", "resid_post"))
+    params, tokens = inputs(seed)
+    other = tinygpt.forward(params, random_tokens(CFG, seed + 1, (BATCH, SEQ)), CFG, keep=("resid_pre", "resid_post"))
     at = sweep.unit_where("resid_pre", "seq", position, CFG, SEQ)
     half = jnp.arange(CFG.d_model)[None, None, :] < CFG.d_model // 2  # overlapping, not equal, regions
     patches = {"resid_pre": sweep.Patch(layer + 1, CFG.n_layer + 1, at & half, other.resid_pre[::-1]),
