@@ -55,6 +55,7 @@ import optax
 from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.display import displayable
+from tinygpt.edits import Edit, edit_value
 from tinygpt.errors import ArtifactError
 from tinygpt.files import save_safetensors
 from tinygpt.inputs import checks_tokens
@@ -526,6 +527,34 @@ def splice_edit(site_value_fn, layer: int | None):
         return new if layer is None else jnp.where(current_layer == layer, new, value)
 
     return edit
+
+
+@edit_value("params", static=("config",))
+class Splice(Edit):
+    """The edit value replacing a site's value by an SAE's reconstruction (the value flattened to [batch,
+    seq, d_in], as the SAE reads it): its weights are leaves and its SAEConfig static, so a forward with it
+    compiles once and runs any SAE of the same shapes at compiled speed. Made by `sae_edit`."""
+
+    site: str
+    params: dict = None
+    config: SAEConfig = None
+    layer: int | None = None
+    head: object = None
+    positions: object = None
+    index: object = None
+
+    def change(self, value, layer):
+        flat = value.reshape(*value.shape[:2], -1)  # [batch, seq, d_in]
+        return reconstruct(self.params, flat, self.config).reshape(value.shape)
+
+
+def sae_edit(sae: SAE, *, positions=None) -> Splice:
+    """The SAE spliced into the forward at the site and layer it was trained on (`sae.config.site` and
+    `.layer`), at every position or the absolute `positions`: `forward(..., edits=sae_edit(sae))`."""
+    if sae.config.site is None:
+        raise SAEError("this SAE records no site (it was trained on other data): splice it with "
+                       "splice_edit at the site you choose")
+    return Splice(sae.config.site, sae.params, sae.config, layer=sae.config.layer, positions=positions)
 
 
 def next_token_loss(params, tokens, config: Config, edits=None):

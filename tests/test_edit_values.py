@@ -264,3 +264,27 @@ def test_every_bad_selection_is_one_error(make, error, message):
 def test_repr_is_short():
     assert repr(Add("resid_pre", jnp.ones(24), 4.0, layer=1)) == "Add('resid_pre', direction=f32[24], coef=4.0, layer=1)"
     assert repr(Zero("blocks.2.attn.hook_z", head=[2, 0])) == "Zero('z', layer=2, head=(0, 2))"
+
+
+def test_an_saelens_sae_spliced_as_an_edit_value():
+    """A SAELens SAE on the embedded model (written by sae-lens itself, tests/golden/saelens) spliced in as an
+    edit value equals the function splice, and a second SAE of the same shapes reuses the compiled program."""
+    from pathlib import Path
+
+    from probes.sae import reconstruct, sae_edit, splice_edit
+    from probes.saelens import load_saelens
+
+    model = tinygpt.load()
+    sae = load_saelens(Path(__file__).parent / "golden" / "saelens" / "shakespeare_resid", model.params)
+    tokens = model.encode("To be, or not to be, that is the question")
+    c = sae.config
+    by_function = {c.site: splice_edit(lambda x: reconstruct(sae.params, x, c), c.layer)}
+    want = model(tokens, edits=by_function, keep=["logits"]).logits
+    got = model(tokens, edits=sae_edit(sae), keep=["logits"]).logits
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(got), np.asarray(model(tokens, keep=["logits"]).logits), atol=1e-3)
+    program = compiled.compiled_forward(model.config, frozenset({"logits"}))
+    before = program._cache_size()
+    other = type(sae)(c, jax.tree.map(lambda w: w * 0.5, sae.params))
+    model(tokens, edits=sae_edit(other), keep=["logits"])
+    assert program._cache_size() == before

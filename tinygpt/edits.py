@@ -36,6 +36,9 @@ The edits, each applied where the selection holds (the value elsewhere unchanged
     Mean(site, mean)               value -> mean: the mean over a batch (`Mean.from_trace`)
     Compose(*edits)                the edits, in order
 
+`edit_value` makes a new kind of edit value from an `Edit` subclass (e.g. `probes.sae.Splice`, the site's
+value replaced by an SAE's reconstruction).
+
 The arrays of `Patch` and `Mean` have the site's per-layer shape ([batch, seq, ...], axes of size 1
 broadcast), or, when `layer` is None on a per-layer site, a leading layer axis (a trace's stacked value)
 from which each block takes its own.
@@ -190,7 +193,9 @@ _SELECTION = ("layer", "head", "positions", "index")
 
 
 def _short(value) -> str:
-    """An array as dtype[shape] (a scalar as its value), anything else as repr."""
+    """An array as dtype[shape] (a scalar as its value), a dict of arrays likewise, anything else as repr."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_short(v)}" for k, v in value.items()) + "}"
     shape = getattr(value, "shape", None)
     if shape is None or not hasattr(value, "dtype"):
         return repr(value)
@@ -212,17 +217,20 @@ def _along(mask, axis: int, ndim: int):
     return mask.reshape([-1 if a == axis else 1 for a in range(ndim)])
 
 
-def _edit(*data_fields: str):
-    """Register a frozen edit dataclass as a pytree: `data_fields` are its leaves (arrays), the selection its
-    static structure."""
+def edit_value(*data_fields: str, static: tuple[str, ...] = ()):
+    """Class decorator making an `Edit` subclass an edit value: a frozen dataclass registered as a pytree whose
+    `data_fields` are its leaves (arrays) and whose selection (site, layer, head, positions, index) and
+    `static` fields are its structure (hashable: part of the compile-cache key). Define `change(value,
+    layer)`, the edited value everywhere; the selection picks where it applies. For instance an SAE splice
+    (`probes.sae.Splice`): its weights are the leaves, its SAEConfig static."""
     def register(cls):
         cls = dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)  # eq by identity: fields hold arrays
-        meta = ("site", "layer", "head", "positions", "index")
+        meta = ("site", "layer", "head", "positions", "index", *static)
         return jax.tree_util.register_dataclass(cls, data_fields=list(data_fields), meta_fields=list(meta))
     return register
 
 
-@_edit()
+@edit_value()
 class Zero(Edit):
     """Set the selected entries to zero (zero-ablation)."""
 
@@ -236,7 +244,7 @@ class Zero(Edit):
         return jnp.zeros_like(value)
 
 
-@_edit("to")
+@edit_value("to")
 class Set(Edit):
     """Set the selected entries to `to` (an array broadcast to the site's value, or a number)."""
 
@@ -251,7 +259,7 @@ class Set(Edit):
         return self._broadcast(self.to, value)
 
 
-@_edit("factor")
+@edit_value("factor")
 class Scale(Edit):
     """Multiply the selected entries by `factor` (a number, or an array broadcast to the value)."""
 
@@ -266,7 +274,7 @@ class Scale(Edit):
         return self._broadcast(value * jnp.asarray(self.factor, value.dtype), value)
 
 
-@_edit("direction", "coef")
+@edit_value("direction", "coef")
 class Add(Edit):
     """Add `coef * direction` to the selected entries (steering): direction broadcasts to the value, e.g.
     [d_model] on a residual site."""
@@ -284,7 +292,7 @@ class Add(Edit):
         return self._broadcast(value + added, value)
 
 
-@_edit("source")
+@edit_value("source")
 class Patch(Edit):
     """Replace the selected entries by `source`: another run's value of the site (activation patching).
     `source` has the site's per-layer shape, or a leading layer axis when layer is None on a per-layer site."""
@@ -306,7 +314,7 @@ class Patch(Edit):
         return cls(site, _from_trace(trace, site, selection.get("layer")), **selection)
 
 
-@_edit("mean")
+@edit_value("mean")
 class Mean(Edit):
     """Replace the selected entries by `mean` (mean-ablation): an average value of the site, e.g. over a
     batch of prompts (`Mean.from_trace`). Same shapes as `Patch`'s source."""
