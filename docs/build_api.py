@@ -136,7 +136,8 @@ def build(out: Path) -> dict:
         except RuntimeError as e:  # pdoc raises for a module named on its command line that does not import
             raise RuntimeError(f"the API reference could not import every module:\n{e}") from e
     # pdoc walks each package given and meets its submodules again: that repetition is expected
-    messages = [str(w.message) for w in caught if "but a module with this name has already been added" not in str(w.message)]
+    repeated = "but a module with this name has already been added"
+    messages = [str(w.message) for w in caught if repeated not in str(w.message)]
     failed = [m for m in messages if m.startswith(("Error importing", "Error loading"))]
     if failed:
         raise RuntimeError("the API reference could not import every module:\n" + "\n".join(failed))

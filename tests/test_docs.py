@@ -20,7 +20,12 @@ Comparing output. Trailing whitespace and leading and trailing blank lines are i
 what differs from run to run (timings, temporary paths) or is not worth showing, as doctest's ELLIPSIS: a
 line that is only `...` matches any number of lines (none included), and `...` inside a line matches any
 text within that line. A mismatch names the document and the line of the block (or command) and shows a
-diff, expected against produced.
+diff, expected against produced. After a change that moves the output, rewrite what a document shows with
+
+    python tests/test_docs.py --update docs/studies/fact-storage.md
+
+which replaces every shown output that no longer matches with the one produced (outputs that still match,
+`...` included, are left as written); read the diff before committing it.
 
 The blocks and commands of a document share one temporary working directory, so a command may write a file
 that a later block or command reads, and nothing lands in the repository. A block or console block that
@@ -40,8 +45,10 @@ import dataclasses
 import difflib
 import io
 import re
+import os
 import shlex
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -278,10 +285,9 @@ def run_command(command: Command, name: str, *, skip: bool = False) -> str:
     return out.getvalue()
 
 
-def run_python(block: Block, namespace: dict, name: str, filename: str | None) -> bool:
-    """Compile a python block with the document's line numbers (so a traceback names the document's line),
-    run it unless skipped and check what it printed against the text block after it. Returns whether it
-    ran."""
+def run_python(block: Block, namespace: dict, name: str, filename: str | None) -> str | None:
+    """Compile a python block with the document's line numbers (so a traceback names the document's line)
+    and run it unless skipped. Returns what it printed (None when skipped)."""
     source = "\n" * block.line + block.code  # line numbers as in the document
     try:
         code = compile(source, filename or name, "exec")
@@ -289,7 +295,7 @@ def run_python(block: Block, namespace: dict, name: str, filename: str | None) -
         raise DocBlockError(f"{name}: the python block at line {block.line} does not compile:\n"
                             + "".join(traceback.format_exception_only(type(e), e))) from None
     if block.skip:
-        return False
+        return None
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -300,28 +306,74 @@ def run_python(block: Block, namespace: dict, name: str, filename: str | None) -
         shown = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
         raise DocBlockError(f"{name}: the python block at line {block.line} raised "
                             f"{type(e).__name__}:\n{shown}") from None
-    if block.expected is not None:
-        check_output(block.expected, out.getvalue(),
-                     f"{name}:{block.expected_line}: the python block at line {block.line}")
-    return True
+    return out.getvalue()
 
 
-def run_blocks(text: str, name: str, filename: str | None = None) -> int:
+def _output_lines(lines: list[str], first: int) -> range:
+    """The 0-based indices of the output lines that start at index `first`: up to the next `$ ` command or
+    closing fence."""
+    end = first
+    while end < len(lines) and not lines[end].strip().startswith(("```", "~~~", PROMPT)):
+        end += 1
+    return range(first, end)
+
+
+def run_blocks(text: str, name: str, filename: str | None = None, *, mismatches: list | None = None) -> int:
     """Run a document's python blocks and `$ tinygpt` commands in order (python blocks in one namespace)
-    and check the output each shows; returns how many blocks and commands ran."""
+    and check the output each shows; returns how many blocks and commands ran. With a `mismatches` list,
+    an output that differs is appended to it as (0-based line indices of the shown output, produced text)
+    instead of failing."""
     namespace = {"__name__": "__docs__"}
+    lines = text.splitlines()
     ran = 0
+
+    def check(expected, produced, where, first_index):
+        if mismatches is None:
+            check_output(expected, produced, where)
+        elif not output_matches(expected, produced):
+            mismatches.append((_output_lines(lines, first_index), produced))
+
     for block in doc_blocks(text, name):
         if isinstance(block, Block):
-            ran += run_python(block, namespace, name, filename)
+            produced = run_python(block, namespace, name, filename)
+            if produced is None:
+                continue
+            ran += 1
+            if block.expected is not None:
+                check(block.expected, produced, f"{name}:{block.expected_line}: the python block at line "
+                      f"{block.line}", block.expected_line)
             continue
         for command in block.commands:
             produced = run_command(command, name, skip=bool(block.skip))
             if block.skip:
                 continue
-            check_output(command.expected, produced, f"{name}:{command.line}: `{command.text}`")
+            first = command.line  # the line after the command (0-based), past its continuation lines
+            while lines[first - 1].rstrip().endswith("\\"):
+                first += 1
+            check(command.expected, produced, f"{name}:{command.line}: `{command.text}`", first)
             ran += 1
     return ran
+
+
+def update(path: Path) -> int:
+    """Rewrite the outputs a document shows that no longer match what its blocks and commands produce (an
+    output that matches, `...` included, is left as written); returns how many were rewritten."""
+    text = path.read_text()
+    mismatches: list = []
+    with tempfile.TemporaryDirectory() as directory:
+        cwd = os.getcwd()
+        os.chdir(directory)
+        try:
+            name = doc_id(path) if path.is_relative_to(REPO) else str(path)
+            run_blocks(text, name, str(path), mismatches=mismatches)
+        finally:
+            os.chdir(cwd)
+    lines = text.splitlines()
+    for indices, produced in sorted(mismatches, key=lambda m: -m[0].start):
+        lines[indices.start:indices.stop] = _clean(produced)
+    if mismatches:
+        path.write_text("\n".join(lines) + "\n")
+    return len(mismatches)
 
 
 @pytest.mark.parametrize("path", documents(), ids=doc_id)
@@ -517,7 +569,8 @@ def test_console_commands_run_in_process_and_their_output_is_checked(tmp_path, m
     assert run_blocks(doc, "x.md") == 1
     with pytest.raises(DocBlockError, match=r"^x\.md:4: `tinygpt tokens 'ROMEO:' --json`: the output differs"):
         run_blocks(doc.replace('"ROMEO"', '"JULIET"'), "x.md")
-    with pytest.raises(DocBlockError, match=r"^x\.md:4: `tinygpt tokens --nope` exited with 2; stderr:\n.*required: TEXT"):
+    failed = r"^x\.md:4: `tinygpt tokens --nope` exited with 2; stderr:\n.*required: TEXT"
+    with pytest.raises(DocBlockError, match=failed):
         run_blocks("```console\n\n\n$ tinygpt tokens --nope\n```\n", "x.md")
 
 
@@ -532,3 +585,25 @@ def test_a_hub_command_is_parsed_not_run():
     assert run_blocks(f"{marker}\n```console\n$ tinygpt lens 'a' --model gpt2\nanything\n```\n", "x.md") == 0
     with pytest.raises(DocBlockError, match="x.md:3: `tinygpt lens a --nope` does not parse"):
         run_blocks(f"{marker}\n```console\n$ tinygpt lens a --nope\n```\n", "x.md")
+
+
+def test_update_rewrites_only_the_outputs_that_differ(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text("```python\nprint('a')\nprint(1.5)\n```\n\n```text\nold\n```\n\n"
+                   "```python\nprint('took 3 s')\n```\n```text\ntook ... s\n```\n")
+    assert update(doc) == 1
+    assert doc.read_text() == ("```python\nprint('a')\nprint(1.5)\n```\n\n```text\na\n1.5\n```\n\n"
+                               "```python\nprint('took 3 s')\n```\n```text\ntook ... s\n```\n")
+    assert update(doc) == 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Rewrite the outputs shown in documents where they no longer "
+                                     "match what their blocks and commands produce (see this module's docstring).")
+    parser.add_argument("--update", nargs="+", type=Path, required=True, metavar="DOC.md")
+    sys.path.insert(0, str(REPO))
+    for document in parser.parse_args().update:
+        document = document.resolve()
+        print(f"{document}: {update(document)} output(s) rewritten")
