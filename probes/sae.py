@@ -535,13 +535,8 @@ class Splice(Edit):
     seq, d_in], as the SAE reads it): its weights are leaves and its SAEConfig static, so a forward with it
     compiles once and runs any SAE of the same shapes at compiled speed. Made by `sae_edit`."""
 
-    site: str
-    params: dict = None
-    config: SAEConfig = None
-    layer: int | None = None
-    head: object = None
-    positions: object = None
-    index: object = None
+    params: dict
+    config: SAEConfig
 
     def change(self, value, layer):
         flat = value.reshape(*value.shape[:2], -1)  # [batch, seq, d_in]

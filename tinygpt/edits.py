@@ -75,15 +75,16 @@ def _any_of(axis_values, chosen: tuple[int, ...]):
     return jnp.isin(axis_values, jnp.asarray(chosen))
 
 
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Edit:
-    """What every edit shares: the site and the selection (static), and applying the change where the
-    selection holds. Subclasses define `change(value, layer)`, the edited value everywhere."""
+    """What every edit shares: the site and the selection (static, keyword-only), and applying the change
+    where the selection holds. Subclasses define `change(value, layer)`, the edited value everywhere."""
 
     site: str
-    layer: int | None
-    head: tuple[int, ...] | None
-    positions: tuple[int, ...] | None
-    index: tuple[int, ...] | None
+    layer: int | None = dataclasses.field(default=None, kw_only=True)
+    head: Any = dataclasses.field(default=None, kw_only=True)  # int or ints -> sorted tuple
+    positions: Any = dataclasses.field(default=None, kw_only=True)
+    index: Any = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         site, layer = self.site, self.layer
@@ -127,10 +128,11 @@ class Edit:
     def __repr__(self):
         """`Add('resid_pre', direction=f32[64], coef=4.0, layer=1)`: arrays by dtype and shape."""
         parts = [repr(self.site)]
-        for field in dataclasses.fields(self)[1:]:
-            value = getattr(self, field.name)
-            if value is not None or field.name not in _SELECTION:
-                parts.append(f"{field.name}={_short(value)}")
+        fields = [f.name for f in dataclasses.fields(self)[1:]]
+        for name in [f for f in fields if f not in _SELECTION] + [f for f in fields if f in _SELECTION]:
+            value = getattr(self, name)
+            if value is not None or name not in _SELECTION:
+                parts.append(f"{name}={_short(value)}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
     # --------------------------------------------------------------------------------------- applying
@@ -234,12 +236,6 @@ def edit_value(*data_fields: str, static: tuple[str, ...] = ()):
 class Zero(Edit):
     """Set the selected entries to zero (zero-ablation)."""
 
-    site: str
-    layer: int | None = None
-    head: Any = None
-    positions: Any = None
-    index: Any = None
-
     def change(self, value, layer):
         return jnp.zeros_like(value)
 
@@ -248,12 +244,7 @@ class Zero(Edit):
 class Set(Edit):
     """Set the selected entries to `to` (an array broadcast to the site's value, or a number)."""
 
-    site: str
-    to: Any = None
-    layer: int | None = None
-    head: Any = None
-    positions: Any = None
-    index: Any = None
+    to: Any
 
     def change(self, value, layer):
         return self._broadcast(self.to, value)
@@ -263,12 +254,7 @@ class Set(Edit):
 class Scale(Edit):
     """Multiply the selected entries by `factor` (a number, or an array broadcast to the value)."""
 
-    site: str
-    factor: Any = 1.0
-    layer: int | None = None
-    head: Any = None
-    positions: Any = None
-    index: Any = None
+    factor: Any
 
     def change(self, value, layer):
         return self._broadcast(value * jnp.asarray(self.factor, value.dtype), value)
@@ -279,13 +265,8 @@ class Add(Edit):
     """Add `coef * direction` to the selected entries (steering): direction broadcasts to the value, e.g.
     [d_model] on a residual site."""
 
-    site: str
-    direction: Any = None
+    direction: Any
     coef: Any = 1.0
-    layer: int | None = None
-    head: Any = None
-    positions: Any = None
-    index: Any = None
 
     def change(self, value, layer):
         added = jnp.asarray(self.coef, value.dtype) * jnp.asarray(self.direction, value.dtype)
@@ -297,12 +278,7 @@ class Patch(Edit):
     """Replace the selected entries by `source`: another run's value of the site (activation patching).
     `source` has the site's per-layer shape, or a leading layer axis when layer is None on a per-layer site."""
 
-    site: str
-    source: Any = None
-    layer: int | None = None
-    head: Any = None
-    positions: Any = None
-    index: Any = None
+    source: Any
 
     def change(self, value, layer):
         return self._broadcast(self.per_layer(self.source, layer), value)
@@ -319,12 +295,7 @@ class Mean(Edit):
     """Replace the selected entries by `mean` (mean-ablation): an average value of the site, e.g. over a
     batch of prompts (`Mean.from_trace`). Same shapes as `Patch`'s source."""
 
-    site: str
-    mean: Any = None
-    layer: int | None = None
-    head: Any = None
-    positions: Any = None
-    index: Any = None
+    mean: Any
 
     def change(self, value, layer):
         return self._broadcast(self.per_layer(self.mean, layer), value)
