@@ -127,8 +127,8 @@ def test_sweep_entries_equal_single_runs(seed, kind, batch, entries):
         source = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(shape), jnp.float32)
     size = sweep.axis_size(site, axis, CFG, SEQ)
     check_sweep_equals_single_runs(params, CFG, tokens, mask, site=site, axis=axis, source=source, answer=ANSWER,
-                                   chunk_size=chunk_size, z=z, entries=[(layer, unit % size) for _, layer, unit in entries],
-                                   tolerance=TOL)
+                                   chunk_size=chunk_size, z=z, tolerance=TOL,
+                                   entries=[(layer, unit % size) for _, layer, unit in entries])
 
 
 # ------------------------------------------------------------------------------------------------- parts

@@ -113,12 +113,12 @@ def check_causal(params, config, tokens, mask=None, *, position: int | None = No
         f"changing the tokens from position {position} on left the logits there unchanged: the check proves nothing"
 
 
-def check_residual_decomposition(params, config, tokens, mask=None, *, tolerance: float = 1e-5) -> None:
+def check_residual_decomposition(params, config, tokens, mask=None, *, edits=None, tolerance: float = 1e-5) -> None:
     """The residual stream is the sum of the writes into it: resid_pre[0] = embed + pos_embed; resid_mid =
     resid_pre + attn_out and resid_post = resid_mid + mlp_out in each block; each block's resid_pre is the
     previous resid_post, bitwise; and the last resid_post = embed + pos_embed + the sum of every attn_out and
-    mlp_out."""
-    trace = forward(params, tokens, config, attention_mask=mask)
+    mlp_out. With `edits`, of the edited forward: an edit of the residual stream itself breaks it."""
+    trace = forward(params, tokens, config, attention_mask=mask, edits=edits)
     total = _float64(trace.embed) + _float64(trace.pos_embed)
     close = functools.partial(assert_close, rtol=tolerance, atol_frac=tolerance)
     close(trace.resid_pre[0], total, what="resid_pre[0] = embed + pos_embed")
@@ -134,23 +134,25 @@ def check_residual_decomposition(params, config, tokens, mask=None, *, tolerance
     close(trace.resid_post[-1], total, what="resid_post[-1] = embed + pos_embed + sum(attn_out + mlp_out)")
 
 
-def check_head_sums(params, config, tokens, mask=None, *, tolerance: float = 1e-5) -> None:
+def check_head_sums(params, config, tokens, mask=None, *, edits=None, tolerance: float = 1e-5) -> None:
     """Each head's write is its z through its slice of W_O (head_out = z @ W_O per head), and the attention
-    output is the sum of the heads' writes plus b_O."""
-    trace = forward(params, tokens, config, attention_mask=mask)
+    output is the sum of the heads' writes plus b_O (of the forward with `edits`, if given)."""
+    trace = forward(params, tokens, config, attention_mask=mask, edits=edits)
     blocks = params["blocks"]
     for layer in range(config.n_layer):
         per_head = np.einsum("bshd,hdm->bshm", _float64(trace.z[layer]), _float64(blocks["W_O"][layer]))
         assert_close(trace.head_out[layer], per_head, rtol=tolerance, atol_frac=tolerance,
                      what=f"head_out[{layer}] = z @ W_O per head")
-        assert_close(trace.attn_out[layer], _float64(trace.head_out[layer]).sum(axis=-2) + _float64(blocks["b_O"][layer]),
-                     rtol=tolerance, atol_frac=tolerance, what=f"attn_out[{layer}] = sum of head_out + b_O")
+        heads_sum = _float64(trace.head_out[layer]).sum(axis=-2) + _float64(blocks["b_O"][layer])
+        assert_close(trace.attn_out[layer], heads_sum, rtol=tolerance, atol_frac=tolerance,
+                     what=f"attn_out[{layer}] = sum of head_out + b_O")
 
 
-def check_attention_patterns(params, config, tokens, mask=None, *, tolerance: float = 1e-5) -> None:
+def check_attention_patterns(params, config, tokens, mask=None, *, edits=None, tolerance: float = 1e-5) -> None:
     """Every pattern row sums to 1 and is >= 0; entries above the diagonal are exactly 0 (their scores -inf);
-    with a mask, a real query gives exactly 0 to padding keys (their scores -inf)."""
-    trace = forward(params, tokens, config, attention_mask=mask)  # every site: the other checks' compiled program
+    with a mask, a real query gives exactly 0 to padding keys (their scores -inf). With `edits`, of the edited
+    forward."""
+    trace = forward(params, tokens, config, attention_mask=mask, edits=edits)  # every site: one compiled program
     _check_patterns(trace.attn_pattern, trace.attn_scores, mask, tolerance)
 
 
@@ -171,21 +173,22 @@ def _check_patterns(pattern, scores, mask, tolerance: float) -> None:
         assert (scores[selected] == -np.inf).all(), "a padding key's score is not -inf for a real query"
 
 
-def check_padding_invariance(params, config, tokens, mask, *, tolerance: float = 1e-5) -> None:
+def check_padding_invariance(params, config, tokens, mask, *, edits=None, tolerance: float = 1e-5) -> None:
     """Left padding changes nothing real: every row's real positions hold, at every site, the values of that
     row's real tokens run alone without padding (attention restricted to real queries and keys); every value,
     at padding positions too, is finite (but attn_scores' -inf); and the patterns pass
-    `check_attention_patterns` with the mask.
+    `check_attention_patterns` with the mask. With `edits`, in every run: an edit that picks positions by their
+    index in the array rather than by the token's position (see docs/engine.md, "Edits aimed at tokens") breaks it.
 
     The rows with the same number of real tokens run as one unpadded batch, repeated to the padded batch's
     size (batch rows are independent), so the reference runs share a compiled program per length."""
     tokens, mask = np.asarray(tokens), np.asarray(mask)
     n_batch, n_seq = tokens.shape
-    padded = forward(params, tokens, config, attention_mask=mask)
+    padded = forward(params, tokens, config, attention_mask=mask, edits=edits)
     n_real = mask.sum(axis=1)
     for length in np.unique(n_real):
         rows = np.flatnonzero(n_real == length)
-        alone = forward(params, tokens[np.resize(rows, n_batch), n_seq - length:], config)
+        alone = forward(params, tokens[np.resize(rows, n_batch), n_seq - length:], config, edits=edits)
         for name in SITE_NAMES:
             for i, row in enumerate(rows):
                 assert_close(real_part(padded[name], name, row, n_seq - length), real_part(alone[name], name, i, 0),
@@ -195,11 +198,6 @@ def check_padding_invariance(params, config, tokens, mask, *, tolerance: float =
         if name != "attn_scores":
             assert np.isfinite(np.asarray(padded[name])).all(), f"{name} has non-finite values"
     _check_patterns(padded.attn_pattern, padded.attn_scores, mask, tolerance)
-
-
-def identity(value, layer):
-    """The identity edit: returns its input."""
-    return value
 
 
 def _fresh_copy(value, layer):
@@ -213,11 +211,19 @@ def _edited_forward(config, keep, sites, edit):
     return make_forward(config, keep=keep, edits={name: edit for name in sites})
 
 
-def check_identity_edit(params, config, tokens, mask=None, *, sites=SITE_NAMES, keep=None, jit: bool = True,
-                        fresh: bool = False, baseline=None, tolerance: float = 1e-5) -> None:
+def identity(value, layer):
+    """The identity edit: returns its input."""
+    return value
+
+
+def check_identity_edit(params, config, tokens, mask=None, *, sites=SITE_NAMES, keep=None, edit=identity,
+                        jit: bool = True, fresh: bool = False, baseline=None, tolerance: float = 1e-5) -> None:
     """An edit returning its input, at every site of `sites` at once, leaves every kept value bitwise equal to
     the unedited forward's; equal to float32 rounding (`tolerance`) where the edits switch the attention kernel
     (an edit at attn_scores or attn_pattern when neither is kept: KERNEL_SWITCHING).
+
+    edit      the edit `(value, layer) -> value` that should change nothing (default: `identity`); under jit it
+              is compiled once per (config, keep, sites, edit)
 
     jit       compare compiled forwards (True) or op-by-op ones (False, under jax.disable_jit)
     fresh     also check an edit returning a new array equal to its input (value * 1 + 0): equal within
@@ -239,7 +245,7 @@ def check_identity_edit(params, config, tokens, mask=None, *, sites=SITE_NAMES, 
     expected = SITE_NAMES if keep is None else tuple(name for name in SITE_NAMES if name in keep)
     assert base.kept() == expected, f"the unedited forward kept {base.kept()}, not {expected}"
     switches = keep is not None and bool(KERNEL_SWITCHING & set(sites)) and not KERNEL_SWITCHING & set(keep)
-    same = run(identity)
+    same = run(edit)
     assert same.kept() == base.kept(), f"identity edits changed the kept sites: {same.kept()} != {base.kept()}"
     where = f"identity edits at {', '.join(sites) if len(sites) < 4 else f'{len(sites)} sites'}, keep={keep}"
     for name in base.kept():
@@ -254,11 +260,15 @@ def check_identity_edit(params, config, tokens, mask=None, *, sites=SITE_NAMES, 
                          what=f"{name}, fresh-but-equal {where}")
 
 
-def check_jit_equals_eager(params, config, tokens, mask=None, *, tolerance: float = 1e-5) -> None:
-    """The compiled forward and the op-by-op one (under jax.disable_jit) keep every site, with equal values."""
-    jitted = forward(params, tokens, config, attention_mask=mask)
+def check_jit_equals_eager(params, config, tokens, mask=None, *, edits=None, tolerance: float = 1e-5) -> None:
+    """The compiled forward and the op-by-op one (under jax.disable_jit) keep every site, with equal values.
+    With `edits`, both run them: an edit that acts differently on a tracer and on an array breaks it."""
+    if edits is None:
+        jitted = forward(params, tokens, config, attention_mask=mask)  # the cached compiled program
+    else:
+        jitted = jax.jit(lambda p, t, m: forward(p, t, config, attention_mask=m, edits=edits))(params, tokens, mask)
     with jax.disable_jit():
-        eager = forward(params, tokens, config, attention_mask=mask)
+        eager = forward(params, tokens, config, attention_mask=mask, edits=edits)
     assert jitted.kept() == eager.kept() == SITE_NAMES, f"kept sites: jit {jitted.kept()}, eager {eager.kept()}"
     for name in SITE_NAMES:
         assert_close(jitted[name], eager[name], rtol=tolerance, atol_frac=tolerance, what=f"{name}: jit vs eager")

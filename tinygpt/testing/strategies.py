@@ -17,6 +17,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from .. import edits as edit_classes
 from ..config import Config
 from ..errors import InputError, require
 from ..sites import SITE_NAMES, SITES
@@ -26,10 +27,12 @@ st = require("hypothesis.strategies", "test", "tinygpt.testing's strategies")
 
 SEEDS = st.integers(0, 2**32 - 1)
 
-#: The sites `edits` draws from by default: every site where zeroing, scaling or adding a constant keeps the
-#: forward finite and causal. Left out: the LayerNorm divisors (zero divides by zero) and attn_scores (its
-#: masked entries are -inf: a scale by zero or a negative number makes NaN or +inf).
-EDITABLE_SITES = tuple(name for name in SITE_NAMES if not name.endswith("_scale") and name != "attn_scores")
+#: The sites `edits` and `edit_values` draw from by default: every site where zeroing, scaling or adding a
+#: constant keeps the forward finite and causal. Left out: the LayerNorm divisors (zero divides by zero),
+#: attn_scores (its masked entries are -inf: a scale by zero or a negative number makes NaN or +inf) and
+#: attn_pattern (adding to its zeros above the diagonal attends to later tokens).
+EDITABLE_SITES = tuple(name for name in SITE_NAMES
+                       if not name.endswith("_scale") and name not in ("attn_scores", "attn_pattern"))
 
 
 def _bounds(name: str, value) -> tuple[int, int]:
@@ -116,14 +119,67 @@ def _site_edits(config: Config, site: str, kinds):
     return st.builds(SiteEdit, kind, amount, layer)
 
 
+def _check_sites(sites) -> None:
+    unknown = sorted(set(sites) - set(SITE_NAMES))
+    if unknown:
+        raise InputError(f"unknown sites {unknown}; the sites are {', '.join(SITE_NAMES)}")
+
+
 @st.composite
 def edits(draw, config: Config, *, sites=EDITABLE_SITES, kinds=("identity", "zero", "scale", "add"), max_sites=2):
     """Function edits `{site: SiteEdit}` for `forward(..., edits=)`: 1 .. max_sites distinct sites from `sites`,
     each edited by a drawn kind (zero, scale or add a constant in [-2, 2], or the identity) at every block or
     at one drawn block. Every kind keeps the value's shape; at the default sites the forward stays finite and
     causal (see EDITABLE_SITES)."""
-    unknown = sorted(set(sites) - set(SITE_NAMES))
-    if unknown:
-        raise InputError(f"edits: unknown sites {unknown}; the sites are {', '.join(SITE_NAMES)}")
+    _check_sites(sites)
     chosen = draw(st.lists(st.sampled_from(tuple(sites)), min_size=1, max_size=max_sites, unique=True), label="sites")
     return {site: draw(_site_edits(config, site, kinds), label=site) for site in chosen}
+
+
+def _axis_size(config: Config, axis: str) -> int:
+    """The size of a site axis name in a model of `config` (key: the context; the sequence may be shorter)."""
+    return {"d_model": config.d_model, "d_head": config.d_head, "d_mlp": config.d_mlp, "head": config.n_head,
+            "vocab": config.vocab_size, "key": config.n_ctx, "seq": config.n_ctx}[axis]
+
+
+def _some(size: int):
+    """None (everything), or 1 .. 2 distinct indices below `size`."""
+    return st.none() | st.lists(st.integers(0, size - 1), min_size=1, max_size=2, unique=True)
+
+
+@st.composite
+def _edit_value(draw, config: Config, site: str, kinds):
+    """One edit value of a drawn kind at `site`, with a drawn selection and drawn numbers."""
+    shape = SITES[site].shape
+    selection = dict(layer=draw(st.none() | st.integers(0, config.n_layer - 1), label="layer")
+                     if SITES[site].per_layer else None,
+                     head=draw(_some(config.n_head), label="head") if "head" in shape else None,
+                     positions=draw(_some(config.n_ctx), label="positions"),
+                     index=draw(_some(_axis_size(config, shape[-1])), label="index"))
+    number = st.floats(-2.0, 2.0, allow_nan=False, width=32)
+    kind = draw(st.sampled_from(kinds), label="kind")
+    if kind == "Zero":
+        return edit_classes.Zero(site, **selection)
+    if kind == "Set":
+        return edit_classes.Set(site, np.float32(draw(number, label="to")), **selection)
+    if kind == "Scale":
+        return edit_classes.Scale(site, np.float32(draw(number, label="factor")), **selection)
+    direction = np.random.default_rng(draw(SEEDS, label="direction seed")).standard_normal(
+        _axis_size(config, shape[-1])).astype(np.float32)
+    return edit_classes.Add(site, direction, np.float32(draw(number, label="coef")), **selection)
+
+
+@st.composite
+def edit_values(draw, config: Config, *, sites=EDITABLE_SITES, kinds=("Zero", "Set", "Scale", "Add"), max_edits=2):
+    """A list of 1 .. max_edits edit values (`tinygpt.edits`: Zero, Set, Scale, Add) for `forward(..., edits=)`,
+    each at a site of `sites` with a drawn selection: every block or one, every head or one or two (sites with a
+    head axis), every position or one or two absolute positions, every entry of the last axis or one or two;
+    Set's value, Scale's factor and Add's coefficient in [-2, 2], Add's direction a random vector along the last
+    axis. A forward compiles once per structure (kinds, sites and selections), and the numbers are arguments of
+    that program. At the default sites the forward stays finite and causal (see EDITABLE_SITES)."""
+    _check_sites(sites)
+    unknown = sorted(set(kinds) - {"Zero", "Set", "Scale", "Add"})
+    if unknown:
+        raise InputError(f"edit_values: unknown kinds {unknown}; the kinds are Zero, Set, Scale, Add")
+    chosen = draw(st.lists(st.sampled_from(tuple(sites)), min_size=1, max_size=max_edits), label="sites")
+    return [draw(_edit_value(config, site, tuple(kinds)), label=site) for site in chosen]
