@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 import tinygpt
 from tinygpt.sites import GLOBAL_SITES, LAYER_SITES, SITE_NAMES
 from tinygpt.recorder import SiteRecorder
+from tinygpt.testing import assert_close
 from tinygpt.testing import random_params as _random_params
+from tinygpt.testing import random_tokens as _random_tokens
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=10, vocab_size=53)
 BATCH, SEQ = 2, 7
@@ -38,7 +40,7 @@ def random_params(seed):
 
 
 def random_tokens(seed):
-    return np.random.default_rng(seed).integers(0, CFG.vocab_size, (BATCH, SEQ)).astype(np.int32)
+    return _random_tokens(CFG, seed, (BATCH, SEQ))
 
 
 def np64(x):
@@ -49,14 +51,6 @@ def scale_of(x):
     x = np64(x)
     finite = np.isfinite(x)
     return float(np.abs(x[finite]).max()) if finite.any() else 0.0
-
-
-def assert_close(actual, expected, rtol=1e-5, atol_frac=1e-5, what=""):
-    """allclose with an absolute tolerance relative to the scale of `expected` (infinities must match)."""
-    actual, expected = np64(actual), np64(expected)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol_frac * max(scale_of(expected), 1e-6),
-                               err_msg=what)
 
 
 def assert_differs(actual, expected, what=""):

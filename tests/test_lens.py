@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import tinygpt
 from probes.lens import LENS_SITES, lens_logits, logit_lens
 from tinygpt.testing import random_params as _random_params
+from tinygpt.testing import random_tokens as _random_tokens
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=16, vocab_size=61)
 BATCH, SEQ = 2, 7
@@ -32,7 +33,7 @@ def random_params(seed, config=CFG):
 
 
 def random_tokens(seed, batch=BATCH, seq=SEQ, config=CFG):
-    return np.random.default_rng(seed).integers(0, config.vocab_size, (batch, seq)).astype(np.int32)
+    return _random_tokens(config, seed, (batch, seq))
 
 
 def log_softmax64(x):
