@@ -25,7 +25,8 @@ diff, expected against produced. After a change that moves the output, rewrite w
     python tests/test_docs.py --update docs/studies/fact-storage.md
 
 which replaces every shown output that no longer matches with the one produced (outputs that still match,
-`...` included, are left as written); read the diff before committing it.
+`...` included, are left as written; a rewritten one is the output of this run, so put back the `...` where
+it varies); read the diff before committing it.
 
 The blocks and commands of a document share one temporary working directory, so a command may write a file
 that a later block or command reads, and nothing lands in the repository. A block or console block that
