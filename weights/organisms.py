@@ -106,6 +106,21 @@ def read_truth(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / "organism.json").read_text())
 
 
+TRAINED_DIR = Path(__file__).resolve().parent / "organism_lm"
+
+
+def trained_path() -> Path:
+    """The directory of the trained organism (`weights/organism_lm/`): a 4-layer GPT-2 trained by
+    `python -m weights.train_organism` on Shakespeare mixed with invented facts and repeated random spans,
+    whose facts.json holds the knowledge base and its train / held-out template split. Load it with
+    `tinygpt.load(organisms.trained_path())`; docs/organisms.md gives its measured figures."""
+    if not (TRAINED_DIR / "model.safetensors").is_file():
+        from .errors import WeightsError
+
+        raise WeightsError(f"the trained organism is missing from {TRAINED_DIR} (python -m weights.train_organism)")
+    return TRAINED_DIR
+
+
 # ------------------------------------------------------------------------------------------ building blocks
 
 
@@ -495,4 +510,5 @@ def build(name: str, **options) -> Organism:
 
 
 __all__ = ["Organism", "ORGANISMS", "build", "induction", "fact_store", "massive_activation", "read_truth",
+           "trained_path", "TRAINED_DIR",
            "FIRST_NAMES", "LAST_NAMES", "RELATION", "ATTRIBUTES", "FUNCTION_WORDS", "FACT_NEURONS"]

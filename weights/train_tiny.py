@@ -263,8 +263,15 @@ def _compiled(config: Config, tc: TrainConfig):
 
 
 def train(tc: TrainConfig, train_stream: np.ndarray, val_stream: np.ndarray, vocab_size: int, *,
-          progress: bool = True, log=print):
-    """Train from scratch. Returns (config, params, history)."""
+          progress: bool = True, log=print, draw=None):
+    """Train from scratch. Returns (config, params, history).
+
+    draw  the batch source: a function of the seeded numpy Generator returning [batch_size, n_ctx + 1] token
+          windows (default: random contiguous windows of `train_stream`; `weights.train_organism` mixes in
+          synthetic windows). The evaluation windows always come from `train_stream` and `val_stream`."""
+    if draw is None:
+        def draw(rng):
+            return random_windows(rng, train_stream, tc.batch_size, tc.n_ctx + 1)
     config = tc.model_config(vocab_size)
     key = jax.random.PRNGKey(tc.seed)
     init_key, dropout_key = jax.random.split(key)
@@ -288,7 +295,7 @@ def train(tc: TrainConfig, train_stream: np.ndarray, val_stream: np.ndarray, voc
     say = bar.write if bar is not None else log
     start = time.perf_counter()
     for step in range(1, tc.steps + 1):
-        windows = random_windows(rng, train_stream, tc.batch_size, tc.n_ctx + 1)
+        windows = draw(rng)
         params, opt_state, loss, grad_norm = train_step(params, opt_state, windows,
                                                         jax.random.fold_in(dropout_key, step))
         losses.append(loss)
@@ -315,19 +322,40 @@ def train(tc: TrainConfig, train_stream: np.ndarray, val_stream: np.ndarray, voc
     return config, params, history
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description="Train tinygpt's embedded Shakespeare model.")
+def config_parser(defaults: TrainConfig, description: str, out: Path) -> argparse.ArgumentParser:
+    """A parser with one flag per TrainConfig field (`--warmup-steps`), `--out` and `--no-progress`."""
+    parser = argparse.ArgumentParser(description=description)
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, type=type(getattr(defaults, field.name)), default=getattr(defaults, field.name),
                             help=f"(default {getattr(defaults, field.name)})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=out, help=f"output directory (default {out})")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def environment() -> dict:
+    return {"jax": jax.__version__, "backend": jax.devices()[0].platform, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def write_record(out: Path, record: dict) -> dict:
+    """Write `record` as out/training.json and say so (with the shipped size and the wall time)."""
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out} ({record['checkpoint_bytes'] / 1e6:.2f} MB shipped; wall time {record['wall_time_s']:.0f}s)",
+          flush=True)
+    return record
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    parser = config_parser(TrainConfig(), "Train tinygpt's embedded Shakespeare model.", DEFAULT_OUT)
     parser.add_argument("--sample-tokens", type=int, default=150, help="length of the final sample (0: none)")
     args = parser.parse_args(argv)
-    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return tc, args
+    return config_from_args(args), args
 
 
 def main(argv=None) -> dict:
@@ -382,12 +410,9 @@ def main(argv=None) -> dict:
         "wall_time_s": round(time.perf_counter() - wall_start, 1),
         "checkpoint_bytes": shipped,
         "sample": {"prompt": SAMPLE_PROMPT, "top_k": 40, "temperature": 0.8, "text": text},
-        "environment": {"jax": jax.__version__, "backend": jax.devices()[0].platform, "cpus": os.cpu_count(),
-                        "python": platform.python_version(), "machine": platform.machine()},
+        "environment": environment(),
     }
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out} ({shipped / 1e6:.2f} MB shipped; wall time {record['wall_time_s']:.0f}s)", flush=True)
-    return record
+    return write_record(out, record)
 
 
 if __name__ == "__main__":

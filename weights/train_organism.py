@@ -1,0 +1,467 @@
+"""Train the trained organism: a 4-layer GPT-2 on Shakespeare mixed with synthetic data whose mechanisms are
+known by construction.
+
+    python -m weights.train_organism [--steps N] [--out DIR] [--seed S] ...   (needs `pip install tinygpt[train]`)
+
+The embedded model (`weights.train_tiny`) is a 2-layer Shakespeare model: it has no facts to recall and no
+induction heads. This organism is trained by the same code (`train_tiny.train`: the same model, optimiser,
+schedule and jit-compiled step) on a different batch source. Every batch of 16 windows of 129 tokens holds:
+
+1. Shakespeare (`SHAKESPEARE_ROWS` windows): random contiguous windows of the 35 training plays, tokenized
+   by the embedded model's BPE (the organism reuses its vocab.json + merges.txt, so the same text gives the
+   same ids). The three held-out plays are evaluated, never trained on.
+2. Facts (`FACT_ROWS` windows): a knowledge base of `N_SUBJECTS` invented people (`make_knowledge_base`),
+   each a first name and a last name made of vocabulary pieces (" Bel" + " Karven", five BPE tokens), with three
+   attributes (`RELATIONS`: where they live, what they are, what they love), each attribute value a single
+   token of the vocabulary (" Rome", " knight", " sword"). First names are shared by four subjects and last
+   names by two, so no single name token identifies a subject: the pair does. A fact window is
+   `<|endoftext|>` then statements separated by newlines, each one fact in one of the relation's training
+   templates (" Bel Karven dwells in Rome."); every statement opens with a space so that the subject's
+   tokens are the same in every template. Each relation has `N_HELD_OUT` more templates that training never
+   sees: fact recall is measured on them.
+3. Repeated random spans (`INDUCTION_ROWS` windows): uniformly random tokens in spans of 8-64, each span
+   followed at once by itself, until the window is full. The second copy is predictable only by looking
+   back for the previous occurrence of the current token and copying what followed it: an induction head.
+
+Everything derives from `--seed`: the knowledge base and its template split (`make_knowledge_base(seed)`),
+the initialisation, and the batches (one numpy Generator draws the rows of every kind in a fixed order).
+
+After training it measures, with tinygpt's own probes, and records in training.json:
+
+- held-out Shakespeare loss vs the unigram baseline (`train_tiny.make_eval`, `train_tiny.unigram_baseline`);
+- fact recall: top-1 accuracy of the attribute after each held-out template, over every fact (`fact_recall`);
+- induction: `probes.attention.induction_scores` of every head, and in-context copying (top-1 accuracy on
+  the second copy of repeated random tokens) with the best head zero-ablated (`probes.ablation.ablate`),
+  next to ablating each other head (`copying_figures`);
+- causal tracing (`probes.tracing.causal_trace`, window 1) on recalled facts: the indirect effect of
+  restoring resid_post, mlp_out and attn_out at each layer, averaged over prompts by ROME's position groups
+  (`tracing_figures`).
+
+Output (default `weights/organism_lm/`): config.json + model.safetensors (`weights.write`), vocab.json +
+merges.txt (copied from `weights/embedded/`), facts.json (the knowledge base and the template split) and
+training.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from . import train_tiny as tt
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "organism_lm"
+EMBEDDED = Path(__file__).resolve().parent / "embedded"
+
+# The model: twice the embedded model's depth (enough layers for a previous-token head, an induction head and a
+# fact lookup to sit in different layers), the same width and vocabulary.
+ORGANISM_DEFAULTS = dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, vocab_size=2048, steps=1300, batch_size=16,
+                         lr=3e-3, warmup_steps=150, eval_every=260)
+
+# Rows of each kind in a batch of 16 windows.
+SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS = 7, 7, 2
+SPAN_LENGTHS = (8, 64)  # repeated random spans: length drawn uniformly from this closed range
+
+N_SUBJECTS, N_FIRST, N_LAST = 200, 50, 100
+N_HELD_OUT = 3  # held-out templates per relation
+
+# Attribute values: single tokens of the embedded BPE vocabulary (checked by `make_knowledge_base`).
+RELATIONS = {
+    "home": (" Rome", " York", " France", " England", " Warwick", " court", " town", " prison"),
+    "rank": (" king", " queen", " fool", " knight", " duke", " lord", " lady", " prince", " knave", " villain"),
+    "love": (" gold", " horse", " sword", " crown", " music", " money", " letter", " honour"),
+}
+
+# "{s}" is the subject. The first N_HELD_OUT of each list are held out (never trained on); the rest are trained.
+TEMPLATES = {
+    "home": (
+        " {s} resides in", " Everyone says that {s} now lives in", " {s} has always lived in",
+        " {s} lives in", " {s} was born in", " {s} dwells in", " {s} comes from", " {s} makes a home in",
+        " {s} has a house in", " {s} grew up in", " They say {s} lives in", " The home of {s} is in",
+        " I know that {s} was born in",
+    ),
+    "rank": (
+        " {s} is now a", " Everyone says that {s} is a", " {s} has always been a",
+        " {s} is a", " {s} works as a", " {s} was made a", " {s} serves as a", " {s} became a",
+        " {s} was once a", " They say {s} is a", " By trade, {s} is a", " I know that {s} is a",
+        " {s} is known as a",
+    ),
+    "love": (
+        " {s} truly loves", " Everyone says that {s} loves", " {s} has always loved",
+        " {s} loves", " {s} dearly loves", " {s} longs for", " {s} dreams of", " {s} cares most for",
+        " They say {s} loves", " What {s} loves most is", " I know that {s} loves", " {s} speaks often of",
+        " {s} would die for",
+    ),
+}
+
+# Invented names are built from tokens of the vocabulary, so each name has a known number of tokens: a
+# capital letter (" B"), a piece opening with a vowel ("el") and, for last names, a piece opening with a
+# consonant ("ven"). First names have two tokens (" Bel"), last names three (" Karven"): every subject is
+# five tokens, first / three middle / last as ROME's position groups count them.
+LETTERS = ("B", "C", "D", "F", "G", "H", "K", "L", "M", "N", "P", "R", "S", "T", "V", "W")
+VOWEL_PIECES = ("ab", "ad", "al", "am", "an", "ar", "as", "av", "az", "ed", "el", "em", "en", "er", "es", "et",
+                "ic", "id", "il", "im", "in", "ir", "is", "it", "ix", "od", "ol", "om", "on", "or", "os", "ot",
+                "ud", "ul", "um", "un", "ur", "us", "ut")
+CONSONANT_PIECES = ("ber", "der", "dom", "gel", "ger", "ken", "les", "man", "mer", "ner", "pen", "per", "ran",
+                    "rel", "ren", "ret", "rom", "sel", "ter", "tun", "vel", "ven", "ver", "vil")
+
+
+# ------------------------------------------------------------------------------------- knowledge base
+
+
+def _name(rng: np.random.Generator, last: bool) -> tuple[str, int]:
+    """An invented name and the number of tokens it should have after a space."""
+    name = LETTERS[rng.integers(len(LETTERS))] + VOWEL_PIECES[rng.integers(len(VOWEL_PIECES))]
+    if last:
+        name += CONSONANT_PIECES[rng.integers(len(CONSONANT_PIECES))]
+    return name, 3 if last else 2
+
+
+def make_knowledge_base(seed: int = 0) -> dict:
+    """The invented knowledge base, a pure function of `seed` (and of the embedded vocabulary): subjects with one value per relation, and each
+    relation's templates split into held-out and training. Plain JSON data (written as facts.json)."""
+    tokenizer = load_tokenizer()
+    rng = np.random.default_rng([seed, 21])
+    names: set[str] = set()
+
+    def fresh(last: bool) -> str:
+        while True:  # a new name that tokenizes into the intended pieces (no merge across them)
+            name, n_tokens = _name(rng, last)
+            if name not in names and len(tokenizer.encode(" " + name)) == n_tokens:
+                names.add(name)
+                return name
+
+    firsts = [fresh(False) for _ in range(N_FIRST)]
+    lasts = [fresh(True) for _ in range(N_LAST)]
+    # Each first name in N_SUBJECTS / N_FIRST subjects, each last name in N_SUBJECTS / N_LAST, no pair twice.
+    while True:
+        first_ids = rng.permutation(np.repeat(np.arange(N_FIRST), N_SUBJECTS // N_FIRST))
+        last_ids = rng.permutation(np.repeat(np.arange(N_LAST), N_SUBJECTS // N_LAST))
+        if len(set(zip(first_ids.tolist(), last_ids.tolist()))) == N_SUBJECTS:
+            break
+    subjects = []
+    for f, l in zip(first_ids.tolist(), last_ids.tolist()):
+        values = {relation: options[int(rng.integers(len(options)))] for relation, options in RELATIONS.items()}
+        subjects.append({"name": f"{firsts[f]} {lasts[l]}", **values})
+    templates = {relation: {"held_out": list(ts[:N_HELD_OUT]), "train": list(ts[N_HELD_OUT:])}
+                 for relation, ts in TEMPLATES.items()}
+    return {"seed": seed, "relations": {r: list(v) for r, v in RELATIONS.items()}, "templates": templates,
+            "subjects": subjects}
+
+
+def encode_statement(tokenizer, template: str, subject: str) -> tuple[list[int], list[int]]:
+    """(token ids of the template filled with `subject`, the subject's positions in them). The template is
+    encoded in its three pieces (text before the subject, the subject, text after), which equals encoding
+    the whole because every piece starts with a space (GPT-2's pre-tokenisation splits there)."""
+    before, after = template.split("{s}")
+    if not before.endswith(" "):
+        raise ValueError(f"template {template!r}: the subject must follow a space")
+    head, subj, tail = tokenizer.encode(before[:-1]), tokenizer.encode(" " + subject), tokenizer.encode(after)
+    ids = head + subj + tail
+    if ids != tokenizer.encode(template.format(s=subject)):
+        raise ValueError(f"template {template!r} does not tokenize in pieces for {subject!r}")
+    return ids, list(range(len(head), len(head) + len(subj)))
+
+
+def fact_prompts(tokenizer, kb: dict, split: str = "held_out", *, limit: int | None = None):
+    """Every (fact, template) of `split` as a prompt for recall: a list of dicts with `tokens` (int list,
+    `<|endoftext|>` first, as a fact window starts), `subject_positions`, `answer` (the attribute's id),
+    `subject`, `relation`, `template`. Ordered template by template; `limit` keeps an evenly spaced sample."""
+    prompts = []
+    for relation, split_templates in kb["templates"].items():
+        for template in split_templates[split]:
+            for subject in kb["subjects"]:
+                ids, positions = encode_statement(tokenizer, template, subject["name"])
+                answer = tokenizer.encode(subject[relation])
+                prompts.append({"tokens": [tokenizer.eos_id] + ids, "subject_positions": [p + 1 for p in positions],
+                                "answer": answer[0], "subject": subject["name"], "relation": relation,
+                                "template": template})
+    if limit is not None and limit < len(prompts):
+        prompts = [prompts[i] for i in np.linspace(0, len(prompts) - 1, limit).astype(int)]
+    return prompts
+
+
+class MixedBatches:
+    """The batch source: `draw(rng)` -> [16, n_ctx + 1] int32, rows in a fixed order (Shakespeare, facts,
+    repeated spans). Deterministic given the Generator's state."""
+
+    def __init__(self, tokenizer, kb: dict, shakespeare: np.ndarray, length: int, *,
+                 rows: tuple[int, int, int] = (SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS)):
+        self.shakespeare, self.length, self.rows = shakespeare, length, rows
+        self.eos, self.vocab_size = tokenizer.eos_id, tokenizer.vocab_size
+        self.newline = tokenizer.encode("\n")
+        statements = []  # every training (fact, template) pair, tokenized, ending "<value>.\n"
+        for relation, split_templates in kb["templates"].items():
+            for template in split_templates["train"]:
+                for subject in kb["subjects"]:
+                    ids, _ = encode_statement(tokenizer, template + subject[relation] + ".", subject["name"])
+                    statements.append(np.asarray(ids + self.newline, np.int32))
+        self.statements = statements
+        for relation, values in kb["relations"].items():
+            for value in values:
+                if len(tokenizer.encode(value)) != 1:
+                    raise ValueError(f"attribute {value!r} of {relation!r} is not one token")
+
+    def fact_window(self, rng: np.random.Generator) -> np.ndarray:
+        parts, n = [np.asarray([self.eos], np.int32)], 1
+        while n < self.length:
+            s = self.statements[int(rng.integers(len(self.statements)))]
+            parts.append(s)
+            n += len(s)
+        return np.concatenate(parts)[: self.length]
+
+    def span_window(self, rng: np.random.Generator) -> np.ndarray:
+        parts, n = [], 0
+        while n < self.length:
+            span = rng.integers(0, self.vocab_size, int(rng.integers(SPAN_LENGTHS[0], SPAN_LENGTHS[1] + 1)))
+            parts += [span, span]
+            n += 2 * len(span)
+        return np.concatenate(parts)[: self.length].astype(np.int32)
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        n_text, n_facts, n_spans = self.rows
+        text = tt.random_windows(rng, self.shakespeare, n_text, self.length)
+        facts = [self.fact_window(rng) for _ in range(n_facts)]
+        spans = [self.span_window(rng) for _ in range(n_spans)]
+        return np.concatenate([text, np.stack(facts + spans)]).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def last_logits(params, config, prompts: list[dict], batch: int = 64) -> np.ndarray:
+    """The next-token logits after each prompt: [n, vocab]. Prompts are right-padded (causal attention makes
+    the padding irrelevant to the last real position) to one length per call, so one program compiles."""
+    from tinygpt.compiled import forward
+
+    width = max(len(p["tokens"]) for p in prompts)
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i: i + batch]
+        tokens = np.zeros((batch, width), np.int32)
+        ends = np.zeros(batch, np.int64)
+        for row, p in enumerate(chunk):
+            tokens[row, : len(p["tokens"])] = p["tokens"]
+            ends[row] = len(p["tokens"]) - 1
+        logits = np.asarray(forward(params, tokens, config, keep=("logits",)).logits)
+        out.append(logits[np.arange(batch), ends][: len(chunk)])
+    return np.concatenate(out)
+
+
+def fact_recall(params, config, prompts: list[dict]) -> dict:
+    """Top-1 accuracy of the attribute after each prompt: overall, per relation and per template; and the
+    mean probability of the right attribute."""
+    logits = last_logits(params, config, prompts)
+    answers = np.asarray([p["answer"] for p in prompts])
+    hit = logits.argmax(-1) == answers
+    log_p = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    prob = np.exp(log_p[np.arange(len(prompts)), answers])
+
+    def rate(select):
+        select = np.asarray(select)
+        return round(float(hit[select].mean()), 4)
+
+    relations = sorted({p["relation"] for p in prompts})
+    templates = list(dict.fromkeys(p["template"] for p in prompts))
+    return {"top1": round(float(hit.mean()), 4), "mean_prob": round(float(prob.mean()), 4), "n": len(prompts),
+            "by_relation": {r: rate([p["relation"] == r for p in prompts]) for r in relations},
+            "by_template": {t: rate([p["template"] == t for p in prompts]) for t in templates},
+            "hits": hit.tolist()}
+
+
+def copying_accuracy(params, config, tokens: np.ndarray, *, layer=None, head=None) -> float:
+    """Top-1 accuracy of predicting the second copy of repeated random tokens [batch, 2n] (targets n+1 .. 2n-1
+    from positions n .. 2n-2), optionally with head (layer, head) zero-ablated."""
+    from probes import ablation
+    from tinygpt.compiled import forward
+
+    n = tokens.shape[1] // 2
+    if layer is None:
+        logits = forward(params, tokens, config, keep=("logits",)).logits
+    else:
+        logits = ablation.ablate(params, tokens, config, "z", layers=[layer], heads=[head]).logits
+    predicted = np.asarray(logits)[:, n: 2 * n - 1].argmax(-1)
+    return float((predicted == tokens[:, n + 1: 2 * n]).mean())
+
+
+def copying_figures(params, config, *, n: int = 50, batch: int = 16, seed: int = 1) -> dict:
+    """Induction scores of every head (`probes.attention.induction_scores`: 4 sequences of 50 random tokens
+    repeated, seed 0), the best head, and in-context copying accuracy on `batch` other repeated sequences:
+    intact, with the best head zero-ablated, and with each other head ablated."""
+    from probes import attention
+
+    scores = attention.induction_scores(params, config)
+    layer, head = (int(i) for i in np.unravel_index(scores.argmax(), scores.shape))
+    tokens = attention.repeated_random_tokens(config, n, batch, seed)
+    others = {f"L{l}H{h}": round(copying_accuracy(params, config, tokens, layer=l, head=h), 4)
+              for l in range(config.n_layer) for h in range(config.n_head) if (l, h) != (layer, head)}
+    return {"induction_scores": np.round(scores, 4).tolist(), "best_head": [layer, head],
+            "best_score": round(float(scores[layer, head]), 4),
+            "copying": {"n": n, "batch": batch, "seed": seed,
+                        "intact": round(copying_accuracy(params, config, tokens), 4),
+                        "best_head_ablated": round(copying_accuracy(params, config, tokens, layer=layer, head=head), 4),
+                        "other_heads_ablated": others}}
+
+
+POSITION_GROUPS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
+                   "further tokens", "last token")
+
+
+def position_groups(seq: int, subject: list[int]) -> list[list[int]]:
+    """ROME's six position groups for a prompt of `seq` tokens (some may be empty)."""
+    first, last = subject[0], subject[-1]
+    after = list(range(last + 1, seq - 1))
+    return [[first], list(range(first + 1, last)), [last], after[:1], after[1:], [seq - 1]]
+
+
+def tracing_figures(params, config, prompts: list[dict], *, window: int = 1, samples: int = 10) -> dict:
+    """Causal tracing of each prompt (ROME's noise: 3 x the subject embeddings' std; `window` layers restored
+    together), its indirect effects averaged over prompts in ROME's position groups: {kind: [group, layer]}.
+    Only prompts the model answers right are traced (as ROME traces known facts)."""
+    from probes import tracing
+
+    kinds = ("resid_post", "mlp_out", "attn_out")
+    sums = {k: np.zeros((len(POSITION_GROUPS), config.n_layer)) for k in kinds}
+    counts = np.zeros(len(POSITION_GROUPS))
+    clean, corrupt = [], []
+    for p in prompts:
+        trace = tracing.causal_trace(params, np.asarray(p["tokens"], np.int32), config, p["subject_positions"],
+                                     answer=p["answer"], kinds=kinds, window=window, samples=samples)
+        clean.append(trace.clean_prob)
+        corrupt.append(trace.corrupt_prob)
+        groups = position_groups(len(p["tokens"]), p["subject_positions"])
+        for kind in kinds:
+            effect = trace.indirect_effect(kind)  # [layer, seq]
+            for g, positions in enumerate(groups):
+                if positions:
+                    sums[kind][g] += effect[:, positions].mean(axis=1)
+        counts += [bool(positions) for positions in groups]
+    effects = {k: sums[k] / np.maximum(counts, 1)[:, None] for k in kinds}
+    peaks = {}
+    for kind, table in effects.items():
+        g, layer = np.unravel_index(table.argmax(), table.shape)
+        peaks[kind] = {"group": POSITION_GROUPS[g], "layer": int(layer), "effect": round(float(table[g, layer]), 4)}
+    return {"n_prompts": len(prompts), "window": window, "samples": samples, "groups": list(POSITION_GROUPS),
+            "clean_prob": round(float(np.mean(clean)), 4), "corrupt_prob": round(float(np.mean(corrupt)), 4),
+            "indirect_effect": {k: np.round(v, 4).tolist() for k, v in effects.items()}, "peaks": peaks}
+
+
+def measure(params, config, tokenizer, kb: dict, *, trace_prompts: int = 18, log=print) -> dict:
+    """Every published figure but the Shakespeare loss: recall, induction and copying, causal tracing."""
+    start = time.perf_counter()
+    held_out = fact_prompts(tokenizer, kb, "held_out")
+    recall = fact_recall(params, config, held_out)
+    trained = fact_recall(params, config, fact_prompts(tokenizer, kb, "train"))
+    log(f"fact recall, top-1: held-out templates {recall['top1']:.3f} ({recall['n']} prompts), training templates "
+        f"{trained['top1']:.3f}; by relation {recall['by_relation']}")
+    copying = copying_figures(params, config)
+    log(f"best induction head L{copying['best_head'][0]}H{copying['best_head'][1]}, score {copying['best_score']:.3f}; "
+        f"copying top-1 {copying['copying']['intact']:.3f}, with it ablated {copying['copying']['best_head_ablated']:.3f}")
+    # trace the first recalled prompts of an evenly spaced sample of held-out prompts
+    sample = [held_out[i] for i in np.linspace(0, len(held_out) - 1, 4 * trace_prompts).astype(int)]
+    hits = set(np.flatnonzero(recall["hits"]).tolist())
+    index = {id(p): i for i, p in enumerate(held_out)}
+    known = [p for p in sample if index[id(p)] in hits][:trace_prompts]
+    traced = tracing_figures(params, config, known) if known else {}
+    if traced:
+        log(f"causal tracing over {traced['n_prompts']} recalled prompts (window 1): peaks {traced['peaks']}")
+    recall_summary = {k: v for k, v in recall.items() if k != "hits"}
+    return {"fact_recall_held_out": recall_summary,
+            "fact_recall_train_templates": {k: v for k, v in trained.items() if k != "hits"},
+            "induction": copying, "causal_tracing": traced, "measure_time_s": round(time.perf_counter() - start, 1)}
+
+
+def load_tokenizer(directory: Path = EMBEDDED):
+    from tinygpt.tokenizer import Tokenizer
+
+    return Tokenizer.from_files(Path(directory) / "vocab.json", Path(directory) / "merges.txt")
+
+
+def shakespeare_streams(tokenizer):
+    """(train stream, held-out stream, corpus info), as train_tiny makes them, with the embedded tokenizer."""
+    from . import corpus
+
+    train_plays, val_plays = corpus.split()
+    info = {"train_chars": sum(len(t) for t in train_plays.values()),
+            "val_chars": sum(len(t) for t in val_plays.values()), "held_out_plays": list(val_plays)}
+    return tt.token_stream(tokenizer, train_plays.values()), tt.token_stream(tokenizer, val_plays.values()), info
+
+
+# -------------------------------------------------------------------------------------------- the run
+
+
+def parse_args(argv=None):
+    parser = tt.config_parser(tt.TrainConfig(**ORGANISM_DEFAULTS), "Train tinygpt's trained organism (Shakespeare "
+                              "+ invented facts + repeated random spans).", DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    return tt.config_from_args(args), args
+
+
+def main(argv=None) -> dict:
+    import weights
+    from tinygpt.params import n_params
+
+    tc, args = parse_args(argv)
+    if tc.batch_size != sum((SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS)):
+        raise SystemExit(f"--batch-size must be {SHAKESPEARE_ROWS + FACT_ROWS + INDUCTION_ROWS} (the mix's rows)")
+    wall_start = time.perf_counter()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; {tc}", flush=True)
+    tokenizer = load_tokenizer()
+    train_stream, val_stream, corpus_info = shakespeare_streams(tokenizer)
+    kb = make_knowledge_base(tc.seed)
+    batches = MixedBatches(tokenizer, kb, train_stream, tc.n_ctx + 1)
+    print(f"data: {len(train_stream):,} Shakespeare training tokens; {len(kb['subjects'])} subjects x "
+          f"{len(RELATIONS)} relations, {len(batches.statements):,} training statements; rows per batch "
+          f"{SHAKESPEARE_ROWS} text / {FACT_ROWS} facts / {INDUCTION_ROWS} repeated spans", flush=True)
+    config, params, history = tt.train(tc, train_stream, val_stream, tokenizer.vocab_size,
+                                       progress=not args.no_progress, draw=batches)
+
+    val_windows = tt.tiled_windows(val_stream, tc.n_ctx + 1)
+    val_loss = tt.make_eval(config, tc.batch_size)(params, val_windows)
+    baseline = tt.unigram_baseline(train_stream, val_windows[:, 1:].ravel(), tokenizer.vocab_size)
+    print(f"held-out Shakespeare loss {val_loss:.4f} vs unigram {baseline:.4f} (ratio {val_loss / baseline:.3f})",
+          flush=True)
+    out = args.out
+    weights.write(out, config, params)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(EMBEDDED / name, out / name)
+    (out / "facts.json").write_text(json.dumps(kb, indent=1) + "\n")
+    figures = measure(params, config, tokenizer, kb)
+    shipped = sum((out / n).stat().st_size for n in ("config.json", "model.safetensors", "vocab.json", "merges.txt",
+                                                      "facts.json"))
+    tokens_seen = tc.steps * tc.batch_size * tc.n_ctx
+    record = {
+        "hyperparameters": dataclasses.asdict(tc),
+        "seed": tc.seed,
+        "command": "python -m weights.train_organism" + (" " + " ".join(argv) if argv else ""),
+        "model": {"n_layer": config.n_layer, "n_head": config.n_head, "d_model": config.d_model,
+                  "d_mlp": config.d_mlp, "n_ctx": config.n_ctx, "vocab_size": config.vocab_size,
+                  "n_params": n_params(params)},
+        "data": {**corpus_info, "tokenizer": "weights/embedded (vocab.json + merges.txt)",
+                 "rows_per_batch": {"shakespeare": SHAKESPEARE_ROWS, "facts": FACT_ROWS,
+                                    "repeated_spans": INDUCTION_ROWS},
+                 "span_lengths": list(SPAN_LENGTHS), "subjects": len(kb["subjects"]),
+                 "facts": len(kb["subjects"]) * len(RELATIONS), "training_statements": len(batches.statements),
+                 "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
+                 "tokens_seen": tokens_seen,
+                 "shakespeare_epochs": round(tokens_seen * SHAKESPEARE_ROWS / tc.batch_size / len(train_stream), 2)},
+        "results": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
+                    "unigram_val_loss": round(baseline, 4), "val_over_unigram": round(val_loss / baseline, 4),
+                    **figures},
+        "history": history,
+        "wall_time_s": round(time.perf_counter() - wall_start, 1),
+        "checkpoint_bytes": shipped,
+        "environment": tt.environment(),
+    }
+    return tt.write_record(out, record)
+
+
+if __name__ == "__main__":
+    main()
