@@ -24,6 +24,15 @@ After each chunk the activations are flushed, then `rows_done` is replaced atomi
 harvest restarts at its first unfinished chunk; the same call resumes it. Without `path` the harvest is kept
 in memory, within a budget of `max_bytes`.
 
+Several processes (`tinygpt.distributed.initialize`), given the same arguments and one directory (a
+filesystem all of them see), split the windows: process p of P harvests the contiguous windows
+[p n / P, (p + 1) n / P) into its own shard, `shard-0000p-of-0000P.npy` with its progress in
+`shard-0000p-of-0000P.json` (and its writer lock `shard-0000p-of-0000P.npy.lock`), so each process
+resumes its own shard. When every shard is done (a barrier, bounded by the processes' timeout), process 0
+writes tokens.npy and then harvest.json, the manifest (format 2, listing the shards); `load_harvest` reads
+the shards as one array of rows in window order (`ShardedRows`). Resuming takes the same number of
+processes. One process writes the single-file layout above, byte for byte as before.
+
 A harvest never touches a file it did not create: it holds the directory's writer lock (`DIR.lock` beside
 it; a second harvest into the same directory fails at once, naming the first), and it writes only into a
 new or empty directory, or one whose harvest.json it wrote (then only its own three files are there).
@@ -42,6 +51,7 @@ import hashlib
 import math
 import numbers
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Callable
@@ -54,8 +64,8 @@ from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.display import displayable
 from tinygpt.errors import ArtifactError
-from tinygpt.files import TEMP_MARK, atomic_write, parse_json, read_json, remove_stale_temporaries, write_json, \
-    writer_lock
+from tinygpt.files import TEMP_MARK, atomic_write, parse_json, read_json, remove_own_temporaries, \
+    remove_stale_temporaries, write_json, writer_lock
 from tinygpt.inputs import checks_tokens
 from tinygpt.model import causal_mask, embedding, run_blocks
 from tinygpt.sites import SITES, check_site_names
@@ -64,6 +74,8 @@ ACTIVATIONS, TOKENS, SIDECAR = "activations.npy", "tokens.npy", "harvest.json"
 OWN_FILES = (SIDECAR, TOKENS, ACTIVATIONS)  # in the order a harvest creates them
 LEGACY_TEMPORARY = "harvest.tmp"  # the sidecar's temporary name before tinygpt.files
 FORMAT = 1
+SHARDED_FORMAT = 2  # harvest.json of a harvest written by several processes: it lists the shards
+SHARD_FILE = re.compile(r"shard-(\d{5})-of-(\d{5})\.(npy|json)(\.lock)?")
 
 
 class HarvestError(ArtifactError):
@@ -192,7 +204,7 @@ def is_integer(value) -> bool:
 class Harvest:
     """A site's activations, one row per token of `windows` (row w * seq + p = window w, position p)."""
 
-    acts: np.ndarray  # [n_tokens, width] float32 (np.memmap when harvested to disk)
+    acts: np.ndarray  # [n_tokens, width] float32 (np.memmap when harvested to disk; ShardedRows by several processes)
     windows: np.ndarray  # [n_windows, seq] int32
     site: str
     layer: int | None
@@ -415,7 +427,12 @@ def harvest(params, config: Config, stream, site: str, layer: int | None = None,
                `max_bytes`
     progress   show a tqdm progress bar
     source     a name for the model, recorded in harvest.json
-    on_chunk   called as on_chunk(rows_done, n_rows) after each chunk is safely written
+    on_chunk   called as on_chunk(rows_done, n_rows) after each chunk is safely written (with several
+               processes: this process's shard's rows)
+
+    With several processes (`tinygpt.distributed`) and a `path`, each process harvests its own slice of the
+    windows into its own shard of the directory and every process returns the whole harvest, its rows a
+    `ShardedRows` (see the module doc); in memory (no path) every process harvests every window.
     """
     layer = check_layer(config, site, layer)
     width = site_width(config, site)
@@ -447,14 +464,17 @@ def harvest(params, config: Config, stream, site: str, layer: int | None = None,
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise HarvestError(f"cannot create the directory {str(path.parent)!r} for the harvest: {e.strerror}") from None
+    if jax.process_count() > 1:
+        return _harvest_shard(params, config, windows, info, int(batch), path, progress, on_chunk)
     with writer_lock(path.absolute(), "harvest directory"):
         acts, info = _open_store(path, windows, info)
         return _fill(params, config, windows, acts, info, int(batch), path, progress, on_chunk)
 
 
 def _fill(params, config: Config, windows, acts, info: dict, batch: int, path: Path | None, progress: bool,
-          on_chunk) -> Harvest:
-    """Compute the rows after info["rows_done"], chunk by chunk; on disk, flush each chunk, then record it."""
+          on_chunk, sidecar: str = SIDECAR) -> Harvest:
+    """Compute the rows after info["rows_done"], chunk by chunk; on disk, flush each chunk, then record it
+    in `sidecar`."""
     from tqdm.auto import tqdm
 
     site, layer, seq, width, n_rows = info["site"], info["layer"], info["seq"], info["width"], info["n_rows"]
@@ -468,7 +488,7 @@ def _fill(params, config: Config, windows, acts, info: dict, batch: int, path: P
             info["rows_done"] = rows.stop
             if path is not None:
                 acts.flush()
-                write_json(path / SIDECAR, info)
+                write_json(path / sidecar, info)
             bar.update(rows.stop - rows.start)
             if on_chunk is not None:
                 on_chunk(rows.stop, n_rows)
@@ -477,20 +497,214 @@ def _fill(params, config: Config, windows, acts, info: dict, batch: int, path: P
     return Harvest(acts=acts, windows=windows, site=site, layer=layer, path=path, info=info)
 
 
+# ------------------------------------------------------------------------------ several processes' shards
+
+
+def shard_name(process: int, count: int, suffix: str) -> str:
+    """The file of process `process`'s shard of a harvest by `count` processes: shard-0000p-of-0000P.SUFFIX."""
+    return f"shard-{process:05d}-of-{count:05d}.{suffix}"
+
+
+def shard_windows(n_windows: int, process: int, count: int) -> tuple[int, int]:
+    """The windows [first, stop) that process `process` of `count` harvests: contiguous, near-equal slices."""
+    return process * n_windows // count, (process + 1) * n_windows // count
+
+
+SHARD_KEYS = ("format", "site", "layer", "seq", "width", "n_rows", "model", "windows", "shard", "shards",
+              "first_window")
+
+
+def _harvest_shard(params, config: Config, windows, info: dict, batch: int, path: Path, progress: bool,
+                   on_chunk) -> Harvest:
+    """This process's shard of a harvest by several processes: harvest (or resume) its windows into its own
+    files, wait for every process (a bounded barrier), and let process 0 write tokens.npy and the manifest."""
+    from tinygpt import distributed
+
+    rank, count = jax.process_index(), jax.process_count()
+    first, stop = shard_windows(len(windows), rank, count)
+    mine = windows[first:stop]
+    shard_info = {**info, "n_rows": mine.size, "shard": rank, "shards": count, "first_window": first}
+    _claim_directory(path, count)
+    with writer_lock(path.absolute() / shard_name(rank, count, "npy"), "harvest shard"):
+        acts, shard_info = _open_shard(path, shard_info)
+        _fill(params, config, mine, acts, shard_info, batch, path, progress, on_chunk,
+              sidecar=shard_name(rank, count, "json"))
+        del acts
+    distributed.barrier(f"tinygpt harvest {path.absolute()}: shards written")
+    if rank == 0:
+        _write_manifest(path, windows, info, count)
+    distributed.barrier(f"tinygpt harvest {path.absolute()}: manifest written")
+    manifest = read_sidecar(path)
+    return Harvest(acts=_sharded_rows(path, manifest), windows=windows, site=info["site"], layer=info["layer"],
+                   path=path, info=manifest)
+
+
+def _claim_directory(path: Path, count: int) -> None:
+    """Create the directory, or check that it holds only a harvest by `count` processes (its shards, tokens.npy,
+    harvest.json, temporaries): every process checks, and each then touches only its own shard."""
+    _make_directory(path)
+    names = [p.name for p in path.iterdir() if not _is_temporary(p.name)]
+    if ACTIVATIONS in names:
+        raise HarvestError(f"{str(path)!r} holds a harvest written by one process: resume it with one process, or "
+                           f"choose another directory")
+    unknown = [n for n in names if n not in (SIDECAR, TOKENS) and not SHARD_FILE.fullmatch(n)]
+    if unknown:
+        raise HarvestError(f"{str(path)!r} holds files tinygpt did not create ({', '.join(sorted(unknown)[:5])}): a "
+                           f"harvest goes into a new or empty directory (or one it started, to resume); choose another "
+                           f"directory")
+    others = {int(SHARD_FILE.fullmatch(n).group(2)) for n in names if SHARD_FILE.fullmatch(n)} - {count}
+    if others:
+        raise HarvestError(f"{str(path)!r} holds a harvest by {min(others)} processes: resume it with that many "
+                           f"processes (this run has {count}), or choose another directory")
+
+
+def _open_shard(path: Path, info: dict):
+    """Create this process's shard files, or reopen them to resume when its sidecar matches `info`. Called
+    holding the shard's writer lock; removes only this shard's temporaries."""
+    sidecar = path / shard_name(info["shard"], info["shards"], "json")
+    npy = path / shard_name(info["shard"], info["shards"], "npy")
+    remove_own_temporaries(sidecar)
+    remove_own_temporaries(npy)
+    old = read_json(sidecar, "harvest shard", error=HarvestError) if sidecar.is_file() else None
+    if old is not None:
+        if not isinstance(old, dict) or any(old.get(k) != info[k] for k in SHARD_KEYS):
+            differs = [k for k in SHARD_KEYS if not isinstance(old, dict) or old.get(k) != info[k]]
+            raise HarvestError(f"{str(sidecar)!r} belongs to a different harvest ({', '.join(differs)} differ): "
+                               f"remove {str(path)!r} or choose another directory")
+        done = old.get("rows_done")
+        if not is_integer(done) or not 0 <= done <= info["n_rows"] or done % info["seq"]:
+            raise HarvestError(f"{str(sidecar)!r}: rows_done {done!r} does not fit the shard's {info['n_rows']} "
+                               f"rows: the harvest is damaged; remove {str(path)!r} and harvest again")
+        if done > 0:
+            acts = load_npy(npy, "harvest shard", error=HarvestError, mmap=True)
+            if acts.shape != (info["n_rows"], info["width"]) or acts.dtype != np.float32:
+                raise HarvestError(f"{str(npy)!r} is {acts.dtype} {list(acts.shape)}, expected float32 "
+                                   f"{[info['n_rows'], info['width']]}: the harvest is damaged; remove {str(path)!r} "
+                                   f"and harvest again")
+            return np.lib.format.open_memmap(npy, mode="r+"), {**info, "rows_done": done}
+    write_json(sidecar, info)  # new, or nothing harvested yet: create again
+    return np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(info["n_rows"], info["width"])), info
+
+
+def _write_manifest(path: Path, windows: np.ndarray, info: dict, count: int) -> None:
+    """Process 0, once every shard is written: check each shard's sidecar is complete, then write tokens.npy
+    and, last, harvest.json listing the shards (each file replaced atomically)."""
+    for rank in range(count):
+        sidecar = path / shard_name(rank, count, "json")
+        shard = read_json(sidecar, "harvest shard", error=HarvestError)
+        first, stop = shard_windows(len(windows), rank, count)
+        if not isinstance(shard, dict) or shard.get("rows_done") != (stop - first) * info["seq"]:
+            raise HarvestError(f"{str(sidecar)!r} is not complete after every process finished: the harvest is "
+                               f"damaged; run the same harvest again to resume it")
+    remove_own_temporaries(path / TOKENS)
+    remove_own_temporaries(path / SIDECAR)
+    with atomic_write(path / TOKENS) as f:
+        np.save(f, windows)
+    shards = [{"file": shard_name(rank, count, "npy"),
+               "rows": [shard_windows(len(windows), rank, count)[0] * info["seq"],
+                        shard_windows(len(windows), rank, count)[1] * info["seq"]]} for rank in range(count)]
+    write_json(path / SIDECAR, {**info, "format": SHARDED_FORMAT, "rows_done": info["n_rows"], "shards": shards})
+
+
+def _sharded_rows(path: Path, info: dict) -> "ShardedRows":
+    """The shards a manifest lists, each checked (float32, its rows x width), as one array of rows."""
+    parts = []
+    for shard in info["shards"]:
+        npy = path / shard["file"]
+        acts = load_npy(npy, "harvest shard", error=HarvestError, mmap=True)
+        rows = shard["rows"][1] - shard["rows"][0]
+        if acts.dtype != np.float32 or acts.shape != (rows, info["width"]):
+            raise HarvestError(f"{str(npy)!r} is {acts.dtype} {list(acts.shape)}, but {SIDECAR} records float32 "
+                               f"{[rows, info['width']]}: the harvest is damaged; remove {str(path)!r} and harvest "
+                               f"again")
+        parts.append(acts)
+    return ShardedRows(parts)
+
+
+class ShardedRows:
+    """The rows of several [n_i, width] arrays (a sharded harvest's memory-mapped shards) read as one
+    [sum n_i, width] array, without loading them: `len`, `shape`, `dtype`, indexing by a row, a slice of
+    rows or an array of row indices (then optionally columns: rows[idx, :8]), `mean(axis=0)`, and
+    `np.asarray(rows)` (which loads every row)."""
+
+    ndim = 2
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(part) for part in self.parts])  # [n_parts + 1]
+        self.shape = (int(self.offsets[-1]), self.parts[0].shape[1])
+        self.dtype = self.parts[0].dtype
+        self.itemsize = self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedRows({len(self.parts)} shards, shape={list(self.shape)}, dtype={self.dtype})"
+
+    def __getitem__(self, index):
+        rows, columns = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        n = len(self)
+        if is_integer(rows):
+            row = int(rows) + n if rows < 0 else int(rows)
+            if not 0 <= row < n:
+                raise IndexError(f"row {rows} is outside the {n} rows")
+            part = int(np.searchsorted(self.offsets, row, side="right")) - 1
+            return self.parts[part][(row - self.offsets[part], *columns)]
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step == 1:  # contiguous: a slice of each shard it covers
+                pieces = [part[max(start - lo, 0): max(min(stop, hi) - lo, 0)]
+                          for part, lo, hi in zip(self.parts, self.offsets[:-1], self.offsets[1:])]
+                out = np.concatenate(pieces) if pieces else np.empty((0, self.shape[1]), self.dtype)
+                return out[(slice(None), *columns)] if columns else out
+            rows = np.arange(start, stop, step)
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        rows = np.where(rows < 0, rows + n, rows).astype(np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"row indices outside the {n} rows")
+        part_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((*rows.shape, self.shape[1]), self.dtype)
+        for part in np.unique(part_of):
+            chosen = part_of == part
+            out[chosen] = self.parts[part][rows[chosen] - self.offsets[part]]
+        return out[(Ellipsis, *columns)] if columns else out
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate([np.asarray(part) for part in self.parts])
+        return out if dtype is None else out.astype(dtype)
+
+    def mean(self, axis=None):
+        """The mean over every row (axis 0) or every value (None), accumulated in float64 shard by shard."""
+        if axis not in (0, None):
+            raise ValueError(f"ShardedRows.mean takes axis 0 or None, got {axis!r}")
+        total = sum(part.sum(axis=0, dtype=np.float64) for part in self.parts)  # [width]
+        if axis is None:
+            return self.dtype.type(total.sum() / (len(self) * self.shape[1]))
+        return (total / len(self)).astype(self.dtype)
+
+
 def _is_temporary(name: str) -> bool:
     return (name.startswith(".") and TEMP_MARK in name) or name == LEGACY_TEMPORARY
 
 
-def _open_store(path: Path, windows: np.ndarray, info: dict):
-    """Claim the directory and create the harvest's files, or reopen them to resume when harvest.json matches
-    `info`. Called holding the directory's writer lock. Refuses a directory holding any file the harvest did
-    not create; deletes only its own files (and its temporaries)."""
+def _make_directory(path: Path) -> None:
+    """The harvest directory, created if missing (its parent exists)."""
     try:
         path.mkdir(exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise HarvestError(f"{str(path)!r} exists and is not a directory: give a directory for the harvest") from None
     except OSError as e:
         raise HarvestError(f"cannot create the harvest directory {str(path)!r}: {e.strerror}") from None
+
+
+def _open_store(path: Path, windows: np.ndarray, info: dict):
+    """Claim the directory and create the harvest's files, or reopen them to resume when harvest.json matches
+    `info`. Called holding the directory's writer lock. Refuses a directory holding any file the harvest did
+    not create; deletes only its own files (and its temporaries)."""
+    _make_directory(path)
     present = sorted(p.name for p in path.iterdir())
     temporaries = [name for name in present if _is_temporary(name)]
     others = [name for name in present if name not in temporaries]
@@ -551,7 +765,7 @@ def read_sidecar(path: Path) -> dict:
     rows_done within [0, n_rows]."""
     where = f"{str(path / SIDECAR)!r}"
     info = read_json(path / SIDECAR, "harvest file", error=HarvestError)
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    if not isinstance(info, dict) or info.get("format") not in (FORMAT, SHARDED_FORMAT):
         raise HarvestError(f"{where} is not the sidecar of a tinygpt harvest (format {FORMAT}): remove {str(path)!r} "
                            f"if it is a harvest, or choose another directory")
     for key, types in SIDECAR_KEYS.items():
@@ -564,11 +778,21 @@ def read_sidecar(path: Path) -> dict:
             and 0 <= info["rows_done"] <= info["n_rows"]):
         raise HarvestError(f"{where}: seq {info['seq']}, width {info['width']}, n_rows {info['n_rows']}, rows_done "
                            f"{info['rows_done']} do not fit together: the harvest is damaged")
+    if info["format"] == SHARDED_FORMAT:
+        shards = info.get("shards")
+        ends = [0] + [s["rows"][1] for s in shards[:-1]] if isinstance(shards, list) and shards else None
+        if ends is None or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and SHARD_FILE.fullmatch(
+                s["file"]) and isinstance(s.get("rows"), list) and len(s["rows"]) == 2 and s["rows"][0] == end
+                and all(is_integer(r) for r in s["rows"]) for s, end in zip(shards, ends)) \
+                or shards[-1]["rows"][1] != info["n_rows"]:
+            raise HarvestError(f"{where}: 'shards' does not list shard files covering the {info['n_rows']} rows in "
+                               f"order: the harvest is damaged; remove {str(path)!r} and harvest again")
     return info
 
 
 def load_harvest(path: str | os.PathLike) -> Harvest:
-    """A finished harvest from its directory; activations memory-mapped read-only. Every file is checked
+    """A finished harvest from its directory; activations memory-mapped read-only (a harvest by several
+    processes: its shards as one `ShardedRows`, rows in window order). Every file is checked
     against the sidecar (HarvestError naming the damaged file): the windows' shape, dtype and fingerprint,
     the activations' shape, dtype and finiteness."""
     path = Path(path)
@@ -585,6 +809,11 @@ def load_harvest(path: str | os.PathLike) -> Harvest:
         raise HarvestError(f"{str(path / TOKENS)!r} ({windows.dtype} {list(windows.shape)}) is not the windows "
                            f"{SIDECAR} records (int32 {expected}, fingerprint {info['windows']}): the harvest is "
                            f"damaged; remove {str(path)!r} and harvest again")
+    if info["format"] == SHARDED_FORMAT:  # written by several processes: the shards read as one array
+        acts = _sharded_rows(path, info)
+        for part, shard in zip(acts.parts, info["shards"]):
+            check_finite_rows(part, f"{str(path / shard['file'])!r}", error=HarvestError)
+        return Harvest(acts=acts, windows=windows, site=info["site"], layer=info["layer"], path=path, info=info)
     acts = load_npy(path / ACTIVATIONS, "harvest file", error=HarvestError, mmap=True)
     if acts.dtype != np.float32 or acts.shape != (info["n_rows"], info["width"]):
         raise HarvestError(f"{str(path / ACTIVATIONS)!r} is {acts.dtype} {list(acts.shape)}, but {SIDECAR} records "

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tinygpt import forward
+from tinygpt import forward, sharding
 from tinygpt.config import Config
 from tinygpt.display import displayable
 from tinygpt.edits import Edit, edit_value
@@ -315,13 +315,15 @@ def make_train_step(config: SAEConfig, optimizer):
     return step
 
 
-def make_train_steps(config: SAEConfig, optimizer):
+def make_train_steps(config: SAEConfig, optimizer, mesh=None):
     """A jit-compiled run of consecutive steps, one per batch of xs [steps, batch, d_in] (a `lax.scan`):
     (params, opt_state, steps_since_fired, xs) -> (params, opt_state, steps_since_fired, metrics averaged
-    over the steps)."""
+    over the steps). With a `mesh`, every output is replicated over it: give xs split along its batch axis
+    and the rest replicated, and the compiled program is data parallel (each device's rows' share of the
+    gradient, summed across devices by the collective XLA inserts for the batch mean)."""
     step = make_train_step(config, optimizer)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=None if mesh is None else sharding.replicated(mesh))
     def run(params, opt_state, steps_since_fired, xs):
         def scan_step(carry, x):
             params, opt_state, steps_since_fired, metrics = step(*carry, x)
@@ -399,14 +401,21 @@ def batches(acts, batch_size: int, rng: np.random.Generator):
 
 
 def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool = True, log_every: int = 100,
-              on_round: Callable[[dict], None] | None = None):
+              on_round: Callable[[dict], None] | None = None, mesh=None):
     """Train an SAE on activation rows acts [n, d_in] (an array or a memory-mapped harvest).
 
     The steps run in rounds of `log_every` (one compiled `lax.scan` each); after a round its mean metrics are
     logged, and dead latents are resampled when the round crossed a multiple of
     config.resample_every (and at least that many steps remain). on_round(history entry) is called after
     each round. Every latent dead with no resampling left to revive one is an SAEError.
-    Returns (SAE, history: a list of {step, loss, mse, l0, dead_fraction}, averaged over each round)."""
+    Returns (SAE, history: a list of {step, loss, mse, l0, dead_fraction}, averaged over each round).
+
+    Data parallel over the devices of `mesh` (default: every device of every process, `tinygpt.distributed`;
+    with one device, plain single-device training): each batch is split over the devices, the SAE and
+    Adam's state replicated, and the compiled step forms the whole batch's mean gradient itself. The batches
+    and the seed are the same, so the losses equal one device's to float rounding (the sums run in another
+    order). config.batch_size must divide by the number of devices. With several processes every process
+    calls it with the same acts (the whole harvest, read from a shared filesystem) and gets the same SAE."""
     if acts.ndim != 2 or acts.shape[1] != config.d_in:
         raise SAEError(f"activations have shape {tuple(acts.shape)}, expected [n, d_in={config.d_in}]")
     if config.kind not in TRAINED_KINDS or (config.apply_b_dec_to_input, config.input_norm) != (True, "none"):
@@ -426,8 +435,11 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
     params = init_sae(config, config.seed, data_mean=sample.mean(0))
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(params)
-    run_steps = make_train_steps(config, optimizer)
+    mesh = data_parallel_mesh(config, mesh)
+    run_steps = make_train_steps(config, optimizer, mesh)
     steps_since_fired = np.zeros(config.d_sae, np.int32)
+    if mesh is not None:
+        params, opt_state, steps_since_fired = sharding.replicate((params, opt_state, steps_since_fired), mesh)
     data = batches(acts, config.batch_size, rng)
     history = []
     from tqdm.auto import tqdm
@@ -438,13 +450,21 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
         while done < config.steps:
             round_steps = min(log_every, config.steps - done)
             xs = np.stack([next(data) for _ in range(round_steps)])  # [round_steps, batch, d_in]
+            if mesh is not None:  # each device its rows of every batch
+                xs = sharding.put(xs, sharding.split_along(mesh, 1))
             params, opt_state, steps_since_fired, metrics = run_steps(params, opt_state, steps_since_fired, xs)
             previous, done = done, done + round_steps
             resampling_left = config.resample_every and config.steps - done >= config.resample_every
             crossed = config.resample_every and done // config.resample_every > previous // config.resample_every
             if crossed and resampling_left:
+                if mesh is not None:  # on this process's copy (every process computes the same), then replicated
+                    params, opt_state, steps_since_fired = jax.tree.map(np.asarray, (params, opt_state,
+                                                                                     steps_since_fired))
                 params, opt_state, steps_since_fired = resample_dead(params, opt_state, steps_since_fired, sample,
                                                                      rng, optimizer=optimizer, config=config)
+                if mesh is not None:
+                    params, opt_state, steps_since_fired = sharding.replicate((params, opt_state,
+                                                                               steps_since_fired), mesh)
             elif not resampling_left and np.all(np.asarray(steps_since_fired) >= min(config.dead_steps, done)):
                 raise SAEError(f"every latent of the SAE is dead at step {done} of {config.steps} (none fired in the "
                                f"last {min(config.dead_steps, done)} steps) and no resampling is left to revive them: "
@@ -458,7 +478,22 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
                 on_round(history[-1])
     finally:
         bar.close()
+    if mesh is not None:  # the replicated SAE as this process's own arrays
+        params = {name: jnp.asarray(np.asarray(value)) for name, value in params.items()}
     return SAE(config, params), history
+
+
+def data_parallel_mesh(config: SAEConfig, mesh=None):
+    """The mesh train_sae splits its batches over: `mesh`, or every device when there are several; None
+    for one device (plain training). The batch size must divide by its device count."""
+    mesh = sharding.device_mesh() if mesh is None and jax.device_count() > 1 else mesh
+    if mesh is None or mesh.size == 1:
+        return None
+    if config.batch_size % mesh.size:
+        raise argument_error(SAEError, "batch_size", "{argument} {batch_size} does not split over the {n} devices "
+                             "(data parallel training): make it a multiple of {n}", batch_size=config.batch_size,
+                             n=mesh.size)
+    return mesh
 
 
 # ------------------------------------------------------------------------------------------------ metrics

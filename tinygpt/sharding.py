@@ -17,9 +17,13 @@ A leading axis that does not divide by the number of devices is padded by repeat
 padding is cut from the results, so any batch or sweep size works. Results equal the single-device run
 (tests/test_sharding.py checks it on 4 simulated CPU devices).
 
-Several processes (a TPU pod slice, several GPU hosts): every process calls with the same full inputs;
-`put` builds each global array from the slices its own devices hold, and results come back as global
-arrays, read on every host with `gather`.
+Several processes (a TPU pod slice, several GPU hosts, started with `tinygpt.distributed.initialize`):
+`jax.devices()`, and so the default mesh, spans every process's devices. Every process calls with the same
+full inputs; `put` builds each global array from the slices its own devices hold. A sweep's results are
+gathered to every process: the program ends with one all-gather of its (small) results, so under `jax.jit`
+they come out replicated on every device, and an eager `sharded_sweep` returns them as this process's own
+arrays, the same on every process. `sharded_forward`'s trace stays split over the processes (a trace is
+large: each process reads the rows it holds, or all of them with `gather`).
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def shard_batch(x, mesh: Mesh, axis: int = 0) -> jax.Array:
 
 def gather(x) -> np.ndarray:
     """The whole of a (possibly sharded, possibly multi-process) array as a numpy array on this host."""
-    if jax.process_count() > 1 and not x.is_fully_addressable:
+    if jax.process_count() > 1 and not x.is_fully_addressable and not x.is_fully_replicated:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -189,7 +193,9 @@ def sharded_sweep(fn: Callable[..., Any], indices, *args, mesh: Mesh | None = No
 
     Returns fn's outputs for all n entries, split over the devices along `out_axis`; each entry computed
     as `fn` computes it on one device. Called eagerly, the compiled program is cached with `fn` as the key
-    (pass the same function object to reuse it); under `jax.jit` it becomes part of the caller's program."""
+    (pass the same function object to reuse it); under `jax.jit` it becomes part of the caller's program.
+    With several processes the results are gathered to every process: eagerly, as arrays of this process
+    (the same on every process); under `jax.jit`, replicated over the mesh."""
     mesh = device_mesh() if mesh is None else mesh
     if chunk_size is not None and chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -199,6 +205,9 @@ def sharded_sweep(fn: Callable[..., Any], indices, *args, mesh: Mesh | None = No
     if at_top_level():
         program = _compiled_sweep(fn, mesh, chunk_size, out_axis)
         out = program(jax.tree_util.tree_map(lambda x: shard_batch(x, mesh), indices), replicate(args, mesh))
+        if _spans_processes(mesh):  # replicated on every device: this process's copy, the padding cut
+            return jax.tree_util.tree_map(
+                lambda x: jnp.asarray(np.take(gather(x), np.arange(n), axis=out_axis)), out)
     else:  # inside the caller's jit: part of its program
         out = _on_every_device(fn, indices, args, mesh, chunk_size, out_axis)
     if padded == n:
@@ -224,9 +233,18 @@ def _on_every_device(fn, indices, args, mesh: Mesh, chunk_size: int | None, out_
     rows = jax.tree_util.tree_map(
         lambda x: lax.with_sharding_constraint(x.reshape(mesh.size, -1, *x.shape[1:]), by_device), indices)
     out = jax.vmap(on_one_device, spmd_axis_name=axis)(rows)  # [device, ..., entry (at out_axis + 1), ...]
-    split = NamedSharding(mesh, PartitionSpec(*([None] * out_axis), axis))
+    # several processes: gathered to every device (one all-gather), so that every process can read them
+    if _spans_processes(mesh):
+        split = replicated(mesh)
+    else:
+        split = NamedSharding(mesh, PartitionSpec(*([None] * out_axis), axis))
     return jax.tree_util.tree_map(
         lambda x: lax.with_sharding_constraint(_merge(jnp.moveaxis(x, 0, out_axis), out_axis), split), out)
+
+
+def _spans_processes(mesh: Mesh) -> bool:
+    """Whether the mesh holds devices of more than one process."""
+    return len({device.process_index for device in mesh.devices.flat}) > 1
 
 
 def _merge(x, axis: int):
