@@ -11,6 +11,7 @@ from .common import (
     CLIError,
     add_json_arg,
     add_model_args,
+    add_process_args,
     add_plot_arg,
     decode,
     add_prompt_args,
@@ -74,6 +75,7 @@ def register_ablate(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_prompt_args(p)
     add_model_args(p)
+    add_process_args(p)
     p.add_argument("--site", default=None, help="site to ablate (default: z for heads, mlp_post for neurons, else "
                                                 "mlp_out)")
     p.add_argument("--layers", default=None, metavar="L,..", help="layers (default: all)")
@@ -297,6 +299,7 @@ def register_patch(subparsers) -> None:
     p.add_argument("--clean-tokens", default=None, metavar="IDS", help="the clean prompt as token ids")
     p.add_argument("--corrupt-tokens", default=None, metavar="IDS", help="the corrupted prompt as token ids")
     add_model_args(p)
+    add_process_args(p)
     add_token_arg(p, "answer", "the answer token (default: the clean run's top token)")
     add_token_arg(p, "wrong", "the wrong token for logit_diff (default: the corrupted run's top token)")
     p.add_argument("--site", default=None, metavar="SITE,..",
@@ -410,6 +413,7 @@ def register_trace(subparsers) -> None:
         "of layers); report P(answer) restored, and the total and indirect effects. --plot draws ROME's heatmaps.")
     add_prompt_args(p)
     add_model_args(p)
+    add_process_args(p)
     p.add_argument("--subject", default=None, metavar="TEXT", help="the subject, as it appears in PROMPT")
     p.add_argument("--subject-positions", default=None, metavar="P,..",
                    help="the subject's token positions (with --tokens)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -164,6 +165,35 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
 
 
+def add_process_args(parser: argparse.ArgumentParser) -> None:
+    """The settings of a run over several processes (tinygpt.distributed, docs/distributed.md): the same
+    command runs on every host, each with its own --process-id, or with the settings in the environment."""
+    group = parser.add_argument_group("several processes (docs/distributed.md)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="address of process 0, the same for every process (default: $TINYGPT_COORDINATOR)")
+    group.add_argument("--num-processes", type=count, default=None, metavar="N",
+                       help="how many processes take part (default: $TINYGPT_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=natural, default=None, metavar="I",
+                       help="this process's id, 0 to N - 1 (default: $TINYGPT_PROCESS_ID)")
+
+
+def join_processes(args) -> None:
+    """Join the other processes (`tinygpt.distributed.initialize`) when the command takes the process
+    settings and they are given, as flags or in the environment; otherwise nothing: one process."""
+    if not hasattr(args, "process_id"):
+        return
+    from tinygpt import distributed
+
+    given = (args.coordinator, args.num_processes, args.process_id)
+    names = (distributed.COORDINATOR, distributed.NUM_PROCESSES, distributed.PROCESS_ID)
+    if all(value is None for value in given) and not any(os.environ.get(name) for name in names):
+        return
+    try:
+        distributed.initialize(*given)
+    except InputError as e:
+        raise CLIError(f"{e} (flags: --coordinator, --num-processes, --process-id)") from None
+
+
 def add_prompt_args(parser: argparse.ArgumentParser, *, nargs=None) -> None:
     """A positional PROMPT (text), or --tokens 12,7,99 for checkpoints without a tokenizer."""
     parser.add_argument("prompt", nargs=nargs or "?", default=None, metavar="PROMPT", help="prompt text")
@@ -176,7 +206,11 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(args):
+    """The model of --model / --dtype / --revision; first, for a command taking the process settings, this
+    process joins the others when they are given (`join_processes`)."""
     import tinygpt
+
+    join_processes(args)
 
     return tinygpt.load(args.model, dtype=args.dtype, revision=getattr(args, "revision", None))
 

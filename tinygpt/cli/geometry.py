@@ -18,6 +18,7 @@ from .common import (
     Number,
     add_json_arg,
     add_model_args,
+    add_process_args,
     add_plot_arg,
     count,
     load_model,
@@ -95,6 +96,7 @@ def register_harvest(subparsers) -> None:
     p.add_argument("--layer", type=natural, default=None, help="block index (for per-layer sites)")
     add_corpus_args(p, None)
     add_model_args(p)
+    add_process_args(p)
     add_json_arg(p)
     p.set_defaults(func=cmd_harvest)
 
