@@ -63,7 +63,7 @@ import numpy as np
 from tinygpt import forward
 from tinygpt.config import Config
 from tinygpt.display import displayable
-from tinygpt.errors import ArtifactError
+from tinygpt.errors import ArtifactError, InputError
 from tinygpt.files import TEMP_MARK, atomic_write, parse_json, read_json, remove_own_temporaries, \
     remove_stale_temporaries, write_json, writer_lock
 from tinygpt.inputs import checks_tokens
@@ -679,7 +679,7 @@ class ShardedRows:
     def mean(self, axis=None):
         """The mean over every row (axis 0) or every value (None), accumulated in float64 shard by shard."""
         if axis not in (0, None):
-            raise ValueError(f"ShardedRows.mean takes axis 0 or None, got {axis!r}")
+            raise InputError(f"ShardedRows.mean takes axis 0 or None, got {axis!r}")
         total = sum(part.sum(axis=0, dtype=np.float64) for part in self.parts)  # [width]
         if axis is None:
             return self.dtype.type(total.sum() / (len(self) * self.shape[1]))

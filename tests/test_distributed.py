@@ -181,6 +181,16 @@ def test_incomplete_process_settings_are_refused(monkeypatch):
         distributed.initialize("localhost:1234", 2, 2)
 
 
+def test_joining_after_jax_started_is_refused():
+    import jax
+
+    from tinygpt import distributed
+
+    jax.devices()  # this process's jax has started (as after loading a model)
+    with pytest.raises(ValueError, match="must run before anything else uses jax"):
+        distributed.initialize("localhost:1234", 2, 0, timeout_s=2)
+
+
 def test_sharded_rows_index_like_one_array():
     from probes.harvest import ShardedRows
 

@@ -35,12 +35,16 @@ import os
 import jax
 from jax.sharding import Mesh
 
-from .errors import InputError
+from .errors import InputError, TinyGPTError
 from .sharding import BATCH, device_mesh
 
 COORDINATOR, NUM_PROCESSES, PROCESS_ID = "TINYGPT_COORDINATOR", "TINYGPT_NUM_PROCESSES", "TINYGPT_PROCESS_ID"
 DEFAULT_TIMEOUT_S = 300  # waiting for the peers to start, and at a barrier
 DEFAULT_HEARTBEAT_S = 100  # a peer silent this long is dead: the others stop with an error
+
+
+class BarrierError(TinyGPTError, TimeoutError):
+    """Not every process reached a barrier in time, or one was reported dead: the run cannot go on."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +155,8 @@ def global_mesh(axis: str = BATCH) -> Mesh:
 
 def barrier(name: str, timeout_s: int | None = None) -> None:
     """Wait until every process reaches the barrier `name` (each must use the same name, once), at most
-    `timeout_s` seconds (default: initialize's); a peer that never arrives is a TimeoutError naming the
-    barrier. One process: returns at once."""
+    `timeout_s` seconds (default: initialize's); a peer that never arrives, or is reported dead, is a
+    BarrierError (a TimeoutError) naming the barrier. One process: returns at once."""
     global _barriers
     if jax.process_count() == 1:
         return
@@ -172,7 +176,7 @@ def barrier(name: str, timeout_s: int | None = None) -> None:
     except Exception as e:  # jax's runtime error: DEADLINE_EXCEEDED, or a peer reported dead
         why = (f"not every process arrived within {timeout_s} s" if "DEADLINE_EXCEEDED" in str(e) else
                "another process failed")
-        raise TimeoutError(f"process {jax.process_index()} stopped at barrier {name!r}: {why} (see the other "
+        raise BarrierError(f"process {jax.process_index()} stopped at barrier {name!r}: {why} (see the other "
                            f"processes' logs): {str(e).splitlines()[0]}") from e
 
 
