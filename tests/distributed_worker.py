@@ -10,8 +10,9 @@ the processes. TASK is
              safely written, leaving an interrupted harvest; process 0 finishes its shard and then fails
              at the barrier when the heartbeat reports its peer dead
     main     the computations the test compares with one process: a head sweep, a causal trace, a harvest
-             resumed (OUT_DIR/resumed) and one from scratch (OUT_DIR/fresh), a few SAE steps on it;
-             each process saves its results to OUT_DIR/result-<process id>.npz
+             resumed (OUT_DIR/resumed) and one from scratch (OUT_DIR/fresh), a few SAE steps on it, and
+             `tinygpt sae train` on it (OUT_DIR/sae.safetensors); each process saves its results to
+             OUT_DIR/result-<process id>.npz
 
 Everything both sides compute from is in `inputs()`, imported by the test too.
 """
@@ -70,6 +71,15 @@ def computations(config, params, tokens, prompt, stream, sae_config, harvest_dir
     return results
 
 
+def train_sae_cli(harvest_dir: Path, sae_file: Path) -> int:
+    """`tinygpt sae train` on the harvest, in this process: with several processes each runs it (the process
+    settings from the environment) and process 0 alone writes the file."""
+    from tinygpt.cli import main as cli
+
+    return cli(["sae", "train", str(harvest_dir), "--out", str(sae_file), "--d-sae", "48", "--k", "8", "--steps",
+                "4", "--batch-size", "8", "--resample-every", "0", "--json"])
+
+
 def main(task: str, out: Path) -> None:
     import jax
 
@@ -94,6 +104,7 @@ def main(task: str, out: Path) -> None:
     results = computations(config, params, tokens, prompt, stream, sae_config, out / "resumed")
     fresh = harvest(params, config, stream, progress=False, path=out / "fresh", **HARVEST)
     results["fresh"] = np.asarray(fresh.acts)
+    results["cli_exit_code"] = np.array(train_sae_cli(out / "fresh", out / "sae.safetensors"))
     np.savez(out / f"result-{processes.process_id}.npz", **results)
     distributed.shutdown()
 

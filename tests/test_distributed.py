@@ -83,8 +83,13 @@ def runs(tmp_path_factory):
     killed, _ = run_pair("killed", out)
     interrupted = {p.name: json.loads(p.read_text()) for p in (out / "resumed").glob("*.json")}
 
-    def reference():  # one process, one device, the same computations (the harvest in memory)
-        return distributed_worker.computations(*distributed_worker.inputs())
+    def reference():  # one process, one device, the same computations (the harvest in memory; for the CLI, on disk)
+        from probes.harvest import harvest
+
+        config, params, _, _, stream, _ = inputs = distributed_worker.inputs()
+        harvest(params, config, stream, progress=False, path=out / "single", **distributed_worker.HARVEST)
+        assert distributed_worker.train_sae_cli(out / "single", out / "single-sae.safetensors") == 0
+        return distributed_worker.computations(*inputs)
 
     main, single = run_pair("main", out, reference=reference)
     for rank, (code, log) in enumerate(main):
@@ -99,7 +104,7 @@ def max_difference(runs, name) -> float:
 
 def test_both_processes_return_the_same_results(runs):
     first, second = runs["results"]
-    assert set(first) == set(second) == set(runs["single"]) | {"fresh"}
+    assert set(first) == set(second) == set(runs["single"]) | {"fresh", "cli_exit_code"}
     for name in first:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
     # the figures the checks below bound (shown with pytest -rP)
@@ -139,6 +144,18 @@ def test_sae_steps_on_two_processes_follow_one_process(runs):
     assert max_difference(runs, "sae_loss") < 1e-4 * float(np.abs(single).max())
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert max_difference(runs, f"sae_{name}") < 1e-4, name
+
+
+def test_sae_train_command_on_two_processes_writes_one_process_sae(runs):
+    """`tinygpt sae train` run by both processes (settings from the environment): process 0 alone writes
+    --out (no lock taken by the other), an SAE equal to the one the command trains in one process."""
+    from probes.sae import load_sae
+
+    assert [int(r["cli_exit_code"]) for r in runs["results"]] == [0, 0]
+    ours, single = load_sae(runs["out"] / "sae.safetensors"), load_sae(runs["out"] / "single-sae.safetensors")
+    assert ours.config == single.config
+    for name, value in single.params.items():
+        np.testing.assert_allclose(np.asarray(ours.params[name]), np.asarray(value), atol=1e-5, err_msg=name)
 
 
 def test_killed_process_leaves_a_resumable_harvest(runs):

@@ -21,6 +21,7 @@ from .common import (
     add_process_args,
     add_plot_arg,
     count,
+    join_processes,
     load_model,
     natural,
     nonnegative,
@@ -153,6 +154,7 @@ def register_sae(subparsers) -> None:
     t.add_argument("--resample-every", type=natural, default=500, help="resample dead latents every N steps (0: never)")
     t.add_argument("--seed", type=seed, default=0)
     add_json_arg(t)
+    add_process_args(t)
     t.set_defaults(func=cmd_sae_train)
 
     e = actions.add_parser(
@@ -179,15 +181,22 @@ SAE_TRAIN_FLAGS = {"out": "--out", "d_sae": "--d-sae", "k": "--k", "l1_coeff": "
 
 @probe_errors(flags=SAE_TRAIN_FLAGS)
 def cmd_sae_train(args) -> None:
-    """Holds --out's writer lock throughout; writes --out only after the whole training ran uninterrupted."""
+    """Holds --out's writer lock throughout; writes --out only after the whole training ran uninterrupted.
+    With several processes (data parallel, the same SAE on each), process 0 alone locks and writes --out."""
+    import contextlib
+
     from probes import sae as saes
     from probes.harvest import check_not_written, load_harvest
+    from tinygpt import distributed
     from tinygpt.files import check_output_file, remove_own_temporaries, writer_lock
 
+    join_processes(args)
     out = check_output_file(args.out, "--out")
     check_not_written(out, args.harvest, "out")
-    with writer_lock(out, "--out"), InterruptLatch() as latch:
-        remove_own_temporaries(out)
+    writes = distributed.processes().is_main
+    with writer_lock(out, "--out") if writes else contextlib.nullcontext(), InterruptLatch() as latch:
+        if writes:
+            remove_own_temporaries(out)
         store = load_harvest(args.harvest)
         d_in = store.acts.shape[1]
         config = saes.SAEConfig(d_in=d_in, d_sae=args.d_sae or args.expansion * d_in, kind=args.kind, k=args.k,
@@ -197,8 +206,9 @@ def cmd_sae_train(args) -> None:
         sae, history = saes.train_sae(store.acts, config, on_round=latch.check)
         metrics = saes.evaluate(sae, store.acts)
         latch.check()
-        saes.save_sae(sae, out, extra={"harvest": str(store.path), "model": store.info.get("source", ""),
-                                       "model_fingerprint": store.info.get("model")})
+        if writes:
+            saes.save_sae(sae, out, extra={"harvest": str(store.path), "model": store.info.get("source", ""),
+                                           "model_fingerprint": store.info.get("model")})
     result = {"path": args.out, "config": dataclasses.asdict(sae.config), "metrics": dataclasses.asdict(metrics),
               "history": history}
     if args.json:
