@@ -16,10 +16,12 @@ its stderr, where progress bars and errors go). Another program after `$ ` is an
 without the `$ ` prompt, and they are not run. Lines of a shell block without `$ ` (e.g. README's
 `pip install ...`) are not run either.
 
-Comparing output. Trailing whitespace and leading and trailing blank lines are ignored. `...` stands for
-what differs from run to run (timings, temporary paths) or is not worth showing, as doctest's ELLIPSIS: a
-line that is only `...` matches any number of lines (none included), and `...` inside a line matches any
-text within that line. A mismatch names the document and the line of the block (or command) and shows a
+Comparing output. Trailing whitespace and leading and trailing blank lines are ignored. A decimal number
+(`0.04777`, `-1.5e-06`) matches the produced one up to float rounding on another CPU or XLA build: within
+1.5 units of its last shown digit or 0.2 % of its value (`numbers_agree`); integers (token ids, counts) and
+all other text match exactly. `...` stands for what differs from run to run (timings, temporary paths) or
+is not worth showing, as doctest's ELLIPSIS: a line that is only `...` matches any number of lines (none
+included), and `...` inside a line matches any text within that line. A mismatch names the document and the line of the block (or command) and shows a
 diff, expected against produced. After a change that moves the output, rewrite what a document shows with
 
     python tests/test_docs.py --update docs/studies/fact-storage.md
@@ -226,22 +228,48 @@ def _clean(text: str) -> list[str]:
     return lines
 
 
+DECIMAL = re.compile(r"[-+]?\d+\.\d+(?:e[-+]?\d+)?")  # a printed float: compared with a tolerance
+RELATIVE = 2e-3  # ... of a shown decimal, or 1.5 units of its last digit, whichever is larger
+
+
+def _literal(piece: str) -> str:
+    """A piece of an expected line as a regular expression: its text literal, each decimal number a group
+    that matches any decimal (checked against the shown value by `numbers_agree`)."""
+    out, at = [], 0
+    for number in DECIMAL.finditer(piece):
+        out += [re.escape(piece[at:number.start()]), f"({DECIMAL.pattern})"]
+        at = number.end()
+    return "".join(out) + re.escape(piece[at:])
+
+
 def output_pattern(expected: str) -> re.Pattern:
-    """The regular expression of an expected output: each line literal, `...` alone on a line any number of
-    lines, `...` within a line any text within the line."""
+    """The regular expression of an expected output: each line literal (decimal numbers aside), `...` alone on
+    a line any number of lines, `...` within a line any text within the line."""
     parts = []
     for line in _clean(expected):
         if line.strip() == ELLIPSIS:
             parts.append(r"(?:[^\n]*\n)*?")
         else:
-            parts.append("[^\n]*?".join(re.escape(piece) for piece in line.split(ELLIPSIS)) + r"\n")
+            parts.append("[^\n]*?".join(_literal(piece) for piece in line.split(ELLIPSIS)) + r"\n")
     return re.compile("".join(parts))
+
+
+def numbers_agree(shown: str, produced: str) -> bool:
+    """Whether a produced decimal is the shown one up to float rounding on another CPU: within 1.5 units of
+    the shown last digit or RELATIVE of its value. Integers (token ids, counts) are compared exactly."""
+    mantissa, _, exponent = shown.lower().partition("e")
+    unit = 10.0 ** (-len(mantissa.split(".")[1]) + (int(exponent) if exponent else 0))
+    return abs(float(produced) - float(shown)) <= max(1.5 * unit, RELATIVE * abs(float(shown)))
 
 
 def output_matches(expected: str, produced: str) -> bool:
     produced_lines = _clean(produced)
     text = "".join(l + "\n" for l in produced_lines)
-    return output_pattern(expected).fullmatch(text) is not None
+    found = output_pattern(expected).fullmatch(text)
+    if found is None:
+        return False
+    shown = [n.group() for piece in _clean(expected) for n in DECIMAL.finditer(piece)]
+    return all(numbers_agree(a, b) for a, b in zip(shown, found.groups()))
 
 
 def check_output(expected: str, produced: str, where: str) -> None:
@@ -558,6 +586,16 @@ def test_a_text_block_after_prose_is_not_output():
     ("\na\nb\n\n", "a\nb   \n", True),  # trailing spaces and outer blank lines do not
     ("a.b(c)", "a.b(c)", True),  # regex characters are literal
     ("a.b(c)", "axb(c)", False),
+    # decimals agree up to float rounding on another CPU (1.5 units of the last digit, or 0.2 %)
+    ("KL 0.04777, P 0.060", "KL 0.04778, P 0.061", True),
+    ("KL 0.04777", "KL 0.04790", False),
+    ("slope 38.70", "slope 38.75", True),  # 0.13 %
+    ("slope 38.70", "slope 38.90", False),
+    ("x 1.5e-06", "x 1.6e-06", True),
+    ("x 1.5e-06", "x 1.8e-06", False),
+    ("-0.5266", "-0.5267", True),
+    ("ids 1911,25,198", "ids 1911,26,198", False),  # integers are exact
+    ("0.25 of 4", "0.25 of 5", False),
 ])
 def test_output_comparison(expected, produced, matches):
     assert output_matches(expected, produced) is matches
