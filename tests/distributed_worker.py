@@ -19,6 +19,7 @@ Everything both sides compute from is in `inputs()`, imported by the test too.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -52,6 +53,20 @@ def inputs():
     return config, params, tokens, tokens[0], stream, sae_config
 
 
+def shifted_logits(shifts, params, tokens, *, config):
+    """For each shift s: the largest last-position logit of each row with every token id moved by s.
+    shifts [n] -> [n, batch]"""
+    import jax
+
+    import tinygpt
+
+    def one(shift):
+        moved = (tokens + shift) % config.vocab_size
+        return tinygpt.forward(params, moved, config, keep=("logits",)).logits[:, -1].max(-1)
+
+    return jax.vmap(one)(shifts)
+
+
 def computations(config, params, tokens, prompt, stream, sae_config, harvest_dir: Path | None = None):
     """The results compared across process counts: {name: array}. With `harvest_dir`, the harvest goes
     there (resuming what is there); otherwise it is kept in memory."""
@@ -59,8 +74,12 @@ def computations(config, params, tokens, prompt, stream, sae_config, harvest_dir
     from probes.harvest import harvest
     from probes.sae import train_sae
     from probes.tracing import causal_trace
+    from tinygpt import sharding
 
     results = {"sweep": ablation_sweep(params, tokens, config, metric="log_prob", answer=3).values}
+    # called eagerly: 7 runs, padded to 8 over 4 devices, gathered to this process
+    sweep = functools.partial(shifted_logits, config=config)
+    results["sharded_sweep"] = np.asarray(sharding.sharded_sweep(sweep, np.arange(7), params, tokens))
     trace = causal_trace(params, prompt, config, SUBJECT, kinds=("resid_post",), samples=2, buckets=1)
     results["trace"] = trace.scores["resid_post"]
     store = harvest(params, config, stream, progress=False, path=harvest_dir, **HARVEST)

@@ -7,8 +7,10 @@ checks):
 
     killed  a harvest in which process 1 SIGKILLs itself after its first chunk is written: process 0
             finishes its shard and fails at the barrier once the heartbeat (5 s) reports its peer dead
-    main    resumes that harvest, harvests again from scratch, runs a head sweep, a causal trace and a few SAE
-            steps on the harvest; the same computations run here, in this one-device process, meanwhile
+    main    resumes that harvest, harvests again from scratch, runs a head sweep, a causal trace, a few SAE
+            steps on the harvest and `tinygpt sae train`
+
+The same computations run here, in this one-device process, while the killed pair runs.
 
 Every wait is bounded (`TIMEOUT_S`): on a timeout both processes are killed and the test fails with their
 stderr, so a stuck peer cannot hang CI.
@@ -80,8 +82,6 @@ def runs(tmp_path_factory):
     import distributed_worker
 
     out = tmp_path_factory.mktemp("distributed")
-    killed, _ = run_pair("killed", out)
-    interrupted = {p.name: json.loads(p.read_text()) for p in (out / "resumed").glob("*.json")}
 
     def reference():  # one process, one device, the same computations (the harvest in memory; for the CLI, on disk)
         from probes.harvest import harvest
@@ -91,7 +91,9 @@ def runs(tmp_path_factory):
         assert distributed_worker.train_sae_cli(out / "single", out / "single-sae.safetensors") == 0
         return distributed_worker.computations(*inputs)
 
-    main, single = run_pair("main", out, reference=reference)
+    killed, single = run_pair("killed", out, reference=reference)  # the reference meanwhile: they are independent
+    interrupted = {p.name: json.loads(p.read_text()) for p in (out / "resumed").glob("*.json")}
+    main, _ = run_pair("main", out)
     for rank, (code, log) in enumerate(main):
         assert code == 0, f"process {rank} of the main run failed:\n{log[-4000:]}"
     results = [dict(np.load(out / f"result-{rank}.npz")) for rank in range(2)]
@@ -115,6 +117,14 @@ def test_head_sweep_equals_one_process(runs):
     single = runs["single"]["sweep"]
     assert single.shape == (2, 4) and np.ptp(single) > 0.1  # zeroing a head changes the score
     assert max_difference(runs, "sweep") < 1e-5
+
+
+def test_eager_sharded_sweep_gathers_to_every_process(runs):
+    """`sharding.sharded_sweep` called eagerly: 7 runs padded to 8 over the 4 devices of 2 processes, the
+    results gathered to each process as one process computes them."""
+    single = runs["single"]["sharded_sweep"]
+    assert single.shape == (7, 3) and np.ptp(single[:, 0]) > 0.1
+    assert max_difference(runs, "sharded_sweep") < 1e-5
 
 
 def test_causal_trace_equals_one_process(runs):
