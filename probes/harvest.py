@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinygpt import forward
+from tinygpt import forward, sharding
 from tinygpt.config import Config
 from tinygpt.display import displayable
 from tinygpt.errors import ArtifactError, InputError
@@ -285,11 +285,19 @@ def site_function(config: Config, site: str, layer: int | None) -> Callable:
 def site_chunks(params, config: Config, windows, site: str, layer: int | None, *, batch: int, start: int = 0):
     """Yield (index of the chunk's first window, activations [n, seq, width]) for consecutive chunks of
     `batch` windows [n_windows, seq] from window `start`. The last chunk is padded to `batch` windows (and
-    the padding dropped), so one compiled program serves every chunk."""
+    the padding dropped), so one compiled program serves every chunk. With several devices in this process,
+    each chunk is split over them (padded to a multiple of their count), the params replicated to each."""
     run = site_function(config, site, layer)
+    devices, size = jax.local_devices(), batch
+    if len(devices) > 1:
+        mesh = sharding.device_mesh(devices=devices)
+        params = sharding.replicate(params, mesh)
+        size = -(-batch // len(devices)) * len(devices)
     for first in range(start, len(windows), batch):
         chunk = windows[first: first + batch]  # [<= batch, seq]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])  # [batch, seq]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), axis=0)])  # [size, seq]
+        if len(devices) > 1:
+            padded = sharding.shard_batch(padded, mesh)
         yield first, np.asarray(run(params, padded))[: len(chunk)]
 
 
