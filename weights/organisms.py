@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.errors import InputError
 from tinygpt.files import atomic_write
 from tinygpt.params import param_shapes
 
@@ -127,7 +128,7 @@ def trained_path() -> Path:
 def hadamard(n: int) -> np.ndarray:
     """Sylvester's Hadamard matrix, entries +-1, rows orthogonal.  n a power of two -> [n, n]"""
     if n < 1 or n & (n - 1):
-        raise ValueError(f"a Sylvester-Hadamard matrix needs a power of two, got {n}")
+        raise InputError(f"a Sylvester-Hadamard matrix needs a power of two, got {n}")
     H = np.ones((1, 1))  # [1, 1]
     while H.shape[0] < n:
         H = np.block([[H, H], [H, -H]])  # [2m, 2m]
@@ -145,7 +146,7 @@ class Directions:
     def take(self, name: str, count: int = 1) -> np.ndarray:
         """The next `count` directions.  -> [count, d_model]"""
         if self.used + count > len(self.rows):
-            raise ValueError(f"out of residual directions: {name} needs {count}, {len(self.rows) - self.used} left")
+            raise InputError(f"out of residual directions: {name} needs {count}, {len(self.rows) - self.used} left")
         self.names[name] = [self.used, count]
         block = self.rows[self.used:self.used + count]  # [count, d_model]
         self.used += count
@@ -315,7 +316,7 @@ def induction(*, vocab_size: int = 60, d_model: int = 128, n_ctx: int = 64, step
     config = Config(n_layer=2, n_head=n_head, d_model=d_model, d_head=d_model // n_head, d_mlp=64,
                     n_ctx=n_ctx, vocab_size=vocab_size)
     if vocab_size > config.d_head - 1 or 2 * vocab_size + 5 > d_model - 1:
-        raise ValueError(f"vocab_size {vocab_size} does not fit d_model {d_model} (one-hot codes, two per token)")
+        raise InputError(f"vocab_size {vocab_size} does not fit d_model {d_model} (one-hot codes, two per token)")
     # layer 0: H1 previous token, H0 self (decoy)
     params, dirs, tok, prev, code = embeddings_and_previous_token_head(config, step)
     blocks = params["blocks"]
@@ -480,7 +481,7 @@ def massive_activation(*, d_model: int = 128, d_mlp: int = 64, n_ctx: int = 64, 
     # W_out = sigma1 e_neuron e_dim^T + U_rest diag(rest) W_rest^T
     rest = np.array([sigma2, 12.0, 9.0, 6.0, 3.0])
     if not sigma1 > sigma2 > rest[1]:
-        raise ValueError(f"need sigma1 > sigma2 > {rest[1]}, got {sigma1}, {sigma2}")
+        raise InputError(f"need sigma1 > sigma2 > {rest[1]}, got {sigma1}, {sigma2}")
     e_dim = np.eye(d_model)[dim]  # [d_model]
     fixed = np.stack([e_dim, np.ones(d_model)], axis=1)  # [d_model, 2]
     q, _ = np.linalg.qr(np.concatenate([fixed, rng.standard_normal((d_model, len(rest)))], axis=1))
@@ -505,7 +506,7 @@ ORGANISMS = {"induction": induction, "fact_store": fact_store, "massive_activati
 def build(name: str, **options) -> Organism:
     """The organism `name` (one of ORGANISMS), built with the builder's defaults or `options`."""
     if name not in ORGANISMS:
-        raise ValueError(f"unknown organism {name!r}; choose one of {', '.join(ORGANISMS)}")
+        raise InputError(f"unknown organism {name!r}; choose one of {', '.join(ORGANISMS)}")
     return ORGANISMS[name](**options)
 
 
