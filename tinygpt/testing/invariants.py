@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import sweep
 from ..compiled import forward, make_forward
+from ..errors import InputError
 from ..sweep import AFTER_ATTENTION
 from ..sites import SITE_NAMES, SITES
 
@@ -95,9 +96,9 @@ def check_causal(params, config, tokens, mask=None, *, position: int | None = No
     n_batch, n_seq = tokens.shape
     position = max(1, n_seq // 2) if position is None else position
     if not 1 <= position < n_seq:
-        raise ValueError(f"check_causal: position must be in [1, {n_seq}) for {n_seq} tokens, got {position}")
+        raise InputError(f"check_causal: position must be in [1, {n_seq}) for {n_seq} tokens, got {position}")
     if config.vocab_size < 2:
-        raise ValueError("check_causal: a vocabulary of one token cannot change a token")
+        raise InputError("check_causal: a vocabulary of one token cannot change a token")
     shift = np.random.default_rng(seed).integers(1, config.vocab_size, (n_batch, n_seq - position))
     changed = tokens.copy()
     changed[:, position:] = (tokens[:, position:] + shift) % config.vocab_size
@@ -200,6 +201,11 @@ def check_padding_invariance(params, config, tokens, mask, *, edits=None, tolera
     _check_patterns(padded.attn_pattern, padded.attn_scores, mask, tolerance)
 
 
+def identity(value, layer):
+    """The identity edit: returns its input."""
+    return value
+
+
 def _fresh_copy(value, layer):
     """An edit returning a new array equal to its input."""
     return value * 1 + 0
@@ -211,11 +217,6 @@ def _edited_forward(config, keep, sites, edit):
     return make_forward(config, keep=keep, edits={name: edit for name in sites})
 
 
-def identity(value, layer):
-    """The identity edit: returns its input."""
-    return value
-
-
 def check_identity_edit(params, config, tokens, mask=None, *, sites=SITE_NAMES, keep=None, edit=identity,
                         jit: bool = True, fresh: bool = False, baseline=None, tolerance: float = 1e-5) -> None:
     """An edit returning its input, at every site of `sites` at once, leaves every kept value bitwise equal to
@@ -224,7 +225,6 @@ def check_identity_edit(params, config, tokens, mask=None, *, sites=SITE_NAMES, 
 
     edit      the edit `(value, layer) -> value` that should change nothing (default: `identity`); under jit it
               is compiled once per (config, keep, sites, edit)
-
     jit       compare compiled forwards (True) or op-by-op ones (False, under jax.disable_jit)
     fresh     also check an edit returning a new array equal to its input (value * 1 + 0): equal within
               `tolerance`

@@ -45,6 +45,7 @@ def _bounds(name: str, value) -> tuple[int, int]:
 
 
 def _integers(name: str, value):
+    """Integers within `value`'s bounds (see _bounds)."""
     return st.integers(*_bounds(name, value))
 
 
@@ -113,16 +114,18 @@ class SiteEdit:
 
 
 def _site_edits(config: Config, site: str, kinds):
+    """One SiteEdit for `site`: a kind of `kinds`, an amount in [-2, 2], every block or one."""
     kind = st.sampled_from(kinds)
     amount = st.floats(-2.0, 2.0, allow_nan=False, width=32)
     layer = (st.none() | st.integers(0, config.n_layer - 1)) if SITES[site].per_layer else st.none()
     return st.builds(SiteEdit, kind, amount, layer)
 
 
-def _check_sites(sites) -> None:
-    unknown = sorted(set(sites) - set(SITE_NAMES))
+def _check_choices(what: str, chosen, allowed) -> None:
+    """InputError naming the entries of `chosen` that are not in `allowed`, and the allowed ones."""
+    unknown = sorted(set(chosen) - set(allowed))
     if unknown:
-        raise InputError(f"unknown sites {unknown}; the sites are {', '.join(SITE_NAMES)}")
+        raise InputError(f"unknown {what} {unknown}; the {what} are {', '.join(allowed)}")
 
 
 @st.composite
@@ -131,7 +134,8 @@ def edits(draw, config: Config, *, sites=EDITABLE_SITES, kinds=("identity", "zer
     each edited by a drawn kind (zero, scale or add a constant in [-2, 2], or the identity) at every block or
     at one drawn block. Every kind keeps the value's shape; at the default sites the forward stays finite and
     causal (see EDITABLE_SITES)."""
-    _check_sites(sites)
+    _check_choices("sites", sites, SITE_NAMES)
+    _check_choices("kinds", kinds, ("identity", "zero", "scale", "add"))
     chosen = draw(st.lists(st.sampled_from(tuple(sites)), min_size=1, max_size=max_sites, unique=True), label="sites")
     return {site: draw(_site_edits(config, site, kinds), label=site) for site in chosen}
 
@@ -139,7 +143,7 @@ def edits(draw, config: Config, *, sites=EDITABLE_SITES, kinds=("identity", "zer
 def _axis_size(config: Config, axis: str) -> int:
     """The size of a site axis name in a model of `config` (key: the context; the sequence may be shorter)."""
     return {"d_model": config.d_model, "d_head": config.d_head, "d_mlp": config.d_mlp, "head": config.n_head,
-            "vocab": config.vocab_size, "key": config.n_ctx, "seq": config.n_ctx}[axis]
+            "vocab": config.vocab_size, "key": config.n_ctx, "seq": config.n_ctx, "1": 1}[axis]
 
 
 def _some(size: int):
@@ -164,8 +168,9 @@ def _edit_value(draw, config: Config, site: str, kinds):
         return edit_classes.Set(site, np.float32(draw(number, label="to")), **selection)
     if kind == "Scale":
         return edit_classes.Scale(site, np.float32(draw(number, label="factor")), **selection)
-    direction = np.random.default_rng(draw(SEEDS, label="direction seed")).standard_normal(
-        _axis_size(config, shape[-1])).astype(np.float32)
+    # a vector along the last axis; one number where that axis is the keys (as long as the sequence) or size 1
+    length = () if shape[-1] in ("key", "1") else (_axis_size(config, shape[-1]),)
+    direction = np.random.default_rng(draw(SEEDS, label="direction seed")).standard_normal(length).astype(np.float32)
     return edit_classes.Add(site, direction, np.float32(draw(number, label="coef")), **selection)
 
 
@@ -177,9 +182,7 @@ def edit_values(draw, config: Config, *, sites=EDITABLE_SITES, kinds=("Zero", "S
     Set's value, Scale's factor and Add's coefficient in [-2, 2], Add's direction a random vector along the last
     axis. A forward compiles once per structure (kinds, sites and selections), and the numbers are arguments of
     that program. At the default sites the forward stays finite and causal (see EDITABLE_SITES)."""
-    _check_sites(sites)
-    unknown = sorted(set(kinds) - {"Zero", "Set", "Scale", "Add"})
-    if unknown:
-        raise InputError(f"edit_values: unknown kinds {unknown}; the kinds are Zero, Set, Scale, Add")
+    _check_choices("sites", sites, SITE_NAMES)
+    _check_choices("kinds", kinds, ("Zero", "Set", "Scale", "Add"))
     chosen = draw(st.lists(st.sampled_from(tuple(sites)), min_size=1, max_size=max_edits), label="sites")
     return [draw(_edit_value(config, site, tuple(kinds)), label=site) for site in chosen]
