@@ -388,16 +388,24 @@ def input_scale_for(acts, n_sample: int = 20000, seed: int = 0) -> float:
     return float(np.sqrt(sample.shape[1] / (sample**2).sum(-1).mean()))
 
 
-def batches(acts, batch_size: int, rng: np.random.Generator):
-    """Endless batches of rows [batch_size, d_in], each epoch a new permutation (rows read in sorted order,
-    which keeps memory-mapped reads sequential-ish)."""
-    if len(acts) < batch_size:
+def batch_rows(n: int, batch_size: int, rng: np.random.Generator):
+    """Endless sorted row indices [batch_size] into n rows, each epoch a new permutation (sorted, so that
+    memory-mapped reads run sequential-ish)."""
+    if n < batch_size:
         raise argument_error(SAEError, "batch_size", "{argument} {batch_size} is more than the {n} activation rows",
-                             batch_size=batch_size, n=len(acts))
+                             batch_size=batch_size, n=n)
     while True:
-        order = rng.permutation(len(acts))
+        order = rng.permutation(n)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield np.asarray(acts[np.sort(order[start: start + batch_size])], np.float32)
+            yield np.sort(order[start: start + batch_size])
+
+
+def split_batches(acts, rows, mesh):
+    """The batches acts[rows] (rows [steps, batch]) as one array [steps, batch, d_in] split along its batch
+    axis over the mesh's devices, each process reading only the rows its own devices hold."""
+    shape = (*rows.shape, acts.shape[1])
+    return jax.make_array_from_callback(shape, sharding.split_along(mesh, 1),
+                                        lambda index: np.asarray(acts[rows[index[:2]]], np.float32)[(..., index[2])])
 
 
 def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool = True, log_every: int = 100,
@@ -415,7 +423,8 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
     Adam's state replicated, and the compiled step forms the whole batch's mean gradient itself. The batches
     and the seed are the same, so the losses equal one device's to float rounding (the sums run in another
     order). config.batch_size must divide by the number of devices. With several processes every process
-    calls it with the same acts (the whole harvest, read from a shared filesystem) and gets the same SAE."""
+    calls it with the same acts (the harvest, on a filesystem all of them see), reads only the rows of each
+    batch that its devices hold, and gets the same SAE."""
     if acts.ndim != 2 or acts.shape[1] != config.d_in:
         raise SAEError(f"activations have shape {tuple(acts.shape)}, expected [n, d_in={config.d_in}]")
     if config.kind not in TRAINED_KINDS or (config.apply_b_dec_to_input, config.input_norm) != (True, "none"):
@@ -440,7 +449,7 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
     steps_since_fired = np.zeros(config.d_sae, np.int32)
     if mesh is not None:
         params, opt_state, steps_since_fired = sharding.replicate((params, opt_state, steps_since_fired), mesh)
-    data = batches(acts, config.batch_size, rng)
+    data = batch_rows(len(acts), config.batch_size, rng)
     history = []
     from tqdm.auto import tqdm
 
@@ -449,9 +458,11 @@ def train_sae(acts, config: SAEConfig, *, normalize: bool = True, progress: bool
     try:
         while done < config.steps:
             round_steps = min(log_every, config.steps - done)
-            xs = np.stack([next(data) for _ in range(round_steps)])  # [round_steps, batch, d_in]
-            if mesh is not None:  # each device its rows of every batch
-                xs = sharding.put(xs, sharding.split_along(mesh, 1))
+            rows = np.stack([next(data) for _ in range(round_steps)])  # [round_steps, batch]
+            if mesh is None:
+                xs = np.asarray(acts[rows.reshape(-1)], np.float32).reshape(*rows.shape, -1)  # [round_steps, batch, d_in]
+            else:  # each device its share of every batch, read by its own process
+                xs = split_batches(acts, rows, mesh)
             params, opt_state, steps_since_fired, metrics = run_steps(params, opt_state, steps_since_fired, xs)
             previous, done = done, done + round_steps
             resampling_left = config.resample_every and config.steps - done >= config.resample_every
