@@ -23,8 +23,8 @@ What each heavy path does with several processes (docs/distributed.md has the la
 
 Every process must call these with the same arguments (the same corpus, seed, config): multi-controller
 JAX is one program, and a process that takes another branch leaves its peers waiting at a collective.
-Every wait here is bounded (`timeout_s`): a peer that dies makes the others fail with an error after at
-most that long, never hang.
+Every wait here is bounded: joining and barriers by `timeout_s`, and a peer that dies is declared dead after
+`heartbeat_timeout_s`, so the others fail with an error, never hang.
 """
 
 from __future__ import annotations
@@ -85,8 +85,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     num_processes        how many processes take part; default: $TINYGPT_NUM_PROCESSES
     process_id           this one's id in [0, num_processes); default: $TINYGPT_PROCESS_ID
     local_device_ids     the devices this process drives (default: all it sees), e.g. one GPU per process
-    timeout_s            the longest wait for every process to join (and, through `barrier`, at a barrier)
+    timeout_s            the longest wait for every process to join (past it JAX's runtime ends this process
+                         with its own error log) and, through `barrier`, at a barrier
     heartbeat_timeout_s  a process silent this long is considered dead, and the others stop with an error
+                         (JAX's runtime ends them)
 
     With none of the three settings, given or in the environment, JAX detects the cluster itself: SLURM
     (srun sets SLURM_* for every task), Open MPI, TPU pod slices (Cloud TPU metadata), and others. Giving
