@@ -20,7 +20,7 @@ from tinygpt.edits import Add, Compose, Mean, Patch, Scale, Set, Zero
 from tinygpt.errors import InputError, InputTypeError, SiteError
 from tinygpt.generation import generate
 from tinygpt.sites import SITES, TL_NAMES, tl_name
-from random_weights import random_params
+from tinygpt.testing import random_params
 
 CFG = tinygpt.Config(n_layer=3, n_head=3, d_model=24, d_head=8, d_mlp=40, n_ctx=12, vocab_size=53)
 BATCH, SEQ = 2, 7
