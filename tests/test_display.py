@@ -167,11 +167,16 @@ def test_a_figure_hook_is_embedded_as_png():
 
 
 def probe_dataclasses():
+    """Every result dataclass of probes/ (edit values, such as probes.sae.Splice, are inputs with their own
+    short repr: tinygpt.edits)."""
+    from tinygpt.edits import Edit
+
     found = []
     for info in pkgutil.iter_modules(probes.__path__):
         module = importlib.import_module(f"probes.{info.name}")
         for value in vars(module).values():
-            if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__:
+            if (isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__
+                    and not issubclass(value, Edit)):
                 found.append(value)
     return found
 
