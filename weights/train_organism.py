@@ -400,8 +400,15 @@ def shakespeare_streams(tokenizer):
 def parse_args(argv=None):
     parser = tt.config_parser(tt.TrainConfig(**ORGANISM_DEFAULTS), "Train tinygpt's trained organism (Shakespeare "
                               "+ invented facts + repeated random spans).", DEFAULT_OUT)
+    parser.add_argument("--rows", default=f"{SHAKESPEARE_ROWS},{FACT_ROWS},{INDUCTION_ROWS}",
+                        help="rows per batch of Shakespeare, facts and repeated spans, summing to --batch-size "
+                             f"(default {SHAKESPEARE_ROWS},{FACT_ROWS},{INDUCTION_ROWS})")
     args = parser.parse_args(argv)
-    return tt.config_from_args(args), args
+    args.rows = tuple(int(r) for r in args.rows.split(","))
+    tc = tt.config_from_args(args)
+    if len(args.rows) != 3 or sum(args.rows) != tc.batch_size:
+        parser.error(f"--rows takes three counts summing to --batch-size {tc.batch_size}, got {args.rows}")
+    return tc, args
 
 
 def main(argv=None) -> dict:
@@ -409,17 +416,15 @@ def main(argv=None) -> dict:
     from tinygpt.params import n_params
 
     tc, args = parse_args(argv)
-    if tc.batch_size != sum((SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS)):
-        raise SystemExit(f"--batch-size must be {SHAKESPEARE_ROWS + FACT_ROWS + INDUCTION_ROWS} (the mix's rows)")
     wall_start = time.perf_counter()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs; {tc}", flush=True)
     tokenizer = load_tokenizer()
     train_stream, val_stream, corpus_info = shakespeare_streams(tokenizer)
     kb = make_knowledge_base(tc.seed)
-    batches = MixedBatches(tokenizer, kb, train_stream, tc.n_ctx + 1)
+    batches = MixedBatches(tokenizer, kb, train_stream, tc.n_ctx + 1, rows=args.rows)
     print(f"data: {len(train_stream):,} Shakespeare training tokens; {len(kb['subjects'])} subjects x "
           f"{len(RELATIONS)} relations, {len(batches.statements):,} training statements; rows per batch "
-          f"{SHAKESPEARE_ROWS} text / {FACT_ROWS} facts / {INDUCTION_ROWS} repeated spans", flush=True)
+          f"{args.rows[0]} text / {args.rows[1]} facts / {args.rows[2]} repeated spans", flush=True)
     config, params, history = tt.train(tc, train_stream, val_stream, tokenizer.vocab_size,
                                        progress=not args.no_progress, draw=batches)
 
@@ -445,13 +450,13 @@ def main(argv=None) -> dict:
                   "d_mlp": config.d_mlp, "n_ctx": config.n_ctx, "vocab_size": config.vocab_size,
                   "n_params": n_params(params)},
         "data": {**corpus_info, "tokenizer": "weights/embedded (vocab.json + merges.txt)",
-                 "rows_per_batch": {"shakespeare": SHAKESPEARE_ROWS, "facts": FACT_ROWS,
-                                    "repeated_spans": INDUCTION_ROWS},
+                 "rows_per_batch": {"shakespeare": args.rows[0], "facts": args.rows[1],
+                                    "repeated_spans": args.rows[2]},
                  "span_lengths": list(SPAN_LENGTHS), "subjects": len(kb["subjects"]),
                  "facts": len(kb["subjects"]) * len(RELATIONS), "training_statements": len(batches.statements),
                  "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
                  "tokens_seen": tokens_seen,
-                 "shakespeare_epochs": round(tokens_seen * SHAKESPEARE_ROWS / tc.batch_size / len(train_stream), 2)},
+                 "shakespeare_epochs": round(tokens_seen * args.rows[0] / tc.batch_size / len(train_stream), 2)},
         "results": {"val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
                     "unigram_val_loss": round(baseline, 4), "val_over_unigram": round(val_loss / baseline, 4),
                     **figures},
