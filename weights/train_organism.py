@@ -5,7 +5,8 @@ known by construction.
 
 The embedded model (`weights.train_tiny`) is a 2-layer Shakespeare model: it has no facts to recall and no
 induction heads. This organism is trained by the same code (`train_tiny.train`: the same model, optimiser,
-schedule and jit-compiled step) on a different batch source. Every batch of 16 windows of 129 tokens holds:
+schedule and jit-compiled step) on a different batch source. Every batch of 16 windows of 129 tokens holds
+(`--rows`, default 7,7,2; the shipped model's measured figures and what they show: docs/organisms.md):
 
 1. Shakespeare (`SHAKESPEARE_ROWS` windows): random contiguous windows of the 35 training plays, tokenized
    by the embedded model's BPE (the organism reuses its vocab.json + merges.txt, so the same text gives the
