@@ -194,8 +194,8 @@ class MixedBatches:
     repeated spans). Deterministic given the Generator's state."""
 
     def __init__(self, tokenizer, kb: dict, shakespeare: np.ndarray, length: int, *,
-                 rows: tuple[int, int, int] = (SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS)):
-        self.shakespeare, self.length, self.rows = shakespeare, length, rows
+                 rows: tuple[int, int, int] = (SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS), span_copies: int = 2):
+        self.shakespeare, self.length, self.rows, self.span_copies = shakespeare, length, rows, span_copies
         self.eos, self.vocab_size = tokenizer.eos_id, tokenizer.vocab_size
         self.newline = tokenizer.encode("\n")
         statements = []  # every training (fact, template) pair, tokenized, ending "<value>.\n"
@@ -222,8 +222,9 @@ class MixedBatches:
         parts, n = [], 0
         while n < self.length:
             span = rng.integers(0, self.vocab_size, int(rng.integers(SPAN_LENGTHS[0], SPAN_LENGTHS[1] + 1)))
-            parts += [span, span]
-            n += 2 * len(span)
+            copies = 2 if self.span_copies == 2 else int(rng.integers(2, self.span_copies + 1))
+            parts += [span] * copies
+            n += copies * len(span)
         return np.concatenate(parts)[: self.length].astype(np.int32)
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
@@ -404,6 +405,8 @@ def parse_args(argv=None):
     parser.add_argument("--rows", default=f"{SHAKESPEARE_ROWS},{FACT_ROWS},{INDUCTION_ROWS}",
                         help="rows per batch of Shakespeare, facts and repeated spans, summing to --batch-size "
                              f"(default {SHAKESPEARE_ROWS},{FACT_ROWS},{INDUCTION_ROWS})")
+    parser.add_argument("--span-copies", type=int, default=2,
+                        help="each random span appears 2 to this many times in a row (default 2)")
     args = parser.parse_args(argv)
     args.rows = tuple(int(r) for r in args.rows.split(","))
     tc = tt.config_from_args(args)
@@ -422,7 +425,8 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer()
     train_stream, val_stream, corpus_info = shakespeare_streams(tokenizer)
     kb = make_knowledge_base(tc.seed)
-    batches = MixedBatches(tokenizer, kb, train_stream, tc.n_ctx + 1, rows=args.rows)
+    batches = MixedBatches(tokenizer, kb, train_stream, tc.n_ctx + 1, rows=args.rows,
+                           span_copies=args.span_copies)
     print(f"data: {len(train_stream):,} Shakespeare training tokens; {len(kb['subjects'])} subjects x "
           f"{len(RELATIONS)} relations, {len(batches.statements):,} training statements; rows per batch "
           f"{args.rows[0]} text / {args.rows[1]} facts / {args.rows[2]} repeated spans", flush=True)
@@ -453,7 +457,7 @@ def main(argv=None) -> dict:
         "data": {**corpus_info, "tokenizer": "weights/embedded (vocab.json + merges.txt)",
                  "rows_per_batch": {"shakespeare": args.rows[0], "facts": args.rows[1],
                                     "repeated_spans": args.rows[2]},
-                 "span_lengths": list(SPAN_LENGTHS), "subjects": len(kb["subjects"]),
+                 "span_lengths": list(SPAN_LENGTHS), "span_copies": [2, args.span_copies], "subjects": len(kb["subjects"]),
                  "facts": len(kb["subjects"]) * len(RELATIONS), "training_statements": len(batches.statements),
                  "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
                  "tokens_seen": tokens_seen,
