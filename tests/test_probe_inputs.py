@@ -77,7 +77,7 @@ ENTRY_POINTS = {
 # checking, or functions of token *counts*, tokenizers or single positions rather than ids.
 INTERNAL = {
     "ablation": {"ablation_arrays", "ablation_edits", "ablation_source", "replace_edit", "unit_sweep_scores"},
-    "harvest": {"corpus_stream", "embed_tokens", "site_chunks", "text_stream", "token_windows"},
+    "harvest": {"corpus_stream", "embed_tokens", "shard_windows", "site_chunks", "text_stream", "token_windows"},
     "lens": {"broadcast_target"},
     "manifold": {"property_labels", "residual_points", "sample_positions"},
     "massive": {"residual_stream"},
