@@ -83,6 +83,8 @@ INTERNAL = {
     "massive": {"residual_stream"},
     "memory": {"layer_mlp_post"},
     "metrics": {"check_metric", "kl_div", "metric", "normalized_recovery"},
+    # the trained organism's measurements, on prompts built from its own facts.json
+    "organism_figures": {"copying_accuracy", "fact_recall", "last_logits", "measure", "tracing_figures"},
     "patching": {"attribution_scores", "base_and_source", "check_pair", "first_difference", "patching_scores"},
     "polysemantic": {"random_entropy", "vectors_at"},
     "sae": {"next_token_loss"},

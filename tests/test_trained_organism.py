@@ -14,6 +14,7 @@ import pytest
 
 import tinygpt
 from probes import attention
+from probes import organism_figures as figures
 from weights import organisms
 from weights import train_organism as to
 
@@ -105,7 +106,7 @@ def test_batches_are_deterministic_and_mixed(tokenizer, kb):
 def test_fact_recall_on_held_out_templates(model, tokenizer, kb):
     recorded = RESULTS["fact_recall_held_out"]["top1"]
     sample = to.fact_prompts(tokenizer, kb, "held_out", limit=20)
-    recall = to.fact_recall(model.params, model.config, sample)
+    recall = figures.fact_recall(model.params, model.config, sample)
     assert recall["top1"] >= recorded - 0.15, (recall["top1"], recorded)
 
 
@@ -118,8 +119,8 @@ def test_induction_figures_are_reproduced(model):
     assert abs(float(scores.max()) - recorded["best_score"]) < 0.1
     layer, head = recorded["best_head"]
     tokens = attention.repeated_random_tokens(model.config, 30, 4, seed=3)
-    intact = to.copying_accuracy(model.params, model.config, tokens)
-    ablated = to.copying_accuracy(model.params, model.config, tokens, layer=layer, head=head)
+    intact = figures.copying_accuracy(model.params, model.config, tokens)
+    ablated = figures.copying_accuracy(model.params, model.config, tokens, layer=layer, head=head)
     assert abs(intact - recorded["copying"]["intact"]) < 0.15
     assert abs(ablated - recorded["copying"]["best_head_ablated"]) < 0.15
     if recorded["best_score"] >= 0.5:  # a head that induces must carry the copying
