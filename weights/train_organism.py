@@ -28,17 +28,9 @@ Everything derives from `--seed`: the knowledge base and its template split (`ma
 the initialisation, and the batches (one numpy Generator draws the rows of every kind in a fixed order).
 
 After training it records in training.json the held-out Shakespeare loss vs the unigram baseline
-(`train_tiny.make_eval`, `train_tiny.unigram_baseline`). The figures that need tinygpt's probes are measured
-by `python -m probes.organism_figures DIR` (weights/ hands back data and imports no probe), which adds them
-to training.json's "results":
-
-- fact recall: top-1 accuracy of the attribute after each held-out template, over every fact (`fact_recall`);
-- induction: `probes.attention.induction_scores` of every head, and in-context copying (top-1 accuracy on
-  the second copy of repeated random tokens) with the best head zero-ablated (`probes.ablation.ablate`),
-  next to ablating each other head (`copying_figures`);
-- causal tracing (`probes.tracing.causal_trace`, window 1) on recalled facts: the indirect effect of
-  restoring resid_post, mlp_out and attn_out at each layer, averaged over prompts by ROME's position groups
-  (`tracing_figures`).
+(`train_tiny.make_eval`, `train_tiny.unigram_baseline`). The figures that need tinygpt's probes (fact
+recall, induction and copying, causal tracing) are measured by `python -m probes.organism_figures DIR`
+(weights/ hands back data and imports no probe), which adds them to training.json's "results".
 
 Output (default `weights/organism_lm/`): config.json + model.safetensors (`weights.write`), vocab.json +
 merges.txt (copied from `weights/embedded/`), facts.json (the knowledge base and the template split) and
