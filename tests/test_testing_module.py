@@ -106,6 +106,28 @@ def test_strategies_draw_what_they_say(data):
         edit.check(config)  # every selection inside the model
 
 
+def test_token_batches_reach_every_bound(tiny_config):
+    """The bounds the draw test checks are reached, not only respected: hypothesis' `find` draws the smallest
+    and largest batch and sequence, full-length padding (one real token) and a top-of-vocabulary id. A
+    strategy stuck at one shape, or one that never pads, fails here."""
+    from hypothesis import find
+    from hypothesis.errors import NoSuchExample
+
+    strategy = token_batches(tiny_config, batch=(1, 3), seq=(2, 5))
+    find_settings = settings(max_examples=2000, database=None)
+    shapes = {find(strategy, lambda tm, b=b: tm[0].shape[0] == b, settings=find_settings)[0].shape[0]
+              for b in (1, 2, 3)}
+    assert shapes == {1, 2, 3}
+    assert find(strategy, lambda tm: tm[0].shape[1] == 5, settings=find_settings)[0].shape[1] == 5
+    assert find(strategy, lambda tm: tm[0].shape[1] == 2, settings=find_settings)[0].shape[1] == 2
+    padded = find(strategy, lambda tm: (tm[1].sum(axis=1) == 1).any(), settings=find_settings)[1]
+    assert (padded.sum(axis=1) == 1).any() and (padded[:, -1] == 1).all()
+    top = find(strategy, lambda tm: (tm[0] == tiny_config.vocab_size - 1).any(), settings=find_settings)[0]
+    assert (top == tiny_config.vocab_size - 1).any()
+    with pytest.raises(NoSuchExample):  # a bound the strategy cannot reach is not found either
+        find(strategy, lambda tm: tm[0].shape[1] > 5, settings=settings(max_examples=300, database=None))
+
+
 @settings(max_examples=1)
 @given(data=st.data())
 def test_strategies_refuse_bad_bounds(data):
