@@ -12,6 +12,8 @@ from .errors import WeightsError
 from .hub import ALIASES, HubError, resolve
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+# The models that ship inside the package, by name: `load(NAME)`, `--model NAME`. None is "embedded".
+EMBEDDED_MODELS = {"embedded": EMBEDDED_DIR, "organism": Path(__file__).resolve().parent / "organism_lm"}
 
 
 class Checkpoint(NamedTuple):
@@ -28,7 +30,8 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revi
 
     name_or_path  a local directory (config.json + model.safetensors [+ vocab.json, merges.txt]), a hub id
                   ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2", "openai-community/gpt2",
-                  any GPT-2-architecture repo), or None for the embedded default model
+                  any GPT-2-architecture repo), a name of EMBEDDED_MODELS ("embedded", "organism": the trained
+                  organism of weights.organisms.trained_path()), or None for the embedded default model
     dtype         "float32", "bfloat16" or "float16"
     revision, cache_dir, offline   passed to huggingface_hub (offline also follows HF_HUB_OFFLINE)
     allow_nonfinite  load weights holding NaN or inf (a WeightsError by default: such a model's logits are NaN)
@@ -39,10 +42,11 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype="float32", revi
     from tinygpt.params import resolve_dtype
 
     resolve_dtype(dtype)  # a bad dtype fails before anything is downloaded or read
-    if name_or_path is None:
-        if not (EMBEDDED_DIR / "model.safetensors").is_file():
-            raise WeightsError(f"the embedded default model is missing from {EMBEDDED_DIR}")
-        directory = EMBEDDED_DIR
+    name = "embedded" if name_or_path is None else name_or_path
+    if isinstance(name, str) and name in EMBEDDED_MODELS and not Path(name).is_dir():
+        directory = EMBEDDED_MODELS[name]
+        if not (directory / "model.safetensors").is_file():
+            raise WeightsError(f"the embedded model {name!r} is missing from {directory}")
     else:
         directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, offline=offline)
     config, params = read(directory, dtype=dtype, allow_nonfinite=allow_nonfinite)

@@ -58,7 +58,7 @@ from tinygpt.errors import InputError
 from tinygpt.files import atomic_write
 from tinygpt.params import param_shapes
 
-from . import Checkpoint
+from . import EMBEDDED_MODELS, Checkpoint
 from .checkpoint import write
 
 RAMP_SPAN = 2 * math.pi / 3  # phi_t covers [-pi/3, pi/3]: sin phi is increasing, with slope >= cos(pi/3) = 1/2
@@ -107,7 +107,7 @@ def read_truth(directory: str | os.PathLike) -> dict:
     return json.loads((Path(directory) / "organism.json").read_text())
 
 
-TRAINED_DIR = Path(__file__).resolve().parent / "organism_lm"
+TRAINED_DIR = EMBEDDED_MODELS["organism"]  # weights/organism_lm/
 
 
 def trained_path() -> Path:

@@ -159,7 +159,8 @@ def save_plot(fig, path: str) -> None:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="ID_OR_DIR",
                         help="hub id (gpt2, gpt2-medium, openai-community/gpt2, ...) or a local directory with "
-                             "config.json + model.safetensors; default: the embedded Shakespeare model")
+                             "config.json + model.safetensors, or 'organism' (the trained organism, docs/organisms.md); "
+                             "default: the embedded Shakespeare model")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="parameter dtype (default float32)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
