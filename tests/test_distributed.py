@@ -245,3 +245,18 @@ def test_the_cli_refuses_incomplete_process_settings_in_one_line(monkeypatch, ca
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "set TINYGPT_NUM_PROCESSES, TINYGPT_PROCESS_ID" in err and "--num-processes" in err
     assert not (tmp_path / "h").exists()
+
+
+def test_malformed_process_settings_are_one_input_error_naming_the_argument(monkeypatch):
+    from tinygpt import distributed
+    from tinygpt.errors import InputError
+
+    for name in (distributed.COORDINATOR, distributed.NUM_PROCESSES, distributed.PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    for args, named in [(("localhost", 2, 0), "coordinator_address"), (("localhost:port", 2, 0), "coordinator_address"),
+                        ((":1234", 2, 0), "coordinator_address"), (("localhost:1234", True, 0), "num_processes"),
+                        (("localhost:1234", 2.0, 0), "num_processes"), (("localhost:1234", 0, 0), "num_processes"),
+                        (("localhost:1234", 2, False), "process_id"), (("localhost:1234", 2, -1), "process_id")]:
+        with pytest.raises(InputError, match=named) as caught:
+            distributed.initialize(*args, timeout_s=2)
+        assert len(str(caught.value).splitlines()) == 1, args

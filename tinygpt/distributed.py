@@ -33,6 +33,7 @@ import dataclasses
 import os
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from .errors import InputError, TinyGPTError
@@ -75,6 +76,26 @@ def _env_int(name: str) -> int | None:
         raise InputError(f"environment variable {name}={text!r} must be an integer") from None
 
 
+def _check_settings(address, count, rank) -> None:
+    """InputError naming the argument (and its flag and environment variable) for a coordinator address that is
+    not "host:port" or a process count or id that is not a whole number in range."""
+    if not isinstance(address, str) or address.count(":") < 1 or not address.rpartition(":")[0]:
+        raise InputError(f"coordinator_address (--coordinator, {COORDINATOR}) must be 'host:port', got {address!r}")
+    port = address.rpartition(":")[2]
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise InputError(f"coordinator_address (--coordinator, {COORDINATOR}) must be 'host:port' with a port in "
+                         f"1 .. 65535, got {address!r}")
+    for name, flag, env, value in (("num_processes", "--num-processes", NUM_PROCESSES, count),
+                                   ("process_id", "--process-id", PROCESS_ID, rank)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputError(f"{name} ({flag}, {env}) must be an int, got {value!r}")
+    if count < 1:
+        raise InputError(f"num_processes (--num-processes, {NUM_PROCESSES}) must be at least 1, got {count}")
+    if not 0 <= rank < count:
+        raise InputError(f"process id {rank} is outside [0, {count}): process_id (--process-id, {PROCESS_ID}) "
+                         f"must be below num_processes")
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, local_device_ids=None, timeout_s: int = DEFAULT_TIMEOUT_S,
                heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_S) -> Processes:
@@ -115,8 +136,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                          f"{', '.join(n for n in given if n not in missing)}, or none of the three to let JAX detect "
                          f"the cluster")
     count, rank = given[NUM_PROCESSES], given[PROCESS_ID]
-    if count is not None and not (count >= 1 and 0 <= rank < count):
-        raise InputError(f"process id {rank} is outside [0, {count}) ({PROCESS_ID} must be below {NUM_PROCESSES})")
+    if count is not None:
+        _check_settings(given[COORDINATOR], count, rank)
     if _state is not None:
         if count is not None and (count, rank) != (_state.count, _state.process_id):
             raise InputError(f"this process already joined as process {_state.process_id} of {_state.count}; it "
@@ -133,10 +154,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise InputError("tinygpt.distributed.initialize must run before anything else uses jax (before a model "
                              "is loaded): call it first") from e
         raise
-    except ValueError as e:  # JAX found no cluster to join
-        raise InputError(f"no process settings and no cluster detected ({e}): give the coordinator address, the "
-                         f"number of processes and this process's id (--coordinator, --num-processes, --process-id, "
-                         f"or {COORDINATOR}, {NUM_PROCESSES}, {PROCESS_ID})") from e
+    except ValueError as e:  # JAX found no cluster to join, or refused the settings given
+        if count is None:
+            raise InputError(f"no process settings and no cluster detected ({e}): give the coordinator address, "
+                             f"the number of processes and this process's id (--coordinator, --num-processes, "
+                             f"--process-id, or {COORDINATOR}, {NUM_PROCESSES}, {PROCESS_ID})") from e
+        raise InputError(f"JAX refused the process settings coordinator_address={given[COORDINATOR]!r}, "
+                         f"num_processes={count}, process_id={rank}: {str(e).splitlines()[0] if str(e) else e!r} "
+                         f"(--coordinator, --num-processes, --process-id, or {COORDINATOR}, {NUM_PROCESSES}, "
+                         f"{PROCESS_ID})") from e
     _state = Processes(jax.process_index(), jax.process_count(), timeout_s)
     return _state
 
