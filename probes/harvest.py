@@ -669,7 +669,14 @@ class ShardedRows:
             rows = np.arange(start, stop, step)
         rows = np.asarray(rows)
         if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise IndexError(f"boolean index of shape {list(rows.shape)} does not match the {n} rows")
             rows = np.flatnonzero(rows)
+        elif rows.size == 0 and rows.dtype != object:
+            rows = rows.astype(np.int64)
+        elif not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError("only integers, slices, integer arrays and boolean arrays of the rows' length are "
+                             f"valid row indices, got an array of {rows.dtype}")
         rows = np.where(rows < 0, rows + n, rows).astype(np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= n):
             raise IndexError(f"row indices outside the {n} rows")
@@ -716,6 +723,14 @@ def _open_store(path: Path, windows: np.ndarray, info: dict):
     present = sorted(p.name for p in path.iterdir())
     temporaries = [name for name in present if _is_temporary(name)]
     others = [name for name in present if name not in temporaries]
+    counts = {int(SHARD_FILE.fullmatch(name).group(2)) for name in others if SHARD_FILE.fullmatch(name)}
+    if not counts and SIDECAR in others:
+        old = read_sidecar(path)
+        if old["format"] == SHARDED_FORMAT:
+            counts = {len(old["shards"])}
+    if counts:
+        raise HarvestError(f"{str(path)!r} holds a harvest by {min(counts)} processes: resume it with that many "
+                           f"processes (this run has 1), or choose another directory")
     if SIDECAR not in others:
         if others:
             raise HarvestError(f"{str(path)!r} holds files tinygpt did not create ({', '.join(others[:5])}"
@@ -788,13 +803,24 @@ def read_sidecar(path: Path) -> dict:
                            f"{info['rows_done']} do not fit together: the harvest is damaged")
     if info["format"] == SHARDED_FORMAT:
         shards = info.get("shards")
-        ends = [0] + [s["rows"][1] for s in shards[:-1]] if isinstance(shards, list) and shards else None
-        if ends is None or not all(isinstance(s, dict) and isinstance(s.get("file"), str) and SHARD_FILE.fullmatch(
-                s["file"]) and isinstance(s.get("rows"), list) and len(s["rows"]) == 2 and s["rows"][0] == end
-                and all(is_integer(r) for r in s["rows"]) for s, end in zip(shards, ends)) \
-                or shards[-1]["rows"][1] != info["n_rows"]:
-            raise HarvestError(f"{where}: 'shards' does not list shard files covering the {info['n_rows']} rows in "
-                               f"order: the harvest is damaged; remove {str(path)!r} and harvest again")
+        damaged = f"the harvest is damaged; remove {str(path)!r} and harvest again"
+        if not isinstance(shards, list) or not shards:
+            raise HarvestError(f"{where}: 'shards' is missing or not a non-empty list: {damaged}")
+        end = 0
+        for i, s in enumerate(shards):
+            if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not SHARD_FILE.fullmatch(s["file"]):
+                raise HarvestError(f"{where}: 'shards'[{i}] is not an object with a shard file name in 'file': "
+                                   f"{damaged}")
+            rows = s.get("rows")
+            if not (isinstance(rows, list) and len(rows) == 2 and all(is_integer(r) for r in rows)):
+                raise HarvestError(f"{where}: 'shards'[{i}]['rows'] is missing or not a list of two integers: "
+                                   f"{damaged}")
+            if rows[0] != end or rows[1] < rows[0]:
+                raise HarvestError(f"{where}: 'shards'[{i}]['rows'] is {rows}, but the shards must cover the rows "
+                                   f"in order (this one starting at {end}): {damaged}")
+            end = rows[1]
+        if end != info["n_rows"]:
+            raise HarvestError(f"{where}: 'shards' covers {end} rows, not the {info['n_rows']} of 'n_rows': {damaged}")
     return info
 
 

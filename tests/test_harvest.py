@@ -347,3 +347,43 @@ def test_a_damaged_harvest_is_one_clear_error(finished, damage, message):
 def test_a_sound_harvest_loads(finished):
     h, acts = finished
     np.testing.assert_array_equal(load_harvest(h).acts, acts)
+
+
+@pytest.mark.parametrize("shards, message", [
+    ([5, 6], r"'shards'\[0\] is not an object"),
+    ([{"file": "shard-00000-of-00001.npy"}], r"'shards'\[0\]\['rows'\] is missing"),
+    ([{"file": "shard-00000-of-00002.npy", "rows": [0, 8]}, {"file": "shard-00001-of-00002.npy"}],
+     r"'shards'\[1\]\['rows'\] is missing"),
+    ([{"file": "shard-00000-of-00001.npy", "rows": [0, "x"]}], r"'shards'\[0\]\['rows'\]"),
+    ("many", "'shards' is missing or not a non-empty list"),
+])
+def test_a_damaged_sharded_sidecar_is_one_harvest_error(finished, shards, message):
+    h, _ = finished
+    info = json.loads((h / "harvest.json").read_text())
+    (h / "harvest.json").write_text(json.dumps({**info, "format": 2, "shards": shards}))
+    with pytest.raises(HarvestError, match="harvest.json'.*" + message):
+        load_harvest(h)
+
+
+def test_sharded_rows_refuse_float_indices_and_masks_of_another_length():
+    from probes.harvest import ShardedRows
+
+    whole = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    rows = ShardedRows([whole[:2], whole[2:]])
+    for bad in (np.array([1.7, 4.2]), np.ones(3, bool), np.ones(8, bool)):
+        with pytest.raises(IndexError):
+            whole[bad]
+        with pytest.raises(IndexError):
+            rows[bad]
+    mask = np.arange(7) % 2 == 0
+    np.testing.assert_array_equal(rows[mask], whole[mask])
+    np.testing.assert_array_equal(rows[[]], whole[[]])
+
+
+def test_a_one_process_harvest_into_a_multi_process_one_names_the_process_count(params, stream, tmp_path):
+    h = tmp_path / "h"
+    h.mkdir()
+    for rank in range(2):
+        (h / f"shard-{rank:05d}-of-00002.npy").write_bytes(b"")
+    with pytest.raises(HarvestError, match="holds a harvest by 2 processes: resume it with that many processes"):
+        harvest(params, CONFIG, stream, "mlp_post", 0, seq=8, batch=4, path=h, progress=False)
