@@ -72,5 +72,10 @@ def test_a_newline_target_is_one_token_and_a_broken_escape_is_one_line(model):
 
 
 def test_lens_takes_an_escaped_newline_target(capsys):
+    import json
+
+    import tinygpt
+
     assert main(["lens", "ROMEO: But soft", "--target", "\\n", "--json"]) == 0
-    assert "target" in capsys.readouterr().out
+    newline = tinygpt.load().tokenizer.encode("\n")
+    assert len(newline) == 1 and json.loads(capsys.readouterr().out)["target"] == newline[0]  # the newline, not "\\n"
