@@ -11,8 +11,10 @@ For the neuron (layer, index) over the token windows of a corpus:
 - with a sparse autoencoder (`probes.sae`), the features that explain the neuron, ranked by the Pearson
   correlation of the feature's activation with the neuron's over the whole corpus. When the SAE reads this
   layer's mlp_post, each feature's share of the neuron's activation on the top contexts
-  (sum of f_i W_dec[i, neuron] / s over the sum of the activations); when it reads the residual stream, the
-  cosine of the feature's decoder direction with the neuron's key, the residual direction the neuron reads
+  (sum of f_i W_dec[i, neuron] times the SAE's output scale: 1 / s, or per token for an SAE that normalises
+  its input per token, as SAELens' constant_norm_rescale and layer_norm do; over the sum of the
+  activations); when it reads the residual stream, the cosine of the feature's decoder row (of any norm)
+  with the neuron's key, the residual direction the neuron reads
   (`probes.memory.residual_keys`: ln2_w * W_in[:, neuron], centred, since LayerNorm subtracts the mean).
 """
 
@@ -22,6 +24,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
@@ -31,7 +34,7 @@ from tinygpt.inputs import checks_tokens
 
 from .harvest import check_layer, site_chunks, site_width
 from .memory import neuron_activations, residual_keys
-from .sae import SAE, SAEConfig, encode
+from .sae import SAE, SAEConfig, encode, input_normalization
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
 
@@ -168,16 +171,20 @@ def _explaining_features(params, config, windows, layer, neuron, sae: SAE, sums,
     best = np.argsort(-correlation, kind="stable")[:n_features]
 
     share = None
-    if same_site:  # f_i W_dec[i, neuron] / s summed over the top contexts, over the neuron's activation there
+    if same_site:  # f_i W_dec[i, neuron] scale_out summed over the top contexts, over the neuron's activation there
         x = vectors_at(params, config, windows, "mlp_post", layer, top, batch)  # [k, d_mlp]
         f = np.asarray(_encode(sae.params, x, sae.config), np.float64)  # [k, d_sae]
-        contributions = f.sum(0) * np.asarray(sae.params["W_dec"][:, neuron]) / sae.config.input_scale  # [d_sae]
+        # the decoder's output leaves the SAE times scale_out: 1 / input_scale, or per token (input_norm)
+        _, _, scale_out = input_normalization(jnp.asarray(x, jnp.float32), sae.config)
+        scale_out = np.broadcast_to(np.asarray(scale_out, np.float64), (len(x), 1))  # [k, 1]
+        contributions = (f * scale_out).sum(0) * np.asarray(sae.params["W_dec"][:, neuron], np.float64)  # [d_sae]
         share = contributions / sum(c.activation for c in top)
     key_cosine = None
     if sae.config.site in RESID_SITES:
         key = residual_keys(params, layer)[neuron]  # [d_model]
-        decoder = np.asarray(sae.params["W_dec"], np.float64)  # [d_sae, d_model], unit rows
-        key_cosine = decoder @ key / np.linalg.norm(key)
+        decoder = np.asarray(sae.params["W_dec"], np.float64)  # [d_sae, d_model], rows of any norm
+        norms = np.linalg.norm(decoder, axis=1)  # [d_sae]
+        key_cosine = np.where(norms > 0, decoder @ key / np.maximum(norms, 1e-30), 0.0) / np.linalg.norm(key)
     return [FeatureMatch(feature=int(i), correlation=float(correlation[i]),
                          share=None if share is None else float(share[i]),
                          key_cosine=None if key_cosine is None else float(key_cosine[i])) for i in best]

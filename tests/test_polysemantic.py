@@ -144,3 +144,25 @@ def test_neuron_and_polysemantic_commands_report_the_same_activations(capsys, tm
             [(c["window"], c["position"]) for c in poly["top"]]
         assert [a["activation"] for a in neuron["top_activations"]] == \
             pytest.approx([c["activation"] for c in poly["top"]], abs=1e-6)
+
+
+def test_non_unit_decoders_and_per_token_input_norms(model, windows):
+    """A SAELens-style SAE: decoder rows of norm g_i (encoder columns / g_i, so the same reconstruction) and
+    an input normalised per token (constant_norm_rescale). Latent NEURON still reconstructs the neuron
+    exactly: share 1; on the residual stream the key cosine does not depend on the decoder rows' norms."""
+    for site, d in (("mlp_post", model.config.d_mlp), ("resid_mid", model.config.d_model)):
+        sae = exact_sae(d, site, LAYER)
+        g = np.linspace(0.5, 3.0, 2 * d).astype(np.float32)  # [d_sae]
+        params = {**sae.params, "W_enc": sae.params["W_enc"] / g, "W_dec": sae.params["W_dec"] * g[:, None]}
+        sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, site=site, layer=LAYER, input_norm="constant_norm_rescale"),
+                  params)
+        report = polysemantic.neuron_report(model.params, model.config, windows, LAYER, NEURON, k=K, sae=sae,
+                                            n_features=4)
+        if site == "mlp_post":
+            best = report.features[0]
+            assert best.feature == NEURON and best.share == pytest.approx(1.0, abs=1e-5)
+            continue
+        key = memory.residual_keys(model.params, LAYER)[NEURON]
+        for f in report.features:
+            i, sign = (f.feature, 1.0) if f.feature < d else (f.feature - d, -1.0)
+            assert f.key_cosine == pytest.approx(sign * key[i] / np.linalg.norm(key), abs=1e-6)
