@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import tinygpt
 from tinygpt import compiled
-from tinygpt.edits import Add, Compose, Mean, Patch, Scale, Set, Zero
+from tinygpt.edits import Add, Compose, Edit, Mean, Patch, Scale, Set, Zero
 from tinygpt.errors import InputError, InputTypeError, SiteError
 from tinygpt.generation import generate
 from tinygpt.sites import SITES, TL_NAMES, tl_name
@@ -110,8 +110,8 @@ def test_each_edit_value_equals_the_same_edit_written_with_indexing(drawn):
 def test_positions_are_absolute_under_left_padding(drawn, pad):
     """An edit at absolute position p changes a left-padded row as it changes the unpadded row."""
     kind, site, layer, head, positions, index, array = drawn
-    if site in ("attn_scores", "attn_pattern") and (index is not None or kind in ("set", "add")):
-        return  # the key axis of a padded row is shifted (and longer): key indices are not positions
+    # the key axis of a padded row is shifted (and longer): key indices are not positions
+    assume(not (site in ("attn_scores", "attn_pattern") and (index is not None or kind in ("set", "add"))))
     edit = value_edit(kind, site, layer, head, positions, index, array)
     tokens = TOKENS[:, : SEQ - pad]
     padded = np.concatenate([np.zeros((BATCH, pad), np.int32), tokens], axis=1)
@@ -119,8 +119,8 @@ def test_positions_are_absolute_under_left_padding(drawn, pad):
     if positions is not None and max(positions) >= SEQ - pad:
         positions = [p for p in positions if p < SEQ - pad] or None
         edit = value_edit(kind, site, layer, head, positions, index, array)
-    if site in ("embed", "pos_embed", "ln1_scale", "ln2_scale", "ln_final_scale") and positions is None:
-        return  # an edit over every position also edits the padding's own values (harmless, but not equal)
+    # an edit over every position also edits the padding's own values (harmless, but not equal)
+    assume(not (site in ("embed", "pos_embed", "ln1_scale", "ln2_scale", "ln_final_scale") and positions is None))
     np.testing.assert_allclose(logits(edit, padded, mask)[:, pad:], logits(edit, tokens), rtol=1e-4, atol=2e-4)
 
 
@@ -163,10 +163,23 @@ def test_patch_and_mean_from_a_trace():
     trace = tinygpt.forward(PARAMS, TOKENS, CFG, attention_mask=mask)
     mean = Mean.from_trace(trace, "mlp_post", over=("batch", "seq"), attention_mask=mask)
     assert mean.mean.shape == (CFG.n_layer, 1, 1, CFG.d_mlp)
+    assert Mean.from_trace(trace, "mlp_post", over="seq").mean.shape == (CFG.n_layer, BATCH, 1, CFG.d_mlp)
     real = np.asarray(trace.mlp_post)[:, mask.astype(bool)]  # [layer, real tokens, d_mlp]
     np.testing.assert_allclose(np.asarray(mean.mean)[:, 0, 0], real.mean(axis=1), rtol=1e-5, atol=1e-6)
     want = logits({"mlp_post": lambda v, layer: jnp.broadcast_to(jnp.asarray(real.mean(1))[layer], v.shape)})
     np.testing.assert_allclose(logits(mean), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_masked_mean_of_attention_scores_has_no_nan():
+    """attn_scores hold -inf where masked: the padding is left out of the mean, not multiplied by 0 (NaN)."""
+    mask = np.ones((BATCH, SEQ), np.int32)
+    mask[0, :2] = 0
+    trace = tinygpt.forward(PARAMS, TOKENS, CFG, attention_mask=mask, keep=("attn_scores",))
+    mean = np.asarray(Mean.from_trace(trace, "attn_scores", attention_mask=mask).mean)  # [layer, 1, head, seq, key]
+    assert not np.isnan(mean).any()
+    scores = np.asarray(trace.attn_scores)  # [layer, batch, head, seq, key]
+    np.testing.assert_array_equal(mean[:, 0, :, :2], scores[:, 1, :, :2])  # row 0's padded queries left out
+    np.testing.assert_allclose(mean[:, 0, :, 2:, 2:], scores[:, :, :, 2:, 2:].mean(1), rtol=1e-6)
 
 
 def test_compose_and_lists_apply_in_order():
@@ -184,7 +197,8 @@ def test_transformer_lens_names_and_mappings():
     for site in ("z", "mlp_post", "resid_pre", "attn_pattern"):
         by_tl = Zero(tl_name(site, 2))
         assert (by_tl.site, by_tl.layer) == (site, 2)
-        np.testing.assert_array_equal(logits(by_tl), logits(Zero(site, layer=2)))
+        want = logits({site: reference("zero", site, 2, None, None, None, None)})  # independent of Zero
+        np.testing.assert_allclose(logits(by_tl), want, rtol=1e-5, atol=1e-5, err_msg=site)
     assert Zero(TL_NAMES["embed"]).site == "embed"
     # a mapping may hold edit values under their own site, mixed with functions (the general path)
     mixed = {"z": [Zero("z", layer=0, head=0), lambda v, layer: v * 1.0]}
@@ -230,6 +244,11 @@ def test_generate_with_edit_values_equals_function_edits_and_forward():
     np.testing.assert_array_equal(np.asarray(lookup.tokens), np.asarray(a.tokens))
 
 
+class Unregistered(Edit):  # an Edit subclass without @edit_value: not a pytree
+    def change(self, value, layer):
+        return value
+
+
 BAD = [
     (lambda: Zero("zz"), SiteError, "unknown site 'zz'"),
     (lambda: Zero("embed", layer=0), InputError, "not per layer"),
@@ -239,6 +258,12 @@ BAD = [
     (lambda: Zero("z", index=1.5), InputError, "ints"),
     (lambda: Zero("z", layer=True), InputError, "layer must be a non-negative int"),
     (lambda: Zero("blocks.1.attn.hook_z", layer=0), InputError, "at layer 1"),
+    (lambda: Zero("blocks.1.hook_resid_pre", layer=1.5), InputError, "layer must be a non-negative int, got 1.5"),
+    (lambda: Zero("resid_pre", layer=-1), InputError, "layer must be a non-negative int, got -1"),
+    (lambda: logits(Unregistered("resid_pre")), InputTypeError, "tinygpt.edits.edit_value"),
+    (lambda: logits({"resid_pre": [Unregistered("resid_pre")]}), InputTypeError, "tinygpt.edits.edit_value"),
+    (lambda: logits({"blocks.1.hook_resid_pre": lambda v, layer: v.mean(-1, keepdims=True)}), InputError,
+     "edit at site 'blocks.1.hook_resid_pre' returned shape (2, 7, 1)"),
     (lambda: Compose(Zero("z"), "not an edit"), InputTypeError, "Compose takes edits"),
     (lambda: logits(Zero("z", layer=3)), InputError, "layer=3 is out of range for this model (n_layer = 3)"),
     (lambda: logits(Zero("z", head=3)), InputError, "head=3 is out of range"),
@@ -280,11 +305,16 @@ def test_an_saelens_sae_spliced_as_an_edit_value():
     c = sae.config
     by_function = {c.site: splice_edit(lambda x: reconstruct(sae.params, x, c), c.layer)}
     want = model(tokens, edits=by_function, keep=["logits"]).logits
+    assert isinstance(sae_edit(sae), tinygpt.edits.Edit)
+    compiled.compiled_forward.cache_clear()  # a program with no SAE structure compiled yet
+    program = compiled.compiled_forward(model.config, frozenset({"logits"}))
+    assert program._cache_size() == 0
     got = model(tokens, edits=sae_edit(sae), keep=["logits"]).logits
+    assert program._cache_size() == 1, "the SAE edit did not run the compiled program"
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert not np.allclose(np.asarray(got), np.asarray(model(tokens, keep=["logits"]).logits), atol=1e-3)
-    program = compiled.compiled_forward(model.config, frozenset({"logits"}))
-    before = program._cache_size()
+    before = program._cache_size()  # the unedited forward above added its own program
     other = type(sae)(c, jax.tree.map(lambda w: w * 0.5, sae.params))
     model(tokens, edits=sae_edit(other), keep=["logits"])
+    assert compiled.compiled_forward(model.config, frozenset({"logits"})) is program
     assert program._cache_size() == before

@@ -20,8 +20,11 @@ Which entries an edit touches (each `None` = all of them):
     positions  int or ints, absolute positions: a token's index among its row's real tokens, as the position
                embedding counts it (left padding skipped). The same token in a prompt, a padded batch and a
                generation step. Non-negative.
-    index      int or ints on the site's last axis: a neuron of mlp_post, a residual dimension, a key of
-               attn_pattern, a component of d_head
+    index      int or ints on the site's last axis, taken as is: a neuron of mlp_post, a residual dimension,
+               a component of d_head, or a key column of attn_scores / attn_pattern. Unlike `positions`, it
+               is an index into the array, not an absolute position: on the key axis, column j is the j-th
+               entry of the row as padded (with left padding, or in a generation step whose keys are the
+               cache, the same column holds a different token in each row)
 
 `site` may be a tinygpt site name (`tinygpt.sites.SITES`) or a TransformerLens hook name; a per-layer one
 (`blocks.1.attn.hook_z`) also fixes the layer.
@@ -91,6 +94,8 @@ class Edit:
         if not isinstance(site, str):
             raise InputTypeError(f"{type(self).__name__}: site must be a site name, got {site!r}")
         check_site_names([site], f"{type(self).__name__}(site=...)", tl=True)
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0):
+            raise InputError(f"{type(self).__name__}: layer must be a non-negative int, got {layer!r}")
         if site not in SITES:
             site, tl_layer = site_of_tl(site)
             if tl_layer is not None and layer is not None and int(layer) != tl_layer:
@@ -101,8 +106,6 @@ class Edit:
         if layer is not None:
             if not SITES[site].per_layer:
                 raise InputError(f"{type(self).__name__}: site {site!r} is not per layer; give no layer")
-            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
-                raise InputError(f"{type(self).__name__}: layer must be a non-negative int, got {layer!r}")
             layer = int(layer)
         if self.head is not None and "head" not in shape:
             raise InputError(f"{type(self).__name__}: site {site!r} has no head axis ({' '.join(shape)}); "
@@ -304,22 +307,32 @@ class Mean(Edit):
     def from_trace(cls, trace, site: str, *, over: Iterable[str] = ("batch",), attention_mask=None,
                    **selection) -> "Mean":
         """The mean of a trace's `site` over the named axes (`over`: "batch", "seq" or both), kept as axes
-        of size 1 so it broadcasts. With `attention_mask` [batch, seq], padding is left out of the mean."""
-        value = jnp.asarray(_from_trace(trace, site, selection.get("layer")), jnp.float32)
+        of size 1 so it broadcasts. With `attention_mask` [batch, seq], padding is left out of the mean.
+
+        The mean over "batch" is taken per array column, as the arrays lie: entry [b, s] is averaged with the
+        other rows' entries at column s, not at the same absolute position. With left padding the rows are
+        shifted (column s is a different token position in each row), so align them first (e.g. pad on the
+        right, or take the rows one length at a time) when a mean per absolute position is wanted. Masked
+        entries (-inf in attn_scores) are left out of a masked mean; a column no row fills is 0."""
+        value = jnp.asarray(_from_trace(trace, site, selection.get("layer")), jnp.float32)  # [(layer,) batch, ...]
         shape = SITES[site if site in SITES else site_of_tl(site)[0]].shape
         lead = value.ndim - len(shape)  # 1 with a layer axis, else 0
-        over = tuple(over)
+        over = (over,) if isinstance(over, str) else tuple(over)
         for name in over:
             if name not in ("batch", "seq"):
                 raise InputError(f"Mean.from_trace: over must name 'batch' and/or 'seq', got {name!r}")
+        if not over or len(set(over)) != len(over):
+            raise InputError(f"Mean.from_trace: over must name 'batch' and/or 'seq', each once, got {over!r}")
         axes = tuple(lead + shape.index(name) for name in over)
         if attention_mask is None:
             return cls(site, value.mean(axis=axes, keepdims=True), **selection)
         weight = jnp.asarray(attention_mask, jnp.float32)  # [batch, seq]
-        weight = jnp.expand_dims(weight, [a for a in range(value.ndim)
+        weight = jnp.expand_dims(weight, [a for a in range(value.ndim)  # [batch, seq] in place, 1 elsewhere
                                           if a not in (lead + shape.index("batch"), lead + shape.index("seq"))])
-        total = (value * weight).sum(axis=axes, keepdims=True)
-        return cls(site, total / jnp.maximum(weight.sum(axis=axes, keepdims=True), 1.0), **selection)
+        # padding gives no weight, and its value may be -inf (attn_scores): -inf * 0 would be NaN
+        total = jnp.where(weight > 0, value, 0.0).sum(axis=axes, keepdims=True)  # value's shape, `over` axes 1
+        count = jnp.maximum(weight.sum(axis=axes, keepdims=True), 1.0)  # weight's shape, `over` axes 1
+        return cls(site, total / count, **selection)
 
 
 def _from_trace(trace, site: str, layer):
@@ -363,6 +376,14 @@ class Compose:
         return f"Compose({', '.join(map(repr, self.edits))})"
 
 
+def check_registered(edit) -> None:
+    """InputTypeError for an `Edit` whose class is not an edit value (a subclass without `@edit_value`): JAX
+    would take it for one opaque leaf and fail with its own TypeError."""
+    if isinstance(edit, Edit) and jax.tree_util.all_leaves([edit]):
+        raise InputTypeError(f"edits: {type(edit).__name__} is an Edit subclass that is not an edit value: decorate "
+                             "it with @tinygpt.edits.edit_value(...) (naming its array fields)")
+
+
 def is_edit_value(edit) -> bool:
     """Whether `edit` is an edit value (static structure, array leaves), rather than a plain function."""
     return isinstance(edit, (Edit, Compose))
@@ -374,4 +395,6 @@ def flatten(edits) -> tuple[Edit, ...]:
         return (edits,)
     if isinstance(edits, Compose):
         return edits.edits
-    return tuple(e for item in edits for e in flatten(item)) if isinstance(edits, (list, tuple)) else (edits,)
+    if isinstance(edits, (list, tuple)):  # a list of edit values (normalize_edits admits no nesting)
+        return tuple(e for item in edits for e in (item.edits if isinstance(item, Compose) else (item,)))
+    return (edits,)

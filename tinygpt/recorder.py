@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from .edits import Edit, flatten, is_edit_value
+from .edits import Edit, check_registered, flatten, is_edit_value
 from .errors import InputError, InputTypeError
 from .sites import SITE_NAMES, SITES, check_site_names, site_of_tl
 
@@ -40,26 +40,34 @@ def normalize_keep(keep: Iterable[str] | str | None) -> frozenset[str]:
     return frozenset(name if name in SITES else site_of_tl(name)[0] for name in keep)
 
 
-def _at_layer(fn, only: int):
+def _at_layer(fn, only: int, name: str):
     """`_wrap_at_layer`, the same wrapper for the same (fn, layer), so compile caches keyed by edits hit."""
     try:
-        return _cached_at_layer(fn, only)
+        return _cached_at_layer(fn, only, name)
     except TypeError:  # an unhashable callable
-        return _wrap_at_layer(fn, only)
+        return _wrap_at_layer(fn, only, name)
 
 
-def _wrap_at_layer(fn, only: int):
-    """The edit fn, applied only at block `only` (the recorder's layer is a traced int inside the scan)."""
+def _wrap_at_layer(fn, only: int, name: str):
+    """The edit fn, applied only at block `only` (the recorder's layer is a traced int inside the scan).
+    `name` is the key it was given under (a per-layer TransformerLens hook name), for the error."""
+    def at_layer(value, layer, new):
+        new = jnp.asarray(new, value.dtype)
+        if new.shape != value.shape:  # checked before jnp.where, which would broadcast it
+            raise InputError(f"edit at site {name!r} returned shape {new.shape}, but the site's value has shape "
+                             f"{value.shape}")
+        return jnp.where(layer == only, new, value)
+
     if takes_positions(fn):
         def edit(value, layer, positions):
             if layer is None:
                 return value
-            return jnp.where(layer == only, jnp.asarray(fn(value, layer, positions=positions), value.dtype), value)
+            return at_layer(value, layer, fn(value, layer, positions=positions))
     else:
         def edit(value, layer):
             if layer is None:
                 return value
-            return jnp.where(layer == only, jnp.asarray(fn(value, layer), value.dtype), value)
+            return at_layer(value, layer, fn(value, layer))
     return edit
 
 
@@ -85,12 +93,13 @@ def normalize_edits(edits: Edits | None) -> dict[str, tuple[EditFn, ...]]:
     for name, fn in edits:
         site, layer = (name, None) if name in SITES else site_of_tl(name)
         if isinstance(fn, Edit):
+            check_registered(fn)
             if fn.site != site or (layer is not None and fn.layer != layer):
                 raise InputError(f"edits[{name!r}] holds an edit of site {fn.site!r}"
                                  + (f" at layer {fn.layer}" if fn.layer is not None else "")
                                  + "; an edit value names its own site: pass a list of edits instead")
         elif layer is not None:
-            fn = _at_layer(fn, layer)
+            fn = _at_layer(fn, layer, name)
         out[site] = out.get(site, ()) + (fn,)
     return {n: out[n] for n in SITE_NAMES if n in out}
 
