@@ -111,3 +111,27 @@ def test_against_transformer_lens(tmp_path):
         mine = np.asarray(ours[name])
         assert mine.shape == theirs.shape, name
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_where_tl_names_are_not_taken_the_error_says_so_and_names_the_site():
+    from tinygpt.sites import check_site_names
+
+    with pytest.raises(SiteError) as caught:
+        check_site_names(["blocks.3.hook_resid_pre"], "site")
+    message = str(caught.value)
+    assert "site takes tinygpt site names, not TransformerLens hook names" in message
+    assert "site 'resid_pre' at layer 3" in message and "did you mean" not in message
+    with pytest.raises(SiteError) as caught:
+        check_site_names(["resid_pst"], "site")
+    assert "did you mean 'resid_post'" in str(caught.value) and "TransformerLens" not in str(caught.value)
+    # where they are taken, a misspelt hook name is matched at the layer written, not at layer 0
+    with pytest.raises(SiteError, match=r"did you mean 'blocks\.3\.hook_resid_post'"):
+        check_site_names(["blocks.3.hook_resid_pst"], "keep", tl=True)
+
+
+@pytest.mark.parametrize("layer", [-1, True, 2.7, "1"])
+def test_tl_name_refuses_a_layer_that_is_not_a_non_negative_int(layer):
+    with pytest.raises(ValueError, match="layer must be a non-negative int") as caught:
+        tl_name("resid_pre", layer)
+    assert "\n" not in str(caught.value)
+    assert tl_name("resid_pre", np.int64(2)) == "blocks.2.hook_resid_pre"

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable
 
-from .errors import SiteError
+from .errors import InputError, SiteError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +99,32 @@ def check_site_names(names: Iterable[str], argument: str, tl: bool = False) -> N
     """Raise SiteError naming the first unknown site (and listing the known ones). tl: also accept
     TransformerLens hook names (`TL_NAMES`)."""
     for name in names:
-        if name not in SITES and not (tl and is_tl_name(name)):
-            hint = _closest(name)
-            raise SiteError(
-                f"unknown site {name!r} in {argument}"
-                + (f" (did you mean {hint!r}?)" if hint else "")
-                + f"; known sites: {', '.join(SITE_NAMES)} (or their TransformerLens hook names, tinygpt.sites.TL_NAMES)"
-            )
+        if name in SITES or (tl and is_tl_name(name)):
+            continue
+        if is_tl_name(name):  # a TransformerLens name where only tinygpt's site names are taken
+            site, layer = _parse_tl(name)
+            raise SiteError(f"{argument} takes tinygpt site names, not TransformerLens hook names: {name!r} is "
+                            f"site {site!r}" + (f" at layer {layer}" if layer is not None else ""))
+        hint = _closest(name, tl)
+        raise SiteError(
+            f"unknown site {name!r} in {argument}"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+            + f"; known sites: {', '.join(SITE_NAMES)}"
+            + (" (or their TransformerLens hook names, tinygpt.sites.TL_NAMES)" if tl else "")
+        )
 
 
-def _closest(name: str) -> str | None:
+def _closest(name: str, tl: bool = True) -> str | None:
+    """The known name closest to `name`: a site name, or (tl) a TransformerLens hook name, at the layer the
+    user wrote (`blocks.3.hook_resid_pos` -> `blocks.3.hook_resid_post`)."""
     import difflib
 
-    vocabulary = SITE_NAMES + tuple(_TL_GLOBAL) + tuple(
-        TL_NAMES[s].replace("{l}", "0") for s in TL_NAMES if SITES[s].per_layer)
-    match = difflib.get_close_matches(str(name), vocabulary, n=1)
+    name = str(name)
+    parts = name.split(".", 2)
+    layer = parts[1] if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() else "0"
+    vocabulary = SITE_NAMES + ((tuple(_TL_GLOBAL) + tuple(
+        TL_NAMES[s].replace("{l}", layer) for s in TL_NAMES if SITES[s].per_layer)) if tl else ())
+    match = difflib.get_close_matches(name, vocabulary, n=1)
     return match[0] if match else None
 
 
@@ -172,6 +183,8 @@ TL_DIFFERENCES: dict[str, str] = {
 def tl_name(site: str, layer: int | None = None) -> str:
     """The TransformerLens hook name of `site` (at block `layer` for per-layer sites)."""
     check_site_names([site], "tl_name")
+    if layer is not None and (isinstance(layer, bool) or not hasattr(layer, "__index__") or layer < 0):
+        raise InputError(f"tl_name: layer must be a non-negative int, got {layer!r}")
     if site not in TL_NAMES:
         raise SiteError(f"site {site!r} has no TransformerLens hook (TL returns the logits)")
     if SITES[site].per_layer:
