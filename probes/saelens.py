@@ -54,8 +54,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from tinygpt.errors import SiteError
-from tinygpt.files import TEMP_MARK, parse_json, read_bytes, read_json, save_safetensors, write_json
+from tinygpt.errors import OutputError, SiteError
+from tinygpt.files import TEMP_MARK, parse_json, read_bytes, read_json, save_safetensors, write_json, writer_lock
 from tinygpt.sites import SITES, site_of_tl, tl_name
 
 from .harvest import check_tensors, is_integer
@@ -83,6 +83,9 @@ def is_saelens_dir(path) -> bool:
 def load_any(path: str | os.PathLike, params=None) -> SAE:
     """An SAE from a SAELens directory (`load_saelens`) or a tinygpt SAE file (`probes.sae.load_sae`): what
     the CLI's SAE arguments read."""
+    if Path(path).is_dir() and not is_saelens_dir(path):
+        raise SAEError(f"SAELens directory {str(path)!r} has no {CFG_FILE}: a SAELens SAE is a directory of "
+                       f"{CFG_FILE} and {WEIGHTS_FILE}; a tinygpt SAE is one .safetensors file")
     return load_saelens(path, params) if is_saelens_dir(path) else load_sae(path, params)
 
 
@@ -113,10 +116,10 @@ def field_error(where: str, name: str, problem: str) -> SAEError:
 def read_kind(fields: dict, where: str) -> tuple[str, int | None]:
     """(SAEConfig.kind, k for top-k) from architecture / activation_fn."""
     architecture = fields.get("architecture") or "standard"
-    if architecture not in ARCHITECTURES:
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise field_error(where, "architecture", f"is {architecture!r}; tinygpt reads {', '.join(ARCHITECTURES)}")
     activation = fields.get("activation_fn")
-    if activation not in (None, "relu", "topk") or (activation == "topk" and architecture != "topk"):
+    if not isinstance(activation, (str, type(None))) or activation not in (None, "relu", "topk") or (activation == "topk" and architecture != "topk"):
         raise field_error(where, "activation_fn", f"is {activation!r}; tinygpt reads relu, or topk with "
                                                   f"activation_fn_kwargs.k")
     if architecture != "topk":
@@ -145,7 +148,7 @@ def read_site(fields: dict, where: str) -> tuple[str, int | None]:
         raise field_error(where, "hook_head_index", f"is {fields['hook_head_index']!r}; tinygpt reads SAEs on a "
                                                     f"whole site, not on one head's slice")
     reshape = fields.get("reshape_activations") or "none"
-    if reshape not in ("none", "hook_z") or (reshape == "hook_z" and site != "z"):
+    if not isinstance(reshape, str) or reshape not in ("none", "hook_z") or (reshape == "hook_z" and site != "z"):
         raise field_error(where, "reshape_activations", f"is {reshape!r} with hook_name {hook!r}; expected 'none', "
                                                         f"or 'hook_z' for attn.hook_z")
     return site, layer
@@ -154,7 +157,7 @@ def read_site(fields: dict, where: str) -> tuple[str, int | None]:
 def read_input_norm(fields: dict, where: str) -> str:
     """SAEConfig.input_norm from normalize_activations."""
     mode = fields.get("normalize_activations") or "none"
-    if mode not in NORMALIZATIONS:
+    if not isinstance(mode, str) or mode not in NORMALIZATIONS:
         raise field_error(where, "normalize_activations", f"is {mode!r}; tinygpt reads {', '.join(NORMALIZATIONS)}")
     return NORMALIZATIONS[mode]
 
@@ -203,22 +206,37 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
     header = parse_json(data[8:8 + n], where, error=SAEError) if 0 < n <= len(data) - 8 else None
     if not isinstance(header, dict):
         raise SAEError(f"{where} is not a safetensors file (no readable header)")
-    tensors = {}
+    entries = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype, shape = types.get(entry["dtype"]), tuple(int(size) for size in entry["shape"])
-            start, end = (int(offset) for offset in entry["data_offsets"])
+            dtype, shape = types.get(entry["dtype"]), entry["shape"]
+            start, end = entry["data_offsets"]
+            if not (isinstance(shape, list) and all(is_integer(size) and size >= 0 for size in shape)
+                    and is_integer(start) and is_integer(end)):
+                raise TypeError
         except (TypeError, KeyError, ValueError):
             raise SAEError(f"{where}: tensor {name!r} has a malformed header entry {entry!r}") from None
         if dtype is None:
             raise SAEError(f"{where}: tensor {name!r} is {entry['dtype']}; tinygpt reads {', '.join(types)}")
-        raw = data[8 + n + start: 8 + n + end]
-        if end - start != math.prod(shape) * np.dtype(dtype).itemsize or len(raw) != end - start:
-            raise SAEError(f"{where}: tensor {name!r} has {len(raw)} bytes of data, not a {list(shape)} "
-                           f"{entry['dtype']} (the file is truncated or damaged)")
-        tensors[name] = np.frombuffer(raw, dtype).reshape(shape).astype(np.float32)  # [shape]
+        entries.append((int(start), int(end), name, dtype, tuple(int(size) for size in shape), entry["dtype"]))
+    # safetensors' layout: the tensors' byte ranges tile the data section, in order, from 0 to its end
+    data_size, offset = len(data) - 8 - n, 0
+    tensors = {}
+    for start, end, name, dtype, shape, dtype_name in sorted(entries):
+        if start != offset or end < start or end > data_size:
+            raise SAEError(f"{where}: tensor {name!r} has data_offsets [{start}, {end}], but the tensors' data must "
+                           f"follow one another from byte 0 to the data section's end ({data_size} bytes), this "
+                           f"one from byte {offset} (the file is truncated or damaged)")
+        if end - start != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise SAEError(f"{where}: tensor {name!r} has {end - start} bytes of data, not a {list(shape)} "
+                           f"{dtype_name} (the file is truncated or damaged)")
+        tensors[name] = np.frombuffer(data[8 + n + start: 8 + n + end], dtype).reshape(shape).astype(np.float32)
+        offset = end
+    if offset != data_size:
+        raise SAEError(f"{where}: the tensors' data ends at byte {offset} of the {data_size}-byte data section "
+                       f"(the file is damaged)")
     return tensors
 
 
@@ -335,6 +353,26 @@ def save_saelens(sae: SAE, path: str | os.PathLike) -> None:
     An existing `path` is replaced only when it is empty or holds just a SAELens SAE's two files."""
     path = Path(path)
     cfg, tensors = saelens_cfg(sae), saelens_tensors(sae)
+    check_directory(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():  # as check_output_file: a missing directory is the caller's mistake, not created
+        raise OutputError(f"cannot write a SAELens SAE to {str(path)!r}: the directory {str(parent)!r} does not "
+                          f"exist")
+    with writer_lock(path):
+        check_directory(path)  # again, now that no other tinygpt can be writing it
+        remove_stale_staging(path)
+        staging = parent / f".{path.name}{TEMP_MARK}.{os.getpid()}.{os.urandom(4).hex()}"
+        staging.mkdir()
+        try:
+            save_safetensors(staging / WEIGHTS_FILE, tensors)
+            write_json(staging / CFG_FILE, cfg)
+            replace_directory(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_directory(path: Path) -> None:
+    """`path` may be written: missing, an empty directory or one holding just a SAELens SAE's two files."""
     if path.exists():
         if not path.is_dir():
             raise SAEError(f"cannot write a SAELens SAE to {str(path)!r}: it is a file, not a directory")
@@ -342,15 +380,18 @@ def save_saelens(sae: SAE, path: str | os.PathLike) -> None:
         if others:
             raise SAEError(f"cannot write a SAELens SAE to {str(path)!r}: the directory holds other files "
                            f"({', '.join(others[:3])}); give a new or empty directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}{TEMP_MARK}.{os.getpid()}.{os.urandom(4).hex()}"
-    staging.mkdir()
-    try:
-        save_safetensors(staging / WEIGHTS_FILE, tensors)
-        write_json(staging / CFG_FILE, cfg)
-        replace_directory(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(path: Path) -> None:
+    """Delete the staging directories (.NAME.tinygpt-tmp.*, and the *.old ones being replaced) that an earlier
+    save of `path`, killed before it could clean up, left beside it. Called holding path's writer lock."""
+    prefix = f".{path.name}{TEMP_MARK}."
+    for entry in (path.parent if str(path.parent) else Path(".")).iterdir():
+        if entry.name.startswith(prefix):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def replace_directory(new: Path, path: Path) -> None:
