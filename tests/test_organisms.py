@@ -302,3 +302,39 @@ def test_the_svd_probe_reads_the_planted_spectrum_and_the_function_words(big):
     reading = svd.singular_tokens(params, svd.weight_svd(params, config, "W_in", layer), n_vectors=1, k=4)[0]
     ends = [{t for t, _ in reading["input"][side]} for side in ("positive", "negative")]
     assert set(truth["tokens"]) in ends  # the top key direction reads exactly the function words
+
+
+@pytest.mark.parametrize("name, options, argument", [
+    ("massive_activation", {"neuron": -1}, "neuron"),
+    ("massive_activation", {"neuron": 64}, "neuron"),
+    ("massive_activation", {"dim": 500}, "dim"),
+    ("massive_activation", {"dim": 1.5}, "dim"),
+    ("massive_activation", {"layer": 3}, "layer"),
+    ("massive_activation", {"d_mlp": 4}, "d_mlp"),
+    ("massive_activation", {"d_model": 64}, "d_model"),
+    ("massive_activation", {"sigma1": float("nan")}, "sigma1"),
+    ("induction", {"n_ctx": 1}, "n_ctx"),
+    ("induction", {"d_model": 100}, "d_model"),
+    ("induction", {"step": 0}, "step"),
+    ("fact_store", {"d_mlp": 10}, "d_mlp"),
+    ("fact_store", {"n_ctx": 2}, "n_ctx"),
+    ("fact_store", {"tau": 0.0}, "tau"),
+])
+def test_every_builder_argument_is_checked_naming_it(name, options, argument):
+    from tinygpt.errors import InputError
+
+    with pytest.raises(InputError) as error:
+        organisms.build(name, **options)
+    assert str(error.value).startswith(argument + " ") and "\n" not in str(error.value), str(error.value)
+
+
+def test_a_missing_or_bad_organism_json_is_one_error_naming_it(tmp_path):
+    from tinygpt.errors import TinyGPTError
+
+    for content in (None, "{not json", "[1, 2]"):
+        path = tmp_path / "organism.json"
+        if content is not None:
+            path.write_text(content)
+        with pytest.raises(TinyGPTError) as error:
+            organisms.read_truth(tmp_path)
+        assert str(path) in str(error.value) and "\n" not in str(error.value)

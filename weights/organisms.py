@@ -45,7 +45,6 @@ wins by at least 2 step nats over every other key (`previous_token_head`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -54,8 +53,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinygpt.config import Config
+from tinygpt.arguments import check_float, check_int
 from tinygpt.errors import InputError
-from tinygpt.files import atomic_write
+from tinygpt.files import read_json, write_json
 from tinygpt.params import param_shapes
 
 from . import EMBEDDED_MODELS, Checkpoint
@@ -97,14 +97,21 @@ class Organism:
         directory = Path(directory)
         write(directory, self.config, self.params)
         record = {"organism": self.name, "token_names": list(self.token_names), "truth": self.truth}
-        with atomic_write(directory / "organism.json", "w") as f:
-            f.write(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        write_json(directory / "organism.json", record)
         return directory
 
 
 def read_truth(directory: str | os.PathLike) -> dict:
-    """The organism.json that `Organism.save` wrote: {"organism", "token_names", "truth"}."""
-    return json.loads((Path(directory) / "organism.json").read_text())
+    """The organism.json that `Organism.save` wrote: {"organism", "token_names", "truth"}. A missing,
+    unreadable or malformed file is one OutputError naming it."""
+    path = Path(directory) / "organism.json"
+    record = read_json(path, "organism file")
+    if not isinstance(record, dict) or not {"organism", "token_names", "truth"} <= set(record):
+        from tinygpt.errors import OutputError
+
+        raise OutputError(f"organism file {str(path)!r} is not an organism.json (an object with 'organism', "
+                          f"'token_names' and 'truth')")
+    return record
 
 
 TRAINED_DIR = EMBEDDED_MODELS["organism"]  # weights/organism_lm/
@@ -120,6 +127,26 @@ def trained_path() -> Path:
 
         raise WeightsError(f"the trained organism is missing from {TRAINED_DIR} (python -m weights.train_organism)")
     return TRAINED_DIR
+
+
+# ------------------------------------------------------------------------------------------ argument checks
+
+
+def check_d_model(d_model, directions: int) -> int:
+    """d_model: a power of two with room for `directions` mean-free directions (d_model - 1 of them exist)."""
+    d_model = check_int(d_model, "d_model", low=4)
+    if d_model & (d_model - 1):
+        raise InputError(f"d_model must be a power of two (the residual directions are Hadamard rows), got {d_model}")
+    if directions > d_model - 1:
+        raise InputError(f"d_model {d_model} is too small: this organism needs {directions} orthogonal residual "
+                         f"directions, d_model - 1 at most; give d_model >= {2 ** math.ceil(math.log2(directions + 1))}")
+    return d_model
+
+
+def check_positive(**values) -> None:
+    """Each keyword argument a finite number > 0, or InputError naming it."""
+    for name, value in values.items():
+        check_float(value, name, low=0.0, low_open=True)
 
 
 # ------------------------------------------------------------------------------------------ building blocks
@@ -312,6 +339,10 @@ def induction(*, vocab_size: int = 60, d_model: int = 128, n_ctx: int = 64, step
 
     Truth: previous_token_head, induction_head, self_head, sink_head ([layer, head]), match_nats,
     previous_margin_nats (the least margin of L0H1's target key), copy_gain, vocab."""
+    vocab_size = check_int(vocab_size, "vocab_size", low=1)
+    d_model = check_d_model(d_model, 2 * vocab_size + 5)
+    n_ctx = check_int(n_ctx, "n_ctx", low=2)  # the position ramp spans n_ctx - 1 steps
+    check_positive(step=step, match=match, copy_gain=copy_gain)
     n_head = 2
     config = Config(n_layer=2, n_head=n_head, d_model=d_model, d_head=d_model // n_head, d_mlp=64,
                     n_ctx=n_ctx, vocab_size=vocab_size)
@@ -383,6 +414,10 @@ def fact_store(*, d_model: int = 128, d_mlp: int = 64, n_ctx: int = 16, step: fl
     fact its first, last, attribute (ids), neuron, prompt (ids), subject positions [0, 1] and the last
     subject position 1."""
     names = FIRST_NAMES + LAST_NAMES + (RELATION,) + ATTRIBUTES + FILLERS
+    d_model = check_d_model(d_model, len(names) + len(FIRST_NAMES) + 5)
+    d_mlp = check_int(d_mlp, "d_mlp", low=max(FACT_NEURONS) + 1)  # the fact neurons are fixed ids
+    n_ctx = check_int(n_ctx, "n_ctx", low=3)  # the prompts are [first, last, " plays"]
+    check_positive(step=step, tau=tau, write=write, move=move, carry=carry)
     n_head = 2
     config = Config(n_layer=3, n_head=n_head, d_model=d_model, d_head=d_model // n_head, d_mlp=d_mlp, n_ctx=n_ctx,
                     vocab_size=len(names))
@@ -459,6 +494,13 @@ def massive_activation(*, d_model: int = 128, d_mlp: int = 64, n_ctx: int = 64, 
     Truth: layer, dim, neuron, tokens (function-word ids), value (2000), sigma1, sigma2, singular_values,
     centred_sigma1, slope (|slope|), activation."""
     names = FUNCTION_WORDS + CONTENT_WORDS
+    d_model = check_d_model(d_model, 2 * len(names) + 5)
+    d_mlp = check_int(d_mlp, "d_mlp", low=6)  # the neuron and the five other singular directions
+    n_ctx = check_int(n_ctx, "n_ctx", low=2)  # the position ramp spans n_ctx - 1 steps
+    layer = check_int(layer, "layer", low=0, high=2)  # 3 layers
+    dim = check_int(dim, "dim", low=0, high=d_model - 1)
+    neuron = check_int(neuron, "neuron", low=0, high=d_mlp - 1)
+    check_positive(sigma1=sigma1, sigma2=sigma2, activation=activation, step=step)
     n_head = 2
     config = Config(n_layer=3, n_head=n_head, d_model=d_model, d_head=d_model // n_head, d_mlp=d_mlp, n_ctx=n_ctx,
                     vocab_size=len(names))
