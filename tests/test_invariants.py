@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import tinygpt
@@ -130,12 +130,14 @@ def test_left_padding_matches_unpadded_single_runs(case_inputs, data):
 # ------------------------------------------------------------------------------------- head permutation
 
 
-@given(case_inputs=inputs(masked=False), data=st.data())
+@given(case_inputs=inputs(st.sampled_from([c for c in CASES if c.config.n_head >= 2]), masked=False),
+       data=st.data())
 def test_consistent_head_permutation_only_permutes_heads(case_inputs, data):
     case, weights, tokens, _ = case_inputs
     cfg = case.config
     layer = data.draw(st.integers(0, cfg.n_layer - 1), label="layer")
     perm = np.array(data.draw(st.permutations(range(cfg.n_head)), label="perm"))
+    assume(not np.array_equal(perm, np.arange(cfg.n_head)))  # the identity would permute nothing
 
     blocks = dict(weights["blocks"])
     for name in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O"):  # head axis right after the layer axis

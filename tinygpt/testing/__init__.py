@@ -39,7 +39,9 @@ STRATEGIES = ("configs", "params", "token_batches", "edits", "edit_values", "Sit
 __all__ = ["left_padding_mask", "random_params", "random_tokens", "assert_bitwise", "assert_close",
            "check_attention_patterns", "check_causal", "check_head_sums", "check_identity_edit",
            "check_jit_equals_eager", "check_padding_invariance", "check_position_sweep_equals_single_runs",
-           "check_residual_decomposition", "check_sweep_equals_single_runs", *STRATEGIES]
+           "check_residual_decomposition", "check_sweep_equals_single_runs"]
+# The strategies stay out of __all__: `from tinygpt.testing import *` must work without hypothesis (they are
+# imported by name, `from tinygpt.testing import configs`, on first use).
 
 
 def __getattr__(name):
@@ -51,4 +53,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(STRATEGIES))

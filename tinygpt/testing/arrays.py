@@ -1,7 +1,8 @@
 """Random weights and tokens from a seed, drawn with numpy: no compile per shape, no hypothesis.
 
-The strategies of `tinygpt.testing.strategies` draw a seed and call these; tests that hold a seed already call
-them directly."""
+`tinygpt.testing.strategies.params` draws a seed and calls `random_params` (token_batches draws its ids one by
+one instead, so hypothesis can shrink each, and builds the mask with `left_padding_mask`); tests that hold a
+seed already call these directly."""
 
 from __future__ import annotations
 

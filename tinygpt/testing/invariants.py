@@ -2,7 +2,8 @@
 broke, where and by how much. They need only jax and numpy; call them inside a hypothesis test
 (`tinygpt.testing.strategies`), a pytest test or a notebook.
 
-Each takes `(params, config, tokens, mask=None, ...)`, the arguments of `tinygpt.forward`, and a tolerance:
+Each takes `(params, config, tokens, mask=None, ...)` (the inputs of `tinygpt.forward(params, tokens, config,
+attention_mask=mask)`, config second as in the strategies) and a tolerance:
 values are compared in float64 with `assert_close` (relative and absolute tolerance, the absolute one a
 fraction of the expected value's scale) or bitwise with `assert_bitwise`. Unedited forwards reuse
 `tinygpt.forward`'s compiled program per (config, keep, input shape), so after the first example of a shape a
@@ -12,6 +13,7 @@ check costs milliseconds.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ import numpy as np
 
 from .. import sweep
 from ..compiled import forward, make_forward
+from ..edits import is_edit_value
 from ..errors import InputError
 from ..sweep import AFTER_ATTENTION
 from ..sites import SITE_NAMES, SITES
@@ -265,13 +268,47 @@ def check_jit_equals_eager(params, config, tokens, mask=None, *, edits=None, tol
     With `edits`, both run them: an edit that acts differently on a tracer and on an array breaks it."""
     if edits is None:
         jitted = forward(params, tokens, config, attention_mask=mask)  # the cached compiled program
+    elif is_edit_value(edits) or (isinstance(edits, (list, tuple)) and all(map(is_edit_value, edits))):
+        # edit values are pytrees: their arrays are arguments, their structure part of the cache key
+        jitted = _jit_forward_values(params, tokens, mask, edits, config=config)
     else:
-        jitted = jax.jit(lambda p, t, m: forward(p, t, config, attention_mask=m, edits=edits))(params, tokens, mask)
+        key = _hashable_edits(edits)
+        if key is not None:  # the same functions (equal, hashable) reuse one compiled program per shape
+            jitted = _jit_forward_functions(params, tokens, mask, config=config, edits=key)
+        else:  # closures that cannot be a cache key: compiled afresh
+            jitted = jax.jit(lambda p, t, m: forward(p, t, config, attention_mask=m, edits=edits))(params, tokens,
+                                                                                                 mask)
     with jax.disable_jit():
         eager = forward(params, tokens, config, attention_mask=mask, edits=edits)
     assert jitted.kept() == eager.kept() == SITE_NAMES, f"kept sites: jit {jitted.kept()}, eager {eager.kept()}"
     for name in SITE_NAMES:
         assert_close(jitted[name], eager[name], rtol=tolerance, atol_frac=tolerance, what=f"{name}: jit vs eager")
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_forward_values(params, tokens, mask, edits, *, config):
+    """`forward` with edit values, compiled once per (config, edit structure, shapes)."""
+    return forward(params, tokens, config, attention_mask=mask, edits=edits)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "edits"))
+def _jit_forward_functions(params, tokens, mask, *, config, edits):
+    """`forward` with function edits given as a hashable ((site, fn or fns), ...), compiled once per
+    (config, edits, shapes)."""
+    return forward(params, tokens, config, attention_mask=mask, edits=dict(edits))
+
+
+def _hashable_edits(edits):
+    """A mapping of edits as a hashable ((site, fn or tuple of fns), ...) a compile cache can key on (equal
+    SiteEdits give equal keys), or None where an entry cannot be hashed."""
+    if not isinstance(edits, Mapping):
+        return None
+    key = tuple((name, tuple(fns) if isinstance(fns, list) else fns) for name, fns in edits.items())
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 # ------------------------------------------------------------------------------------ sweeps = single runs
