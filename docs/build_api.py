@@ -141,7 +141,9 @@ def build(out: Path) -> dict:
     failed = [m for m in messages if m.startswith(("Error importing", "Error loading"))]
     if failed:
         raise RuntimeError("the API reference could not import every module:\n" + "\n".join(failed))
-    (out / "index.html").write_text(front_page(names), encoding="utf-8")
+    from tinygpt import files  # atomic: a reader sees the old front page or the new one
+
+    files.write_bytes(out / "index.html", front_page(names).encode("utf-8"))  # UTF-8 whatever the locale
     return {"modules": names, "seconds": time.perf_counter() - start, "warnings": messages}
 
 
@@ -149,6 +151,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python docs/build_api.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        parser.exit(2, f"build_api: error: --out {str(args.out)!r} is a file, not a directory; give a directory "
+                       f"for the reference\n")
     try:
         result = build(args.out)
     except RuntimeError as e:

@@ -88,10 +88,53 @@ def test_front_page_glossary_names_every_dimension(built):
     assert used <= named, f"dimension names missing from the glossary: {sorted(used - named)}"
 
 
+BODY = re.compile(r"<(script|style)\b[^>]*>(.*?)</\1\s*>", re.I | re.S)
+BLOCK_COMMENT = re.compile(r"/\*.*?\*/", re.S)
+LINE_COMMENT = re.compile(r"(?m)(^|[\s;{}])//[^\n]*")  # a JS line comment; a URL's // follows a quote, ( or :
+DATA_URI = re.compile(r"data:[^\"')\s]+", re.I)  # inline data (an SVG's xmlns inside it is a name, not a load)
+REMOTE = re.compile(r"(?:https?:)?//[a-z0-9-]+(?:\.[a-z0-9-]+)+", re.I)
+ATTRIBUTE = re.compile(r"""<(?!a[\s>])[a-z][\w-]*\b[^>]*?\s(?:src|href|srcset|data|action|poster)\s*=\s*["']?\s*"""
+                       r"""(?:https?:)?//""", re.I)  # any tag but a plain link <a href>
+STYLE_ATTRIBUTE = re.compile(r"""\sstyle\s*=\s*["'][^"']*url\(\s*["']?(?:https?:)?//""", re.I)
+
+
+def remote_loads(text: str, kind: str = "html") -> list[str]:
+    """What a page (or a .js file) would fetch from another host: a src / href (but <a href>) / srcset / style
+    url() with http(s):// or a protocol-relative //host, and any such URL in a <script> or <style> body
+    (import ... from "https://...", @import, url(...)), comments and data: URIs aside."""
+    found = [m.group(0)[:80] for pattern in (ATTRIBUTE, STYLE_ATTRIBUTE) for m in pattern.finditer(text)]
+    bodies = [("script", text)] if kind == "js" else [(m.group(1).lower(), m.group(2)) for m in BODY.finditer(text)]
+    for tag, body in bodies:
+        body = DATA_URI.sub("", BLOCK_COMMENT.sub("", body))
+        if tag == "script":
+            body = LINE_COMMENT.sub(r"\1", body)
+        found += [m.group(0) for m in REMOTE.finditer(body)]
+    return found
+
+
+@pytest.mark.parametrize("page, remote", [
+    ('<script src="//cdn.example.com/a.js"></script>', True),
+    ("<link rel=stylesheet href=//fonts.example.com/css>", True),
+    ('<style>@import url(http://example.org/a.css);</style>', True),
+    ('<style>a{background:url("//example.org/i.png")}</style>', True),
+    ('<script type="module">import m from "https://esm.example/mathjax";</script>', True),
+    ('<img srcset="https://example.org/i.png 2x">', True),
+    ('<div style="background: url(//example.org/i.png)">', True),
+    ('<a href="https://github.com/x">a link</a>', False),
+    ("<script>// see https://example.org\nvar a = 1;</script>", False),
+    ('<style>/* https://getbootstrap.com */ a{background:url("data:image/svg+xml,http%3A//www.w3.org")}</style>',
+     False),
+])
+def test_the_network_check_sees_every_remote_load(page, remote):
+    assert bool(remote_loads(page)) == remote
+
+
 def test_pages_load_nothing_from_the_network(built):
     out, _ = built
-    remote = re.compile(r"""<(?:script|img|iframe)[^>]*\ssrc=["']https?:|<link[^>]*\shref=["']https?:""", re.I)
-    offenders = [p.relative_to(out).as_posix() for p in out.rglob("*.html") if remote.search(p.read_text())]
+    offenders = {p.relative_to(out).as_posix(): found[:3] for p in out.rglob("*.html") if (found := remote_loads(
+        p.read_text()))}
+    offenders.update({p.relative_to(out).as_posix(): found[:3] for p in out.rglob("*.js")
+                      if (found := remote_loads(p.read_text(), "js"))})
     assert not offenders, f"pages that load from the network: {offenders}"
 
 
@@ -117,3 +160,24 @@ def test_the_command_line_writes_the_reference(tmp_path, capsys):
     # the same build as the fixture's, through main(): only the summary line is checked
     assert build_api.main(["--out", str(tmp_path / "api")]) == 0
     assert re.match(r"wrote \d+ module pages and index.html to .* in [\d.]+ s", capsys.readouterr().out)
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        build_api.main(["--out", str(tmp_path / "file")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("build_api: error: --out ") and "\n" not in err and "Traceback" not in err, err
+
+
+def test_index_is_written_atomically_through_tinygpt_files(tmp_path, monkeypatch):
+    import tinygpt.files
+
+    written = []
+    monkeypatch.setattr(tinygpt.files, "write_bytes", lambda path, data: written.append(Path(path)))
+    monkeypatch.setattr(build_api, "modules", lambda: [])
+    monkeypatch.setattr(build_api, "front_page", lambda names: "")
+    monkeypatch.setattr("pdoc.pdoc", lambda *names, output_directory: None)
+    build_api.build(tmp_path / "out")
+    assert written == [tmp_path / "out" / "index.html"]
