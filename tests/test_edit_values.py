@@ -275,6 +275,8 @@ BAD = [
     (lambda: logits(Patch("resid_pre", np.ones((BATCH, SEQ, CFG.d_model)))), InputError, "leading layer axis"),
     (lambda: logits(Mean("z", np.ones((2, 1, SEQ, 3, 8)), layer=1)), InputError, "does not broadcast"),
     (lambda: logits(42), InputTypeError, "edits must be an edit value"),
+    (lambda: Mean.from_trace({"z": np.ones((1, 2, 3))}, "z", over=("batch", "batch")), InputError, "each once"),
+    (lambda: Mean.from_trace({"z": np.ones((1, 2, 3))}, "z", over="sequence"), InputError, "got 'sequence'"),
     (lambda: generate(PARAMS, CFG, TOKENS, 2, edits=Zero("z", layer=7)), InputError, "out of range"),
 ]
 

@@ -135,6 +135,11 @@ def test_token_batches_reach_every_bound(tiny_config):
 def test_strategies_refuse_bad_bounds(data):
     with pytest.raises(ValueError, match="n_layer must be a positive int or a \\(lo, hi\\) pair"):
         data.draw(configs(n_layer=(3, 1)))
+    for bad in ((1, 2, 3), "2", 2.0, True):
+        with pytest.raises(tinygpt.InputError, match="n_layer must be a positive int or a \\(lo, hi\\) pair"):
+            data.draw(configs(n_layer=bad))
+    assert data.draw(configs(n_layer=np.int64(2), n_head=[1, 1])).n_layer == 2
+    assert all(isinstance(e, tinygpt.edits.Zero) for e in data.draw(edit_values(CFG, kinds="Zero", sites="mlp_out")))
     with pytest.raises(ValueError, match="longer than the config's n_ctx"):
         data.draw(token_batches(CFG, seq=CFG.n_ctx + 1))
     with pytest.raises(ValueError, match="unknown sites \\['nowhere'\\]"):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import edits as edit_classes
+from ..edits import _axis_sizes  # the size of each site axis name (key: the context; a sequence may be shorter)
 from ..config import Config
 from ..errors import InputError, require
 from ..sites import SITE_NAMES, SITES
@@ -37,7 +38,15 @@ EDITABLE_SITES = tuple(name for name in SITE_NAMES
 
 def _bounds(name: str, value) -> tuple[int, int]:
     """(lo, hi) from an int (a fixed value) or a (lo, hi) pair, inclusive; InputError naming the argument."""
-    lo, hi = (value, value) if isinstance(value, int) else tuple(value)
+    def whole(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    if whole(value):
+        lo = hi = int(value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(map(whole, value)):
+        lo, hi = map(int, value)
+    else:
+        raise InputError(f"{name} must be a positive int or a (lo, hi) pair of ints, got {value!r}")
     if not 1 <= lo <= hi:
         raise InputError(f"{name} must be a positive int or a (lo, hi) pair with 1 <= lo <= hi, "
                          f"got {value!r}")
@@ -121,6 +130,11 @@ def _site_edits(config: Config, site: str, kinds):
     return st.builds(SiteEdit, kind, amount, layer)
 
 
+def _names(chosen) -> tuple:
+    """A string as one name (not its letters), any other collection as a tuple."""
+    return (chosen,) if isinstance(chosen, str) else tuple(chosen)
+
+
 def _check_choices(what: str, chosen, allowed) -> None:
     """InputError naming the entries of `chosen` that are not in `allowed`, and the allowed ones."""
     unknown = sorted(set(chosen) - set(allowed))
@@ -134,16 +148,11 @@ def edits(draw, config: Config, *, sites=EDITABLE_SITES, kinds=("identity", "zer
     each edited by a drawn kind (zero, scale or add a constant in [-2, 2], or the identity) at every block or
     at one drawn block. Every kind keeps the value's shape; at the default sites the forward stays finite and
     causal (see EDITABLE_SITES)."""
+    sites, kinds = _names(sites), _names(kinds)
     _check_choices("sites", sites, SITE_NAMES)
     _check_choices("kinds", kinds, ("identity", "zero", "scale", "add"))
     chosen = draw(st.lists(st.sampled_from(tuple(sites)), min_size=1, max_size=max_sites, unique=True), label="sites")
     return {site: draw(_site_edits(config, site, kinds), label=site) for site in chosen}
-
-
-def _axis_size(config: Config, axis: str) -> int:
-    """The size of a site axis name in a model of `config` (key: the context; the sequence may be shorter)."""
-    return {"d_model": config.d_model, "d_head": config.d_head, "d_mlp": config.d_mlp, "head": config.n_head,
-            "vocab": config.vocab_size, "key": config.n_ctx, "seq": config.n_ctx, "1": 1}[axis]
 
 
 def _some(size: int):
@@ -159,7 +168,7 @@ def _edit_value(draw, config: Config, site: str, kinds):
                      if SITES[site].per_layer else None,
                      head=draw(_some(config.n_head), label="head") if "head" in shape else None,
                      positions=draw(_some(config.n_ctx), label="positions"),
-                     index=draw(_some(_axis_size(config, shape[-1])), label="index"))
+                     index=draw(_some(_axis_sizes(config)[shape[-1]]), label="index"))
     number = st.floats(-2.0, 2.0, allow_nan=False, width=32)
     kind = draw(st.sampled_from(kinds), label="kind")
     if kind == "Zero":
@@ -169,7 +178,7 @@ def _edit_value(draw, config: Config, site: str, kinds):
     if kind == "Scale":
         return edit_classes.Scale(site, np.float32(draw(number, label="factor")), **selection)
     # a vector along the last axis; one number where that axis is the keys (as long as the sequence) or size 1
-    length = () if shape[-1] in ("key", "1") else (_axis_size(config, shape[-1]),)
+    length = () if shape[-1] in ("key", "1") else (_axis_sizes(config)[shape[-1]],)
     direction = np.random.default_rng(draw(SEEDS, label="direction seed")).standard_normal(length).astype(np.float32)
     return edit_classes.Add(site, direction, np.float32(draw(number, label="coef")), **selection)
 
@@ -182,6 +191,7 @@ def edit_values(draw, config: Config, *, sites=EDITABLE_SITES, kinds=("Zero", "S
     Set's value, Scale's factor and Add's coefficient in [-2, 2], Add's direction a random vector along the last
     axis. A forward compiles once per structure (kinds, sites and selections), and the numbers are arguments of
     that program. At the default sites the forward stays finite and causal (see EDITABLE_SITES)."""
+    sites, kinds = _names(sites), _names(kinds)
     _check_choices("sites", sites, SITE_NAMES)
     _check_choices("kinds", kinds, ("Zero", "Set", "Scale", "Add"))
     chosen = draw(st.lists(st.sampled_from(tuple(sites)), min_size=1, max_size=max_edits), label="sites")
