@@ -325,7 +325,7 @@ class Mean(Edit):
             raise InputError(f"Mean.from_trace: over must name 'batch' and/or 'seq', each once, got {over!r}")
         axes = tuple(lead + shape.index(name) for name in over)
         if attention_mask is None:
-            return cls(site, value.mean(axis=axes, keepdims=True), **selection)
+            return cls(site, value.mean(axis=axes, keepdims=True), **selection)  # value's shape, `over` axes 1
         weight = jnp.asarray(attention_mask, jnp.float32)  # [batch, seq]
         weight = jnp.expand_dims(weight, [a for a in range(value.ndim)  # [batch, seq] in place, 1 elsewhere
                                           if a not in (lead + shape.index("batch"), lead + shape.index("seq"))])
