@@ -254,8 +254,8 @@ def ioi_prompts(tokenizer):
 
 def direct_path_effects(params, config, batches) -> tuple[np.ndarray, float]:
     """(effects [layer, head], the clean logit difference IO - S averaged over prompts). An effect is the
-    relative change of the logit difference IO - S, mean over prompts, when one head's
-    output at the last position is taken from the p_ABC run and passed to the logits alone (Wang et al.'s path
+    relative change of the mean logit difference IO - S (patched mean / clean mean - 1, not the mean of each
+    prompt's relative change), when one head's output at the last position is taken from the p_ABC run and passed to the logits alone (Wang et al.'s path
     patching with the logits as receiver): final residual r' = r + head_out_abc - head_out_clean, then the
     final LayerNorm, recomputed on r', and the unembedding."""
     from tinygpt import forward
