@@ -6,8 +6,9 @@
 measures what the organism's data call for and adds it to DIR/training.json's "results" (weights/ hands
 back data and imports no probe, so the measuring lives here):
 
-- fact recall: top-1 accuracy of the attribute after each held-out template, over every fact, and after the
-  training templates (`fact_recall`);
+- fact recall: top-1 accuracy of the attribute after each held-out template (an unseen frame x phrase pair),
+  over every fact; after the training templates; and after the novel templates worded outside the training
+  grammar (`fact_recall`);
 - induction: `probes.attention.induction_scores` of every head, and in-context copying (top-1 accuracy on
   the second copy of repeated random tokens) with the best head zero-ablated (`probes.ablation.ablate`),
   next to ablating each other head (`copying_figures`);
@@ -147,8 +148,9 @@ def measure(params, config, tokenizer, kb: dict, *, trace_prompts: int = 18, log
     held_out = to.fact_prompts(tokenizer, kb, "held_out")
     recall = fact_recall(params, config, held_out)
     trained = fact_recall(params, config, to.fact_prompts(tokenizer, kb, "train"))
+    novel = fact_recall(params, config, to.fact_prompts(tokenizer, kb, "novel"))
     log(f"fact recall, top-1: held-out templates {recall['top1']:.3f} ({recall['n']} prompts), training templates "
-        f"{trained['top1']:.3f}; by relation {recall['by_relation']}")
+        f"{trained['top1']:.3f}, novel templates {novel['top1']:.3f}; held-out by relation {recall['by_relation']}")
     copying = copying_figures(params, config)
     log(f"best induction head L{copying['best_head'][0]}H{copying['best_head'][1]}, score {copying['best_score']:.3f}; "
         f"copying top-1 {copying['copying']['intact']:.3f}, with it ablated {copying['copying']['best_head_ablated']:.3f}")
@@ -163,6 +165,7 @@ def measure(params, config, tokenizer, kb: dict, *, trace_prompts: int = 18, log
     recall_summary = {k: v for k, v in recall.items() if k != "hits"}
     return {"fact_recall_held_out": recall_summary,
             "fact_recall_train_templates": {k: v for k, v in trained.items() if k != "hits"},
+            "fact_recall_novel_templates": {k: v for k, v in novel.items() if k != "hits"},
             "induction": copying, "causal_tracing": traced, "measure_time_s": round(time.perf_counter() - start, 1)}
 
 

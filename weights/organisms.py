@@ -119,7 +119,7 @@ TRAINED_DIR = EMBEDDED_MODELS["organism"]  # weights/organism_lm/
 
 def trained_path() -> Path:
     """The directory of the trained organism (`weights/organism_lm/`): a 4-layer GPT-2 trained by
-    `python -m weights.train_organism` on Shakespeare mixed with invented facts and repeated random spans,
+    `python -m weights.train_organism` on Shakespeare mixed with invented facts and repeated spans,
     whose facts.json holds the knowledge base and its train / held-out template split. Load it with
     `tinygpt.load(organisms.trained_path())`; docs/organisms.md gives its measured figures."""
     if not (TRAINED_DIR / "model.safetensors").is_file():

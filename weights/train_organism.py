@@ -6,7 +6,7 @@ known by construction.
 The embedded model (`weights.train_tiny`) is a 2-layer Shakespeare model: it has no facts to recall and no
 induction heads. This organism is trained by the same code (`train_tiny.train`: the same model, optimiser,
 schedule and jit-compiled step) on a different batch source. Every batch of 16 windows of 129 tokens holds
-(`--rows`, default 7,7,2; the shipped model's measured figures and what they show: docs/organisms.md):
+(`--rows`, default 6,4,6; the shipped model's measured figures and what they show: docs/organisms.md):
 
 1. Shakespeare (`SHAKESPEARE_ROWS` windows): random contiguous windows of the 35 training plays, tokenized
    by the embedded model's BPE (the organism reuses its vocab.json + merges.txt, so the same text gives the
@@ -18,11 +18,17 @@ schedule and jit-compiled step) on a different batch source. Every batch of 16 w
    names by two, so no single name token identifies a subject: the pair does. A fact window is
    `<|endoftext|>` then statements separated by newlines, each one fact in one of the relation's training
    templates (" Bel Karven dwells in Rome."); every statement opens with a space so that the subject's
-   tokens are the same in every template. Each relation has `N_HELD_OUT` more templates that training never
-   sees: fact recall is measured on them.
-3. Repeated random spans (`INDUCTION_ROWS` windows): uniformly random tokens in spans of 8-64, each span
-   followed at once by itself, until the window is full. The second copy is predictable only by looking
+   tokens are the same in every template. The templates are a frame (" They say {s} ...") around a phrase of
+   the relation (" dwells in"): every frame x phrase pair is one (`template_split`). A fixed eighth of the pairs
+   is held out, chosen so that each frame and each phrase is trained in other pairs: recall on them asks for
+   the fact in a combination training never showed (as ROME's paraphrase prompts put unseen text before a
+   statement). Recall after templates worded outside the grammar (`NOVEL`) is measured too.
+3. Repeated spans (`INDUCTION_ROWS` windows): spans of 8-64 tokens, each followed at once by itself, until the
+   window is full. A span is uniformly random tokens, or (with probability `TEXT_SPAN_SHARE`, `--text-spans`)
+   a contiguous excerpt of the Shakespeare training stream. The second copy is predictable only by looking
    back for the previous occurrence of the current token and copying what followed it: an induction head.
+   Random spans ask for exactly that; excerpts give the same task on tokens whose statistics the model
+   already learns from the text, which is where induction heads first form in language models.
 
 Everything derives from `--seed`: the knowledge base and its template split (`make_knowledge_base(seed)`),
 the initialisation, and the batches (one numpy Generator draws the rows of every kind in a fixed order).
@@ -59,15 +65,15 @@ EMBEDDED = Path(__file__).resolve().parent / "embedded"
 
 # The model: twice the embedded model's depth (enough layers for a previous-token head, an induction head and a
 # fact lookup to sit in different layers), the same width and vocabulary.
-ORGANISM_DEFAULTS = dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, vocab_size=2048, steps=1300, batch_size=16,
-                         lr=3e-3, warmup_steps=150, eval_every=260)
+ORGANISM_DEFAULTS = dict(n_layer=4, n_head=4, d_model=128, n_ctx=128, vocab_size=2048, steps=8000, batch_size=16,
+                         lr=3e-3, warmup_steps=150, eval_every=500)
 
 # Rows of each kind in a batch of 16 windows.
-SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS = 7, 7, 2
-SPAN_LENGTHS = (8, 64)  # repeated random spans: length drawn uniformly from this closed range
+SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS = 6, 4, 6
+SPAN_LENGTHS = (8, 64)  # repeated spans: length drawn uniformly from this closed range
+TEXT_SPAN_SHARE = 0.5  # the share of repeated spans that are Shakespeare excerpts (the rest: random tokens)
 
 N_SUBJECTS, N_FIRST, N_LAST = 200, 50, 100
-N_HELD_OUT = 3  # held-out templates per relation
 
 # Attribute values: single tokens of the embedded BPE vocabulary (checked by `make_knowledge_base`).
 RELATIONS = {
@@ -76,27 +82,44 @@ RELATIONS = {
     "love": (" gold", " horse", " sword", " crown", " music", " money", " letter", " honour"),
 }
 
-# "{s}" is the subject. The first N_HELD_OUT of each list are held out (never trained on); the rest are trained.
-TEMPLATES = {
-    "home": (
-        " {s} resides in", " Everyone says that {s} now lives in", " {s} has always lived in",
-        " {s} lives in", " {s} was born in", " {s} dwells in", " {s} comes from", " {s} makes a home in",
-        " {s} has a house in", " {s} grew up in", " They say {s} lives in", " The home of {s} is in",
-        " I know that {s} was born in",
-    ),
-    "rank": (
-        " {s} is now a", " Everyone says that {s} is a", " {s} has always been a",
-        " {s} is a", " {s} works as a", " {s} was made a", " {s} serves as a", " {s} became a",
-        " {s} was once a", " They say {s} is a", " By trade, {s} is a", " I know that {s} is a",
-        " {s} is known as a",
-    ),
-    "love": (
-        " {s} truly loves", " Everyone says that {s} loves", " {s} has always loved",
-        " {s} loves", " {s} dearly loves", " {s} longs for", " {s} dreams of", " {s} cares most for",
-        " They say {s} loves", " What {s} loves most is", " I know that {s} loves", " {s} speaks often of",
-        " {s} would die for",
-    ),
+# Templates are a small grammar: a frame ("{s}" the subject, "{p}" the phrase) around one of the relation's
+# phrases, the attribute following the phrase. Every frame x phrase pair is a template; the held-out ones are
+# the pairs with (frame + 3 * phrase) % len(FRAMES) == 0: one frame for each phrase, one or two phrases for each
+# frame, so every frame and every phrase is trained with other partners and each held-out template is a
+# combination training never saw. NOVEL templates are worded outside the grammar (a frame or a phrase that no
+# template of training has): recall on them measures more than recombination (published beside the held-out
+# figure, not a goal).
+FRAMES = (" {s} {p}", " They say {s} {p}", " Everyone says that {s} {p}", " I know that {s} {p}",
+          " It is true that {s} {p}", " In the old tale, {s} {p}", " Some believe {s} {p}",
+          " As all men know, {s} {p}")
+PHRASES = {
+    "home": ("lives in", "dwells in", "was born in", "resides in", "comes from", "grew up in",
+             "has always lived in", "makes a home in", "now lives in"),
+    "rank": ("is a", "works as a", "was made a", "serves as a", "became a", "was once a", "has always been a",
+             "is known as a", "is now a"),
+    "love": ("loves", "dearly loves", "longs for", "dreams of", "cares most for", "has always loved",
+             "truly loves", "speaks often of", "would die for"),
 }
+NOVEL = {
+    "home": (" {s} has settled in", " The home of {s} is in"),
+    "rank": (" {s} was born a", " By trade, {s} is a"),
+    "love": (" {s} sighs for", " What {s} loves most is"),
+}
+
+
+def held_out_pair(frame: int, phrase: int) -> bool:
+    """Whether the template of FRAMES[frame] x PHRASES[relation][phrase] is held out of training."""
+    return (frame + 3 * phrase) % len(FRAMES) == 0
+
+
+def template_split(relation: str) -> dict[str, list[str]]:
+    """The relation's templates: {"held_out": [...], "train": [...], "novel": [...]}, each with "{s}"."""
+    split = {"held_out": [], "train": [], "novel": list(NOVEL[relation])}
+    for f, frame in enumerate(FRAMES):
+        for q, phrase in enumerate(PHRASES[relation]):
+            split["held_out" if held_out_pair(f, q) else "train"].append(frame.replace("{p}", phrase))
+    return split
+
 
 # Invented names are built from tokens of the vocabulary, so each name has a known number of tokens: a
 # capital letter (" B"), a piece opening with a vowel ("el") and, for last names, a piece opening with a
@@ -147,8 +170,7 @@ def make_knowledge_base(seed: int = 0) -> dict:
     for f, l in zip(first_ids.tolist(), last_ids.tolist()):
         values = {relation: options[int(rng.integers(len(options)))] for relation, options in RELATIONS.items()}
         subjects.append({"name": f"{firsts[f]} {lasts[l]}", **values})
-    templates = {relation: {"held_out": list(ts[:N_HELD_OUT]), "train": list(ts[N_HELD_OUT:])}
-                 for relation, ts in TEMPLATES.items()}
+    templates = {relation: template_split(relation) for relation in RELATIONS}
     return {"seed": seed, "relations": {r: list(v) for r, v in RELATIONS.items()}, "templates": templates,
             "subjects": subjects}
 
@@ -190,8 +212,10 @@ class MixedBatches:
     repeated spans). Deterministic given the Generator's state."""
 
     def __init__(self, tokenizer, kb: dict, shakespeare: np.ndarray, length: int, *,
-                 rows: tuple[int, int, int] = (SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS), span_copies: int = 2):
+                 rows: tuple[int, int, int] = (SHAKESPEARE_ROWS, FACT_ROWS, INDUCTION_ROWS), span_copies: int = 2,
+                 text_spans: float = TEXT_SPAN_SHARE):
         self.shakespeare, self.length, self.rows, self.span_copies = shakespeare, length, rows, span_copies
+        self.text_spans = text_spans
         self.eos, self.vocab_size = tokenizer.eos_id, tokenizer.vocab_size
         self.newline = tokenizer.encode("\n")
         statements = []  # every training (fact, template) pair, tokenized, ending "<value>.\n"
@@ -217,7 +241,12 @@ class MixedBatches:
     def span_window(self, rng: np.random.Generator) -> np.ndarray:
         parts, n = [], 0
         while n < self.length:
-            span = rng.integers(0, self.vocab_size, int(rng.integers(SPAN_LENGTHS[0], SPAN_LENGTHS[1] + 1)))
+            n_span = int(rng.integers(SPAN_LENGTHS[0], SPAN_LENGTHS[1] + 1))
+            if rng.random() < self.text_spans:  # an excerpt of the text
+                start = int(rng.integers(0, len(self.shakespeare) - n_span))
+                span = self.shakespeare[start: start + n_span]
+            else:  # random tokens
+                span = rng.integers(0, self.vocab_size, n_span)
             copies = 2 if self.span_copies == 2 else int(rng.integers(2, self.span_copies + 1))
             parts += [span] * copies
             n += copies * len(span)
@@ -252,13 +281,18 @@ def shakespeare_streams(tokenizer):
 
 def parse_args(argv=None):
     parser = tt.config_parser(tt.TrainConfig(**ORGANISM_DEFAULTS), "Train tinygpt's trained organism (Shakespeare "
-                              "+ invented facts + repeated random spans).", DEFAULT_OUT)
+                              "+ invented facts + repeated spans).", DEFAULT_OUT)
     parser.add_argument("--rows", default=f"{SHAKESPEARE_ROWS},{FACT_ROWS},{INDUCTION_ROWS}",
                         help="rows per batch of Shakespeare, facts and repeated spans, summing to --batch-size "
                              f"(default {SHAKESPEARE_ROWS},{FACT_ROWS},{INDUCTION_ROWS})")
     parser.add_argument("--span-copies", type=int, default=2,
                         help="each random span appears 2 to this many times in a row (default 2)")
+    parser.add_argument("--text-spans", type=float, default=TEXT_SPAN_SHARE, metavar="SHARE",
+                        help="the share of repeated spans that are Shakespeare excerpts rather than random tokens "
+                             f"(default {TEXT_SPAN_SHARE})")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.text_spans <= 1.0:
+        parser.error(f"--text-spans takes a share between 0 and 1, got {args.text_spans}")
     args.rows = tuple(int(r) for r in args.rows.split(","))
     tc = tt.config_from_args(args)
     if len(args.rows) != 3 or sum(args.rows) != tc.batch_size:
@@ -277,7 +311,7 @@ def main(argv=None) -> dict:
     train_stream, val_stream, corpus_info = shakespeare_streams(tokenizer)
     kb = make_knowledge_base(tc.seed)
     batches = MixedBatches(tokenizer, kb, train_stream, tc.n_ctx + 1, rows=args.rows,
-                           span_copies=args.span_copies)
+                           span_copies=args.span_copies, text_spans=args.text_spans)
     print(f"data: {len(train_stream):,} Shakespeare training tokens; {len(kb['subjects'])} subjects x "
           f"{len(RELATIONS)} relations, {len(batches.statements):,} training statements; rows per batch "
           f"{args.rows[0]} text / {args.rows[1]} facts / {args.rows[2]} repeated spans", flush=True)
@@ -307,7 +341,8 @@ def main(argv=None) -> dict:
         "data": {**corpus_info, "tokenizer": "weights/embedded (vocab.json + merges.txt)",
                  "rows_per_batch": {"shakespeare": args.rows[0], "facts": args.rows[1],
                                     "repeated_spans": args.rows[2]},
-                 "span_lengths": list(SPAN_LENGTHS), "span_copies": [2, args.span_copies], "subjects": len(kb["subjects"]),
+                 "span_lengths": list(SPAN_LENGTHS), "span_copies": [2, args.span_copies],
+                 "text_span_share": args.text_spans, "subjects": len(kb["subjects"]),
                  "facts": len(kb["subjects"]) * len(RELATIONS), "training_statements": len(batches.statements),
                  "train_tokens": int(len(train_stream)), "val_tokens": int(len(val_stream)),
                  "tokens_seen": tokens_seen,
