@@ -94,7 +94,6 @@ def test_strategies_draw_what_they_say(data):
 
     tokens, mask = data.draw(token_batches(config, batch=(1, 3)))
     assert tokens.dtype == mask.dtype == np.int32 and tokens.shape == mask.shape
-    assert 1 <= tokens.shape[0] <= 3 and 1 <= tokens.shape[1] <= config.n_ctx
     assert ((0 <= tokens) & (tokens < config.vocab_size)).all()
     assert (np.diff(mask, axis=1) >= 0).all() and (mask[:, -1] == 1).all()  # 0s then 1s, a real token per row
     assert (data.draw(token_batches(config, padding=False))[1] == 1).all()
@@ -126,8 +125,12 @@ def test_token_batches_reach_every_bound(tiny_config):
     assert (padded.sum(axis=1) == 1).any() and (padded[:, -1] == 1).all()
     top = find(strategy, lambda tm: (tm[0] == tiny_config.vocab_size - 1).any(), settings=find_settings)[0]
     assert (top == tiny_config.vocab_size - 1).any()
-    with pytest.raises(NoSuchExample):  # a bound the strategy cannot reach is not found either
-        find(strategy, lambda tm: tm[0].shape[1] > 5, settings=settings(max_examples=300, database=None))
+    beyond = settings(max_examples=300, database=None)
+    for outside in (lambda tm: tm[0].shape[1] > 5, lambda tm: tm[0].shape[0] > 3):  # nothing past the bounds
+        with pytest.raises(NoSuchExample):
+            find(strategy, outside, settings=beyond)
+    with pytest.raises(NoSuchExample):  # seq never longer than the config's n_ctx, whatever range is asked
+        find(token_batches(tiny_config, seq=(1, 99)), lambda tm: tm[0].shape[1] > tiny_config.n_ctx, settings=beyond)
 
 
 @settings(max_examples=1)
